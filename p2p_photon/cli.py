@@ -1,0 +1,147 @@
+"""`p2p-photon`: one console script, one short function per subcommand.
+
+User errors (bad config, bad paths, unreachable peers, ...) are printed as one line on stderr
+with a non-zero exit code and no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .config import ConfigError, load_config
+
+logger = logging.getLogger("p2p_photon")
+
+EXIT_USAGE = 2  # config and usage errors
+EXIT_FAILURE = 1  # everything else a user can fix (paths, network, data)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types whose message is meant for the user (imported lazily: hivemind is slow to import)."""
+    from .data import DataError
+
+    errors: list[type[BaseException]] = [DataError, FileNotFoundError, PermissionError, IsADirectoryError]
+    try:
+        from .network import NetworkError
+
+        errors.append(NetworkError)
+    except ImportError:
+        pass
+    try:
+        from .state import CheckpointError
+
+        errors.append(CheckpointError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--config", "-c", required=required, help="TOML config file (defaults apply when omitted)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, e.g. --set inner.lr=3e-3 (repeatable)")
+
+
+def _config(args: argparse.Namespace):
+    return load_config(args.config, args.overrides)
+
+
+# ----------------------------------------------------------------------------- subcommands
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    from .config import fingerprint, to_toml
+
+    cfg = load_config(args.file, args.overrides)
+    if args.print:
+        print(to_toml(cfg), end="")
+    print(f"{args.file}: ok (run_id {cfg.dht.run_id}, model {cfg.model.preset}, config fingerprint "
+          f"{fingerprint(cfg)}; the run fingerprint also includes the tokenizer)")
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from . import data
+
+    cfg = _config(args)
+    if args.corpus:
+        cfg = cfg.replace(data=dict(corpus=args.corpus))
+    prep = data.load_prepared(data.prepare(cfg.data, cfg.seed, progress=cfg.logging.progress_bar))
+    sizes = ", ".join(f"silo {i}: {prep.tokens(i):,}" for i in range(prep.meta["num_silos"]))
+    print(f"prepared {prep.dir} | vocab {prep.vocab_size} | tokenizer {prep.tokenizer_hash[:12]} | {sizes}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .baseline import train_centralized
+
+    cfg = _config(args)
+    res = train_centralized(cfg, steps=args.steps, seconds=args.minutes * 60, eval_every=args.eval_every,
+                            save_dir=args.save, metrics_out=args.metrics_out)
+    print(f"held-out perplexity: {res.initial_ppl:.2f} -> {res.final_ppl:.2f} after {res.steps} steps, "
+          f"{res.tokens:,} tokens, {res.wall_s:.0f}s")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="p2p-photon", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default=os.environ.get("P2P_PHOTON_LOG", "INFO"),
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("config", help="config tools").add_subparsers(dest="config_cmd", required=True)
+    check = p.add_parser("check", help="validate a TOML config file")
+    check.add_argument("file")
+    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    check.add_argument("--print", action="store_true", help="print the resolved config")
+    check.set_defaults(func=cmd_config_check)
+
+    p = sub.add_parser("data", help="data tools").add_subparsers(dest="data_cmd", required=True)
+    prep = p.add_parser("prepare", help="corpus -> tokenizer -> token shards (per-peer silos + held-out)")
+    _add_config_args(prep)
+    prep.add_argument("--corpus", help="override data.corpus: 'stdlib', a text file, a directory or a .jsonl")
+    prep.set_defaults(func=cmd_data_prepare)
+
+    train = sub.add_parser("train", help="centralized baseline on one machine (union of all silos)")
+    _add_config_args(train)
+    train.add_argument("--steps", type=int, default=0, help="optimizer steps (or use --minutes)")
+    train.add_argument("--minutes", type=float, default=0.0, help="train for this long")
+    train.add_argument("--eval-every", type=int, default=0, help="evaluate held-out perplexity every N steps")
+    train.add_argument("--save", help="write a Hugging Face-loadable model + tokenizer here")
+    train.add_argument("--metrics-out", help="write a JSON summary (perplexity curve, tokens, wall time)")
+    train.set_defaults(func=cmd_train)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .ui import setup_logging
+
+    setup_logging(args.log_level)
+    if args.command == "train" and args.steps <= 0 and args.minutes <= 0:
+        print("error: train needs --steps N or --minutes M", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if isinstance(e, _user_errors()):
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_FAILURE
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

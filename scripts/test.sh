@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# README's test command: set up .venv (pinned versions), then run the whole test suite.
+# Extra arguments go to pytest, e.g. ./scripts/test.sh -m "not swarm" -x
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/_venv.sh
+./scripts/_ensure_chromium.sh || echo "[setup] chromium not available: the browser test will fail" >&2
+exec python -m pytest -q -p no:cacheprovider --durations=15 "$@"
