@@ -7,6 +7,7 @@ with a non-zero exit code and no traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -86,6 +87,63 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dht_overrides(args: argparse.Namespace) -> list[str]:
+    """--initial-peers etc. become dotted overrides, so they are validated like the config."""
+    out = []
+    for flag, key in (("initial_peers", "dht.initial_peers"), ("host_maddrs", "dht.host_maddrs"),
+                      ("announce_maddrs", "dht.announce_maddrs")):
+        value = getattr(args, flag, None)
+        if value:
+            out.append(f"{key}={json.dumps(value)}")
+    for flag, key in (("identity_path", "dht.identity_path"), ("run_id", "dht.run_id")):
+        value = getattr(args, flag, None)
+        if value:
+            out.append(f"{key}={json.dumps(value)}")
+    return out
+
+
+def _initial_peers_from_file(args: argparse.Namespace) -> None:
+    path = getattr(args, "initial_peers_file", None)
+    if not path:
+        return
+    try:
+        info = json.loads(open(path, encoding="utf-8").read())
+        maddrs = [str(m) for m in info["maddrs"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise FileNotFoundError(f"--initial-peers-file {path}: not a bootstrap maddrs file ({e}); "
+                                "pass the file written by `p2p-photon bootstrap --maddrs-file`") from None
+    args.initial_peers = list(args.initial_peers or []) + maddrs
+
+
+def cmd_peer(args: argparse.Namespace) -> int:
+    from .peer import FingerprintMismatch, run_peer
+
+    _initial_peers_from_file(args)
+    cfg = load_config(args.config, [*_dht_overrides(args), *args.overrides])
+    try:
+        return run_peer(cfg, resume=args.resume, summary_out=args.summary_out)
+    except FingerprintMismatch as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    from .bootstrap import run_bootstrap
+
+    cfg = load_config(args.config, [*_dht_overrides(args), *args.overrides])
+    return run_bootstrap(cfg.dht, maddrs_file=args.maddrs_file)
+
+
+def _add_dht_args(p: argparse.ArgumentParser, *, initial: bool = True) -> None:
+    if initial:
+        p.add_argument("--initial-peers", nargs="+", metavar="MADDR", help="multiaddrs of known peers (/ip4/../p2p/..)")
+        p.add_argument("--initial-peers-file", metavar="JSON", help="read initial peers from a bootstrap's --maddrs-file")
+    p.add_argument("--host-maddrs", nargs="+", metavar="MADDR", help="listen addresses (default /ip4/127.0.0.1/tcp/0)")
+    p.add_argument("--announce-maddrs", nargs="+", metavar="MADDR", help="public addresses to announce")
+    p.add_argument("--identity-path", help="private key file for a persistent peer ID (created if missing)")
+    p.add_argument("--run-id", help="override dht.run_id")
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -117,6 +175,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--metrics-out", help="write a JSON summary (perplexity curve, tokens, wall time)")
     train.set_defaults(func=cmd_train)
 
+    peer = sub.add_parser("peer", help="a volunteer trainer: join, sync, train, average, checkpoint")
+    _add_config_args(peer)
+    _add_dht_args(peer)
+    peer.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in checkpoint.dir")
+    peer.add_argument("--summary-out", help="write a JSON summary (perplexity, rounds, bytes) at exit")
+    peer.set_defaults(func=cmd_peer)
+
+    boot = sub.add_parser("bootstrap", help="long-lived DHT node with a persistent identity")
+    _add_config_args(boot)
+    _add_dht_args(boot)
+    boot.add_argument("--maddrs-file", help="write the node's multiaddrs here as JSON")
+    boot.set_defaults(func=cmd_bootstrap)
     return parser
 
 

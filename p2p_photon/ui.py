@@ -50,5 +50,6 @@ def setup_logging(level: str = "INFO", prefix: str = "") -> None:
     fmt = f"%(asctime)s {prefix}%(levelname).1s %(name)s: %(message)s" if prefix else \
         "%(asctime)s %(levelname).1s %(name)s: %(message)s"
     logging.basicConfig(level=getattr(logging, level), format=fmt, datefmt="%H:%M:%S", force=True)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "no kernels package" noise on CPU
     for noisy in ("hivemind", "httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, getattr(logging, level)))

@@ -1,0 +1,148 @@
+"""`p2p-photon bootstrap`: a long-lived DHT node that volunteers use to find each other.
+
+It keeps its peer ID across restarts (`dht.identity_path`), prints the `--initial-peers`
+line to give volunteers, writes the same information to a JSON file (atomically, for
+scripts and tests), logs a heartbeat with the number of connected peers, and runs until
+SIGINT/SIGTERM or `stop_event`. Training does not depend on it once peers have met.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+import hivemind
+from hivemind.dht import DHTNode
+
+from p2p_photon.config import DHTConfig
+from p2p_photon.network import NetworkError, shutdown_dht, start_dht, visible_maddrs
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_SECONDS = 60.0
+
+
+def run_bootstrap(
+    cfg: DHTConfig,
+    *,
+    maddrs_file: str | None,
+    stop_event: threading.Event | None = None,
+    on_ready: Callable[[hivemind.DHT], None] | None = None,
+) -> int:
+    """Serve as a bootstrap node until SIGINT/SIGTERM or `stop_event`; return 0 after a clean stop.
+
+    Raises NetworkError (one line, with the fix) when the node cannot start.
+    """
+    if cfg.client_mode:
+        raise NetworkError("a bootstrap node cannot run in client mode: set dht.client_mode = false")
+    if not cfg.identity_path:
+        logger.warning("no dht.identity_path: the bootstrap peer ID will change on every restart")
+    stop = stop_event or threading.Event()
+    dht = start_dht(cfg, client_mode=False)
+    try:
+        with _stop_on_signals(stop):
+            info = describe(dht, cfg.run_id)
+            print(info["initial_peers_arg"], flush=True)
+            logger.info(
+                f"bootstrap node {info['peer_id']} is up; give volunteers: {info['initial_peers_arg']}"
+            )
+            if maddrs_file:
+                write_json_atomic(maddrs_file, info)
+                logger.info(f"wrote multiaddrs to {maddrs_file}")
+            if on_ready is not None:
+                on_ready(dht)
+            return _serve(dht, stop)
+    finally:
+        shutdown_dht(dht)
+        logger.info("bootstrap node stopped")
+
+
+def describe(dht: hivemind.DHT, run_id: str) -> dict:
+    """What volunteers need: peer ID, multiaddrs and the ready-made --initial-peers argument."""
+    maddrs = visible_maddrs(dht)
+    return {
+        "peer_id": dht.peer_id.to_base58(),
+        "maddrs": maddrs,
+        "initial_peers_arg": "--initial-peers " + " ".join(maddrs),
+        "run_id": run_id,
+    }
+
+
+def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
+    """Write JSON to a temporary file in the same directory, then rename it over `path`."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _serve(dht: hivemind.DHT, stop: threading.Event) -> int:
+    started = last_beat = time.monotonic()
+    while not stop.wait(timeout=1.0):
+        if not dht.is_alive():
+            logger.error("the DHT process died; restart the bootstrap node")
+            return 1
+        if time.monotonic() - last_beat >= HEARTBEAT_SECONDS:
+            last_beat = time.monotonic()
+            logger.info(f"bootstrap alive | peers {count_peers(dht)} | up {_hms(last_beat - started)}")
+    return 0
+
+
+async def _connected_peers(_dht: hivemind.DHT, node: DHTNode) -> int:
+    return len(await node.p2p.list_peers())
+
+
+def count_peers(dht: hivemind.DHT) -> int | str:
+    """Number of peers the node's p2pd is connected to ('?' if it cannot be read)."""
+    try:
+        return dht.run_coroutine(_connected_peers)
+    except Exception as e:
+        logger.debug(f"peer count unavailable: {e!r}")
+        return "?"
+
+
+def _hms(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s"
+
+
+@contextmanager
+def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """In the main thread, SIGINT/SIGTERM set `stop`; previous handlers are restored afterwards.
+
+    Installed only after the DHT has started: forked children would inherit these handlers.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: object) -> None:
+        logger.info(f"received {signal.Signals(signum).name}, shutting down")
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

@@ -1,0 +1,426 @@
+"""The peer loop: join, sync, train until the swarm's round ends, average Δ, apply the outer step.
+
+    for r in count(start_round):
+        stats = train_until_round_ends()          # progress-based: the swarm's samples reach the target
+        report = average_and_step(stats)           # Δ = θ − θ_local, weighted all-reduce, θ ← OuterOpt(θ, Δ̄)
+        log_round(report)
+
+A round that cannot be averaged is a failed round: counted, published, logged, never applied
+as if it were global. A peer that finds the swarm ahead of it downloads the state instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from hivemind.utils import get_dht_time
+
+from . import data, state
+from .averaging import AveragingFailed, SwarmAverager, scale_for
+from .config import Config, fingerprint
+from .inner import InnerTrainer, evaluate, perplexity, resolve_device
+from .model import build_model, theta_hash
+from .network import shutdown_dht, start_dht
+from .outer import OuterOptimizer, load_into_model, pseudo_gradient
+from .progress import ProgressPublisher, ProgressRecord, fetch_progress, progress_validators
+
+logger = logging.getLogger(__name__)
+
+EXTRAPOLATE_MAX_S = 10.0  # trust a peer's reported throughput for at most this long after its record
+
+
+class FingerprintMismatch(Exception):
+    """The swarm of this run_id trains something else (model, tokenizer, seed or outer optimizer)."""
+
+
+@dataclass
+class RoundStats:
+    samples: int = 0
+    steps: int = 0
+    tokens: int = 0
+    loss: float = float("nan")
+    train_s: float = 0.0
+    wall_s: float = 0.0
+    stopped: bool = False
+
+
+@dataclass
+class Counters:
+    """Everything about this peer's position in the run that is checkpointed and shared."""
+
+    round: int = 0
+    global_step: int = 0
+    failed_rounds: int = 0
+    total_samples: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+class Peer:
+    def __init__(self, cfg: Config, *, resume: bool = False, stop_event: threading.Event | None = None,
+                 summary_out: str | None = None):
+        self.cfg, self.resume, self.summary_out = cfg, resume, summary_out
+        self.stop = stop_event or threading.Event()
+        self.counters = Counters()
+        self.lock = threading.RLock()  # guards θ_global/outer state against the state-sharing thread
+        self.dht = self.averager = None
+        self.last_avg_maxabs: list[float] | None = None
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.prep = data.load_prepared(data.prepare(cfg.data, cfg.seed, progress=cfg.logging.progress_bar))
+        self.fp = fingerprint(cfg, self.prep.tokenizer_hash)
+        self.device = resolve_device(cfg.inner)
+        self.model = build_model(cfg.model.preset, self.prep.vocab_size, cfg.model.seq_len, cfg.seed, self.device)
+        self.names = [n for n, _ in self.model.named_parameters()]
+        self.theta = [p.detach().clone() for p in self.model.parameters()]
+        self.outer = OuterOptimizer(self.theta, cfg.outer)
+        self.trainer = InnerTrainer(self.model, cfg.inner, self.device)
+        self.stream = data.open_silo_stream(self.prep, [cfg.data.silo], seq_len=cfg.model.seq_len,
+                                            batch_size=cfg.inner.batch_size, seed=cfg.seed, stream_id=cfg.data.silo)
+        self.heldout = data.heldout_batches(self.prep, seq_len=cfg.model.seq_len, batch_size=cfg.inner.batch_size,
+                                            n_batches=cfg.logging.eval_batches)
+        self.initial_loss = evaluate(self.model, self.heldout, cfg.inner, self.device)
+        if self.resume:
+            self._restore(state.load_latest(cfg.checkpoint.dir, self.fp))
+        self._start_network()
+
+    def _start_network(self) -> None:
+        run_id = self.cfg.dht.run_id
+        self.validators = progress_validators(run_id)
+        self.dht = start_dht(self.cfg.dht, record_validators=self.validators)
+        self.publisher = ProgressPublisher(self.dht, run_id, self.validators)
+        self.averager = SwarmAverager(self.dht, [t.shape for t in self.theta], prefix=f"{run_id}-{self.fp}",
+                                      cfg=self.cfg.averaging, state_fn=self._share_state)
+        self.peer_id = self.averager.peer_id
+        logger.info("peer %s joined run %s (fingerprint %s, silo %d, model %s)", self.peer_id[-8:], run_id,
+                    self.fp, self.cfg.data.silo, self.cfg.model.preset)
+
+    # ------------------------------------------------------------------ main loop
+
+    def run(self) -> int:
+        try:
+            self.setup()
+            self._join_swarm()
+            self._loop()
+            return 0
+        finally:
+            self.close()
+
+    def _loop(self) -> None:
+        cfg = self.cfg
+        while not self.stop.is_set():
+            if cfg.rounds.num_rounds and self.counters.round >= cfg.rounds.num_rounds:
+                break
+            stats = self.train_until_round_ends()
+            if stats.stopped:
+                break
+            report = self.average_and_step(stats)
+            self.log_round(report)
+            every = cfg.checkpoint.every_rounds
+            if report["ok"] and every and self.counters.round % every == 0:
+                self.save_checkpoint()
+
+    def _join_swarm(self) -> None:
+        """Refuse a foreign swarm; download state if the swarm is ahead of us."""
+        records, _ = fetch_progress(self.dht, self.cfg.dht.run_id)
+        others = [r for r in records if r.peer_id != self.peer_id and r.state != "done"]
+        ours = [r for r in others if r.fingerprint == self.fp]
+        foreign = [r for r in others if r.fingerprint != self.fp]
+        if foreign and not ours:
+            raise FingerprintMismatch(
+                f"refusing to join run '{self.cfg.dht.run_id}': its peers have run fingerprint "
+                f"{foreign[0].fingerprint}, ours is {self.fp} (different model, tokenizer, seed or outer optimizer); "
+                "use the swarm's config or another dht.run_id")
+        if foreign:
+            logger.warning("ignoring %d peer(s) of run %s with another fingerprint (%s): they are not averaged with",
+                           len(foreign), self.cfg.dht.run_id, foreign[0].fingerprint)
+        ahead = max((r.round for r in ours), default=0)
+        if ahead > self.counters.round:
+            logger.info("swarm is at round %d, we are at %d: downloading state from peers", ahead, self.counters.round)
+            if not self.sync_from_peers():
+                logger.warning("no peer served its state: starting from %s at round %d",
+                               "our checkpoint" if self.resume else "the seeded init", self.counters.round)
+        elif not ours:
+            logger.info("no other peers yet: starting from %s at round %d",
+                        "our checkpoint" if self.resume else "the seeded init", self.counters.round)
+        self._publish(RoundStats(), "training")
+
+    # ------------------------------------------------------------------ local training
+
+    def train_until_round_ends(self) -> RoundStats:
+        cfg, st = self.cfg, RoundStats()
+        t0 = last_pub = last_check = time.perf_counter()
+        loss_sum = 0.0
+        while not self.stop.is_set():
+            step = self.trainer.step(self.stream.next_batch, self.counters.global_step + st.steps)
+            st.steps, st.samples, st.tokens = st.steps + 1, st.samples + step.samples, st.tokens + step.tokens
+            st.train_s += step.seconds
+            loss_sum += step.loss
+            st.loss = loss_sum / st.steps
+            now = time.perf_counter()
+            st.wall_s = now - t0
+            if now - last_pub >= cfg.logging.progress_interval:
+                self._publish(st, "training")
+                last_pub = now
+            if self._local_cap_reached(st):
+                return st
+            if now - last_check >= min(1.0, cfg.logging.progress_interval / 2):
+                last_check = now
+                if self._round_over(st):
+                    return st
+        st.stopped = True
+        return st
+
+    def _local_cap_reached(self, st: RoundStats) -> bool:
+        r = self.cfg.rounds
+        return bool((r.max_local_steps and st.steps >= r.max_local_steps)
+                    or (r.max_round_seconds and st.wall_s >= r.max_round_seconds))
+
+    def _round_over(self, st: RoundStats) -> bool:
+        """Progress-based end: the swarm's samples for this round (extrapolated by each peer's
+        reported throughput for a few seconds) reach the target, or someone already moved on."""
+        records, _ = fetch_progress(self.dht, self.cfg.dht.run_id)
+        now, r = get_dht_time(), self.counters.round
+        total = st.samples
+        for rec in records:
+            if rec.peer_id == self.peer_id or rec.fingerprint != self.fp or rec.state == "done":
+                continue
+            if rec.round > r:
+                return True
+            if rec.round == r:
+                rate = rec.tokens_per_s / self.cfg.model.seq_len if rec.state == "training" else 0.0
+                total += rec.samples + rate * min(max(0.0, now - rec.time), EXTRAPOLATE_MAX_S)
+        return total >= self.cfg.rounds.target_samples_per_round
+
+    # ------------------------------------------------------------------ averaging
+
+    def average_and_step(self, st: RoundStats) -> dict:
+        self._publish(st, "averaging")
+        r = self.counters.round
+        with self.lock:
+            deltas = pseudo_gradient(self.theta, self.model)
+        scales = [scale_for(m) for m in self.last_avg_maxabs] if self.last_avg_maxabs else [1.0] * len(deltas)
+        meta = dict(fingerprint=self.fp, samples=st.samples, steps=st.steps, theta=self._theta_hash())
+        try:
+            res = self.averager.average(deltas, round_no=r, weight=max(st.samples, 1), meta=meta, scales=scales,
+                                        timeout=self.cfg.averaging.round_timeout)
+        except AveragingFailed as e:
+            return self._on_failed_round(st, str(e))
+        self._apply(res)
+        return dict(ok=True, round=r, stats=st, group=res.group_size, seconds=res.seconds,
+                    sent=res.bytes_sent, received=res.bytes_received)
+
+    def _apply(self, res) -> None:
+        c = self.counters
+        with self.lock:
+            self.outer.step(res.deltas)
+            load_into_model(self.theta, self.model)
+            c.round += 1
+            c.global_step += sum(int(m.get("steps", 0)) for m in res.gathered.values())
+            c.total_samples += sum(int(m.get("samples", 0)) for m in res.gathered.values())
+        c.bytes_sent += res.bytes_sent
+        c.bytes_received += res.bytes_received
+        self.last_avg_maxabs = [float(d.abs().max()) if d.numel() else 0.0 for d in res.deltas]
+        self.averager.set_priority(c.round)
+
+    def _on_failed_round(self, st: RoundStats, why: str) -> dict:
+        """Counted and published; the local work is kept for the next attempt unless the swarm moved on."""
+        c = self.counters
+        c.failed_rounds += 1
+        logger.warning("round %d failed (%s); failed rounds so far: %d", c.round, why, c.failed_rounds)
+        self._publish(st, "syncing")
+        records, _ = fetch_progress(self.dht, self.cfg.dht.run_id)
+        ahead = max((x.round for x in records if x.fingerprint == self.fp and x.peer_id != self.peer_id), default=-1)
+        if ahead > c.round:
+            logger.info("the swarm is at round %d: downloading its state instead of averaging a stale Δ", ahead)
+            self.sync_from_peers()
+        return dict(ok=False, round=c.round, stats=st, why=why)
+
+    # ------------------------------------------------------------------ state sharing
+
+    def _share_state(self) -> tuple[dict, list[torch.Tensor]]:
+        """What a late joiner downloads: θ, the outer optimizer's momentum, round and global step."""
+        with self.lock:
+            tensors = [t.detach().clone() for t in self.theta] + [b.clone() for b in self.outer.state_tensors()]
+            meta = dict(round=self.counters.round, global_step=self.counters.global_step, fingerprint=self.fp,
+                        theta=theta_hash(self.theta), names=self.names, total_samples=self.counters.total_samples)
+        return meta, tensors
+
+    def sync_from_peers(self, attempts: int = 4) -> bool:
+        delay = 1.0
+        for attempt in range(1, attempts + 1):
+            got = self.averager.load_state_from_peers(timeout=max(10.0, self.cfg.averaging.allreduce_timeout))
+            if got is not None:
+                problem = self._check_state(*got)
+                if problem is None:
+                    self._load_state(*got)
+                    return True
+                logger.warning("rejected downloaded state: %s", problem)
+            if attempt < attempts:
+                logger.info("no usable state from peers (attempt %d/%d), retrying in %.0fs", attempt, attempts, delay)
+                time.sleep(delay)
+                delay *= 2
+        return False
+
+    def _check_state(self, meta, tensors) -> str | None:
+        if not isinstance(meta, dict) or meta.get("fingerprint") != self.fp:
+            return "fingerprint differs"
+        if meta.get("names") != self.names:
+            return "parameter names differ"
+        expected = [t.shape for t in self.theta] + [b.shape for b in self.outer.state_tensors()]
+        if [tuple(t.shape) for t in tensors] != [tuple(s) for s in expected]:
+            return "tensor shapes differ"
+        if any(t.dtype != torch.float32 or not torch.isfinite(t).all() for t in tensors):
+            return "non-finite or non-fp32 values"
+        if theta_hash([t for t in tensors[: len(self.theta)]]) != meta.get("theta"):
+            return "θ hash does not match the donor's claim"
+        return None
+
+    def _load_state(self, meta: dict, tensors: list[torch.Tensor]) -> None:
+        n = len(self.theta)
+        with self.lock:
+            for dst, src in zip(self.theta, tensors[:n]):
+                dst.copy_(src)
+            self.outer.load_state_tensors(tensors[n:])
+            load_into_model(self.theta, self.model)
+            self.counters.round = int(meta["round"])
+            self.counters.global_step = int(meta["global_step"])
+            self.counters.total_samples = int(meta.get("total_samples", 0))
+        self.last_avg_maxabs = None
+        self.averager.set_priority(self.counters.round)
+        logger.info("loaded state of round %d (global step %d, θ %s) from a peer", self.counters.round,
+                    self.counters.global_step, self._theta_hash())
+
+    # ------------------------------------------------------------------ reporting
+
+    def _theta_hash(self) -> str:
+        with self.lock:
+            return theta_hash(self.theta)
+
+    def _publish(self, st: RoundStats, phase: str) -> None:
+        c = self.counters
+        rec = ProgressRecord(
+            peer_id=self.peer_id, round=c.round, samples=st.samples, steps=st.steps,
+            total_samples=c.total_samples + st.samples, loss=st.loss if st.steps and st.loss == st.loss else 0.0,
+            tokens_per_s=st.tokens / st.train_s if st.train_s > 0 else 0.0, fingerprint=self.fp,
+            theta_hash=self._theta_hash(), failed_rounds=c.failed_rounds, bytes_sent=c.bytes_sent,
+            bytes_received=c.bytes_received, utilization=min(1.0, st.train_s / st.wall_s) if st.wall_s > 0 else 0.0,
+            time=get_dht_time(), state=phase)
+        self.publisher.publish(rec)
+
+    def log_round(self, report: dict) -> None:
+        st: RoundStats = report["stats"]
+        records, _ = fetch_progress(self.dht, self.cfg.dht.run_id)
+        alive = 1 + sum(1 for r in records if r.fingerprint == self.fp and r.peer_id != self.peer_id
+                        and r.state != "done" and get_dht_time() - r.time < 30)
+        tok_s = st.tokens / st.train_s if st.train_s else 0.0
+        if report["ok"]:
+            logger.info("round %d | loss %.3f | peers %d/%d | tok/s %.3g | steps %d | allreduce %.1fs | sent %.2fMB"
+                        " | θ %s", report["round"], st.loss, report["group"], alive, tok_s, st.steps,
+                        report["seconds"], report["sent"] / 1e6, self._theta_hash()[:8])
+        else:
+            logger.info("round %d | loss %.3f | FAILED (%s) | failed rounds %d", report["round"], st.loss,
+                        report["why"], self.counters.failed_rounds)
+        self.counters.history.append(dict(round=report["round"], ok=report["ok"], loss=st.loss, steps=st.steps,
+                                          samples=st.samples, group=report.get("group", 0),
+                                          theta=self._theta_hash(), sent=report.get("sent", 0)))
+
+    # ------------------------------------------------------------------ checkpoints and shutdown
+
+    def save_checkpoint(self) -> Path:
+        with self.lock:
+            payload = state.CheckpointPayload(
+                theta={n: t for n, t in zip(self.names, self.theta)},
+                outer=self.outer.state_tensors(), inner=self.trainer.optimizer.state_dict(),
+                meta=dict(round=self.counters.round, global_step=self.counters.global_step,
+                          failed_rounds=self.counters.failed_rounds, total_samples=self.counters.total_samples,
+                          fingerprint=self.fp, theta=theta_hash(self.theta), data_cursor=self.stream.state_dict(),
+                          last_avg_maxabs=self.last_avg_maxabs),
+                rng=state.capture_rng(), config=self.cfg)
+            path = state.save_checkpoint(self.cfg.checkpoint.dir, payload, keep=self.cfg.checkpoint.keep)
+        logger.info("checkpoint %s (round %d, θ %s)", path, self.counters.round, payload.meta["theta"][:8])
+        return path
+
+    def _restore(self, ckpt: state.CheckpointPayload | None) -> None:
+        if ckpt is None:
+            logger.info("no checkpoint in %s: starting from the seeded init", self.cfg.checkpoint.dir)
+            return
+        with self.lock:
+            for name, dst in zip(self.names, self.theta):
+                dst.copy_(ckpt.theta[name])
+            self.outer.load_state_tensors(ckpt.outer)
+            load_into_model(self.theta, self.model)
+            self.trainer.optimizer.load_state_dict(ckpt.inner)
+            m = ckpt.meta
+            self.counters.round, self.counters.global_step = int(m["round"]), int(m["global_step"])
+            self.counters.failed_rounds, self.counters.total_samples = int(m["failed_rounds"]), int(m["total_samples"])
+            self.stream.load_state_dict(m["data_cursor"])
+            self.last_avg_maxabs = m.get("last_avg_maxabs")
+            state.restore_rng(ckpt.rng)
+        logger.info("resumed from %s: round %d, global step %d, θ %s", ckpt.path, self.counters.round,
+                    self.counters.global_step, self._theta_hash())
+
+    def close(self) -> None:
+        if getattr(self, "publisher", None) is not None and getattr(self, "theta", None) is not None:
+            try:
+                self.save_checkpoint()
+            except Exception as e:  # a failed final checkpoint is reported, the previous one stays
+                logger.error("final checkpoint failed: %s", e)
+            self._write_summary()
+            self._publish(RoundStats(), "done")
+        if self.averager is not None:
+            self.averager.shutdown()
+        shutdown_dht(self.dht)
+        self.averager = self.dht = None
+
+    def _write_summary(self) -> None:
+        final = evaluate(self.model, self.heldout, self.cfg.inner, self.device)
+        logger.info("held-out perplexity of the global model: %.2f (initial %.2f) after %d rounds",
+                    perplexity(final), perplexity(self.initial_loss), self.counters.round)
+        if self.summary_out:
+            out = dict(peer_id=self.peer_id, fingerprint=self.fp, initial_loss=self.initial_loss, final_loss=final,
+                       initial_ppl=perplexity(self.initial_loss), final_ppl=perplexity(final),
+                       rounds=self.counters.round, global_step=self.counters.global_step,
+                       failed_rounds=self.counters.failed_rounds, bytes_sent=self.counters.bytes_sent,
+                       theta=self._theta_hash(), history=self.counters.history)
+            Path(self.summary_out).parent.mkdir(parents=True, exist_ok=True)
+            Path(self.summary_out).write_text(json.dumps(out, indent=1))
+
+
+@contextmanager
+def stop_on_signals(stop: threading.Event):
+    """SIGINT/SIGTERM set `stop`: the peer finishes its step, checkpoints and leaves cleanly."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum, _frame):
+        logger.info("received %s: finishing the current step, checkpointing and leaving", signal.Signals(signum).name)
+        stop.set()
+
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def run_peer(cfg: Config, *, resume: bool = False, summary_out: str | None = None) -> int:
+    stop = threading.Event()
+    with stop_on_signals(stop):
+        return Peer(cfg, resume=resume, stop_event=stop, summary_out=summary_out).run()

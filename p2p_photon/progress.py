@@ -1,0 +1,180 @@
+"""Signed, schema-validated progress records in the DHT (one per peer, under one key per run).
+
+Like hivemind's ProgressTracker: every peer stores its record under the key
+f"{run_id}_progress" with its RSA public key as the subkey. `RSASignatureValidator` makes
+that subkey writable only by the holder of the private key; `ProgressValidator` makes every
+DHT node refuse, store-side and fetch-side, values that do not match `ProgressRecord`.
+
+hivemind's own SchemaValidator is written against `pydantic.v1` (it patches `__fields__`
+and `Config.extra`), so it cannot take a pydantic v2 model; `ProgressValidator` is a small
+RecordValidatorBase that validates with pydantic v2 in strict mode (no type coercion: an
+int is not accepted for a str, a float not for an int, NaN/inf never).
+
+The record also carries `theta_hash`, the hash of the global model at the start of the
+round, so the swarm can check that everybody averaged into the same θ.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from typing import Annotated, Literal
+
+import hivemind
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.routing import DHTID
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.utils import MSGPackSerializer, get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+logger = logging.getLogger(__name__)
+
+MAX_INT = 2**63 - 1  # what msgpack (and every peer) can represent
+MAX_RECORD_BYTES = 4096  # a serialized record is ~400 bytes; anything far larger is junk
+_OWNER_KEY = re.compile(RSASignatureValidator.PUBLIC_KEY_REGEX)
+
+Count = Annotated[int, Field(ge=0, le=MAX_INT)]
+NonNegative = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+ShortStr = Annotated[str, Field(max_length=64)]
+
+
+class ProgressRecord(BaseModel):
+    """What one peer tells the swarm about its current round.
+
+    Built locally in lax mode (numpy scalars and ints for floats are converted); checked
+    on the wire in strict mode (see parse_record), where no conversion is accepted.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    peer_id: Annotated[str, Field(min_length=1, max_length=128)]
+    round: Count
+    samples: Count
+    """Sequences trained in this round."""
+    steps: Count
+    """Local optimizer steps in this round."""
+    total_samples: Count
+    loss: NonNegative
+    tokens_per_s: NonNegative
+    fingerprint: ShortStr
+    theta_hash: ShortStr
+    """Hash of the global model at this round's start."""
+    failed_rounds: Count
+    bytes_sent: Count
+    bytes_received: Count
+    utilization: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+    time: Annotated[float, Field(allow_inf_nan=False)]
+    """Unix seconds (hivemind.get_dht_time())."""
+    state: Literal["training", "averaging", "syncing", "done"]
+
+
+def progress_key(run_id: str) -> str:
+    return f"{run_id}_progress"
+
+
+class ProgressValidator(RecordValidatorBase):
+    """Accept under f"{run_id}_progress" only {owner public key: ProgressRecord dict} entries.
+
+    Records under other keys pass untouched (other validators judge them). Runs after
+    RSASignatureValidator (lower priority), so it sees the value with the signature stripped.
+    """
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+        self._key_id = DHTID.generate(source=progress_key(run_id)).to_bytes()
+
+    def validate(self, record: DHTRecord) -> bool:
+        if record.key != self._key_id:
+            return True
+        try:
+            subkey = MSGPackSerializer.loads(record.subkey) if record.subkey else None
+            if not is_owner_subkey(subkey):
+                logger.debug(f"{progress_key(self.run_id)}: subkey is not an owner public key")
+                return False
+            parse_record(record.value)
+        except (ValidationError, ValueError, TypeError) as e:
+            logger.debug(f"rejected a {progress_key(self.run_id)} record: {e}")
+            return False
+        return True
+
+
+def is_owner_subkey(subkey: object) -> bool:
+    """True for a subkey of the form b"[owner:<RSA public key>]" (what RSASignatureValidator protects)."""
+    return isinstance(subkey, bytes) and _OWNER_KEY.fullmatch(subkey) is not None
+
+
+def parse_record(value: bytes | dict) -> ProgressRecord:
+    """ProgressRecord from msgpack bytes (or an already decoded dict); raises ValueError."""
+    if isinstance(value, bytes):
+        if len(value) > MAX_RECORD_BYTES:
+            raise ValueError(f"record of {len(value)} bytes is larger than {MAX_RECORD_BYTES}")
+        value = MSGPackSerializer.loads(value)
+    return ProgressRecord.model_validate(value, strict=True)
+
+
+def progress_validators(run_id: str, private_key: RSAPrivateKey | None = None) -> list[RecordValidatorBase]:
+    """Validators to pass to start_dht(record_validators=...); the RSA one holds this peer's key.
+
+    private_key defaults to hivemind's process-wide key (one peer per process); give each
+    peer its own key when several share a process (tests).
+    """
+    return [ProgressValidator(run_id), RSASignatureValidator(private_key)]
+
+
+class ProgressPublisher:
+    """Stores this peer's ProgressRecord under its own (signed) subkey."""
+
+    def __init__(
+        self,
+        dht: hivemind.DHT,
+        run_id: str,
+        validators: Sequence[RecordValidatorBase],
+        *,
+        expiration: float = 60.0,
+    ):
+        signers = [v for v in validators if isinstance(v, RSASignatureValidator)]
+        if not signers:
+            raise TypeError("ProgressPublisher needs the validators from progress_validators(run_id)")
+        self.dht, self.key, self.expiration = dht, progress_key(run_id), expiration
+        self.subkey = signers[0].local_public_key
+
+    def publish(self, record: ProgressRecord) -> bool:
+        """Store `record` until now + expiration; True if at least one DHT node accepted it."""
+        try:
+            return bool(
+                self.dht.store(
+                    self.key,
+                    record.model_dump(),
+                    expiration_time=get_dht_time() + self.expiration,
+                    subkey=self.subkey,
+                )
+            )
+        except Exception as e:
+            logger.warning(f"could not publish progress: {e!r}")
+            return False
+
+
+def fetch_progress(dht: hivemind.DHT, run_id: str) -> tuple[list[ProgressRecord], int]:
+    """(valid records, newest per peer_id; number of invalid or superseded entries skipped)."""
+    found = dht.get(progress_key(run_id), latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return [], 0 if found is None else 1
+    newest: dict[str, ProgressRecord] = {}
+    skipped = 0
+    for subkey, entry in found.value.items():
+        try:
+            if not is_owner_subkey(subkey):
+                raise ValueError("subkey is not an owner public key")
+            record = parse_record(entry.value)
+        except (ValidationError, ValueError, TypeError):
+            skipped += 1
+            continue
+        old = newest.get(record.peer_id)
+        if old is not None:
+            skipped += 1  # a restarted peer has a new key: keep its latest record only
+            if old.time >= record.time:
+                continue
+        newest[record.peer_id] = record
+    return sorted(newest.values(), key=lambda r: r.peer_id), skipped

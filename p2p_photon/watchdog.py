@@ -1,0 +1,217 @@
+"""Orphan reaper: the processes a peer starts die with it, however it dies.
+
+hivemind runs its DHT in a forked child process that starts a `p2pd` daemon, and its
+averager is another forked child. When the parent is killed with SIGKILL (or dies by an
+unhandled signal), those children are re-parented to PID 1 and keep running. This module
+starts a tiny separate process, `python -m p2p_photon.watchdog --parent PID`, that:
+
+* every ~0.5 s remembers the parent's descendants (as psutil handles, which carry the
+  process creation time, so a recycled pid is never signalled);
+* when the parent is gone (or a zombie), sends SIGTERM to every remembered descendant that
+  is still running, plus any process started under the parent's owner tag (see below),
+  SIGKILLs the survivors after a grace period, and exits.
+
+Descendants started less than one poll interval before the parent died can escape the
+tree snapshot. To catch the important ones, `start_orphan_reaper` puts an owner tag in
+`os.environ`; programs exec'd afterwards (p2pd among them) inherit it, and the reaper also
+ends those. Forked Python children do not show the tag in /proc, but they are direct
+children of the parent and are found by the snapshot. `notify_reaper()` asks the reaper to
+take a snapshot right away (call it after starting new child processes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+
+logger = logging.getLogger(__name__)
+
+OWNER_ENV = "P2P_PHOTON_OWNER"
+"""Environment variable holding 'pid:create_time' of the process whose reaper owns a child."""
+LOG_ENV = "P2P_PHOTON_REAPER_LOG"
+"""If set, the reaper appends its log lines to this file (it has no terminal)."""
+
+POLL_INTERVAL = 0.5
+GRACE = 2.0
+
+_reapers: dict[int, subprocess.Popen] = {}
+
+
+def owner_tag(pid: int | None = None) -> str:
+    """The tag identifying processes started under `pid` (default: this process)."""
+    proc = psutil.Process(pid or os.getpid())
+    return f"{proc.pid}:{proc.create_time():.3f}"
+
+
+def start_orphan_reaper() -> int:
+    """Start the reaper for this process once (idempotent per pid); return the reaper's pid."""
+    me = os.getpid()
+    running = _reapers.get(me)
+    if running is not None and running.poll() is None:
+        return running.pid
+    tag = owner_tag(me)
+    os.environ[OWNER_ENV] = tag
+    cmd = [sys.executable, "-m", "p2p_photon.watchdog", "--parent", str(me), "--tag", tag]
+    if os.environ.get(LOG_ENV):
+        cmd += ["--log-file", os.environ[LOG_ENV]]
+    # the child inherits this mask: a notify_reaper() sent before it is ready stays pending
+    # instead of killing it (SIGUSR1's default action)
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    try:
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            env=_env_with_package_on_path(),
+            cwd="/",
+        )
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    _reapers[me] = proc
+    logger.debug(f"orphan reaper started (pid {proc.pid}) for pid {me}")
+    return proc.pid
+
+
+def notify_reaper() -> None:
+    """Ask this process's reaper to snapshot the descendants now (e.g. right after a fork)."""
+    proc = _reapers.get(os.getpid())
+    if proc is not None and proc.poll() is None:
+        try:
+            proc.send_signal(signal.SIGUSR1)
+        except ProcessLookupError:
+            pass
+
+
+def _env_with_package_on_path() -> dict[str, str]:
+    """The reaper runs `-m p2p_photon.watchdog` from '/': make sure this package is importable."""
+    env = os.environ.copy()
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+# ----------------------------------------------------------------------------- the reaper process
+
+
+def _is_alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _snapshot(parent: psutil.Process, exclude: int) -> dict[int, psutil.Process]:
+    try:
+        return {p.pid: p for p in parent.children(recursive=True) if p.pid != exclude}
+    except psutil.NoSuchProcess:
+        return {}
+
+
+def _still_running(known: dict[int, psutil.Process]) -> dict[int, psutil.Process]:
+    # is_running() compares creation times, so a recycled pid is dropped here
+    return {pid: p for pid, p in known.items() if p.is_running()}
+
+
+def _tagged(tag: str, exclude: int) -> dict[int, psutil.Process]:
+    """Processes whose (exec-time) environment carries the owner tag."""
+    found = {}
+    for p in psutil.process_iter():
+        if p.pid == exclude:
+            continue
+        try:
+            if p.environ().get(OWNER_ENV) == tag:
+                found[p.pid] = p
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def _targets(known: dict[int, psutil.Process], tag: str | None, me: int) -> list[psutil.Process]:
+    targets = _still_running(known)
+    for p in list(targets.values()):  # children started since the last snapshot
+        try:
+            targets.update({c.pid: c for c in p.children(recursive=True)})
+        except psutil.NoSuchProcess:
+            pass
+    if tag:
+        targets.update(_tagged(tag, me))
+    targets.pop(me, None)
+    return list(targets.values())
+
+
+def reap(procs: list[psutil.Process], grace: float = GRACE) -> int:
+    """SIGTERM `procs`, SIGKILL whatever is still running after `grace` seconds; return how many."""
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=1.0)
+    return len(procs)
+
+
+def watch(
+    parent_pid: int, tag: str | None = None, interval: float = POLL_INTERVAL, grace: float = GRACE
+) -> int:
+    """Follow `parent_pid` until it is gone, then end its leftover descendants."""
+    me = os.getpid()
+    try:
+        parent = psutil.Process(parent_pid)
+    except psutil.NoSuchProcess:
+        return 0
+    if tag and f"{parent.pid}:{parent.create_time():.3f}" != tag:
+        return 0  # the pid was recycled before we started
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})  # consumed by sigtimedwait below
+    known: dict[int, psutil.Process] = {}
+    while _is_alive(parent):
+        known = {**_still_running(known), **_snapshot(parent, me)}
+        signal.sigtimedwait([signal.SIGUSR1], interval)
+    leftovers = _targets(known, tag, me)
+    if leftovers:
+        names = ", ".join(f"{_name(p)}[{p.pid}]" for p in leftovers)
+        logger.warning(f"parent {parent_pid} is gone; ending its leftover processes: {names}")
+        reap(leftovers, grace)
+    return 0
+
+
+def _name(p: psutil.Process) -> str:
+    try:
+        return p.name()
+    except psutil.Error:
+        return "?"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m p2p_photon.watchdog", description=__doc__.splitlines()[0])
+    ap.add_argument("--parent", type=int, required=True, help="pid to follow")
+    ap.add_argument("--tag", default=None, help="owner tag 'pid:create_time' (guards against pid reuse)")
+    ap.add_argument("--log-file", default=None, help="append log lines here")
+    ap.add_argument("--interval", type=float, default=POLL_INTERVAL)
+    args = ap.parse_args(argv)
+    if args.log_file:
+        logging.basicConfig(
+            filename=args.log_file,
+            level=logging.INFO,
+            format=f"%(asctime)s reaper[{os.getpid()}] %(message)s",
+        )
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C meant for the parent must not stop us
+    return watch(args.parent, args.tag, args.interval)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
