@@ -95,6 +95,8 @@ class InnerConfig:
     """'auto' = bf16 autocast on CUDA, fp32 on CPU."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train."""
+    simulate_slowdown: float = 0.0
+    """Sleep this many seconds after every local step: simulates slower hardware (experiments, tests)."""
 
     def validate(self) -> None:
         _check(0 < self.lr <= 1.0, "inner.lr", "must be in (0, 1]")
@@ -106,6 +108,7 @@ class InnerConfig:
         _check(1 <= self.batch_size <= 4096, "inner.batch_size", "must be between 1 and 4096")
         _check(1 <= self.grad_accum <= 1024, "inner.grad_accum", "must be between 1 and 1024")
         _check(self.grad_clip >= 0, "inner.grad_clip", "must be >= 0")
+        _check(0 <= self.simulate_slowdown <= 60, "inner.simulate_slowdown", "must be in [0, 60] seconds")
 
 
 OUTER_PRESETS = {

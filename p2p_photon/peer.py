@@ -165,8 +165,10 @@ class Peer:
         loss_sum = 0.0
         while not self.stop.is_set():
             step = self.trainer.step(self.stream.next_batch, self.counters.global_step + st.steps)
+            if cfg.inner.simulate_slowdown:  # counts as compute: a slower machine
+                time.sleep(cfg.inner.simulate_slowdown)
             st.steps, st.samples, st.tokens = st.steps + 1, st.samples + step.samples, st.tokens + step.tokens
-            st.train_s += step.seconds
+            st.train_s += step.seconds + cfg.inner.simulate_slowdown
             loss_sum += step.loss
             st.loss = loss_sum / st.steps
             now = time.perf_counter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -46,7 +47,9 @@ def progress_bar(description: str, total: int | None = None, enabled: bool = Tru
         yield _Bar(progress, task)
 
 
-def setup_logging(level: str = "INFO", prefix: str = "") -> None:
+def setup_logging(level: str = "INFO", prefix: str | None = None) -> None:
+    if prefix is None:
+        prefix = os.environ.get("P2P_PHOTON_LOG_PREFIX", "")
     fmt = f"%(asctime)s {prefix}%(levelname).1s %(name)s: %(message)s" if prefix else \
         "%(asctime)s %(levelname).1s %(name)s: %(message)s"
     logging.basicConfig(level=getattr(logging, level), format=fmt, datefmt="%H:%M:%S", force=True)

@@ -14,19 +14,6 @@ import time
 
 import psutil
 import pytest
-from helpers import (
-    PYTHON,
-    alive,
-    descendants,
-    free_port,
-    is_alive,
-    kill_all,
-    no_leaked_p2pd,
-    p2pd_descendants,
-    python_env,
-    random_peer_id,
-    wait_until,
-)
 
 from p2p_photon import bootstrap
 from p2p_photon.bootstrap import count_peers, run_bootstrap
@@ -40,6 +27,19 @@ from p2p_photon.network import (
     visible_maddrs,
 )
 from p2p_photon.watchdog import start_orphan_reaper
+from tests.helpers import (
+    PYTHON,
+    alive,
+    descendants,
+    free_port,
+    is_alive,
+    kill_all,
+    no_leaked_p2pd,
+    p2pd_descendants,
+    python_env,
+    random_peer_id,
+    wait_until,
+)
 
 LOCAL = ("/ip4/127.0.0.1/tcp/0",)
 

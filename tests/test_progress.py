@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 import pytest
-from helpers import no_leaked_p2pd, wait_until
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import CompositeValidator, DHTRecord
@@ -25,6 +24,7 @@ from p2p_photon.progress import (
     progress_key,
     progress_validators,
 )
+from tests.helpers import no_leaked_p2pd, wait_until
 
 RUN = "prog-test"
 LOCAL = ("/ip4/127.0.0.1/tcp/0",)

@@ -1,0 +1,138 @@
+"""Start a local swarm on 127.0.0.1: a bootstrap node and N peers as real processes.
+
+Used by the demo, the swarm tests, the benchmarks and the experiments. Every process is
+ended on exit (SIGTERM, then SIGKILL after a grace period); each has the orphan reaper, so
+no DHT child or p2pd outlives it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log: Path | None
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+
+@dataclass
+class LocalSwarm:
+    workdir: Path
+    config: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    threads_per_peer: int = 1
+    capture: bool = True  # peers log to files in workdir (tests); False: to this terminal (demo)
+    procs: list[Proc] = field(default_factory=list)
+    maddrs: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.workdir = Path(self.workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ processes
+
+    def _env(self, name: str) -> dict[str, str]:
+        env = dict(os.environ, PYTHONUNBUFFERED="1", P2P_PHOTON_LOG_PREFIX=f"{name} ")
+        env.update(OMP_NUM_THREADS=str(self.threads_per_peer), MKL_NUM_THREADS=str(self.threads_per_peer))
+        return env
+
+    def spawn(self, name: str, args: list[str]) -> Proc:
+        cmd = [sys.executable, "-m", "p2p_photon.cli", *args]
+        log = self.workdir / f"{name}.log" if self.capture else None
+        out = open(log, "w") if log else None
+        popen = subprocess.Popen(cmd, stdout=out or None, stderr=subprocess.STDOUT if out else None,
+                                 env=self._env(name), cwd=self.workdir, stdin=subprocess.DEVNULL)
+        if out:
+            out.close()
+        proc = Proc(name, popen, log)
+        self.procs.append(proc)
+        return proc
+
+    def start_bootstrap(self, timeout: float = 90.0, extra: list[str] = ()) -> list[str]:
+        maddrs_file = self.workdir / "bootstrap.json"
+        maddrs_file.unlink(missing_ok=True)
+        args = ["bootstrap", "--maddrs-file", str(maddrs_file), *extra]
+        if self.config:
+            args += ["--config", self.config]
+        proc = self.spawn("bootstrap", args)
+        deadline = time.monotonic() + timeout
+        while not maddrs_file.exists():
+            if not proc.alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"bootstrap did not start: {self.tail(proc)}")
+            time.sleep(0.2)
+        self.maddrs = json.loads(maddrs_file.read_text())["maddrs"]
+        return self.maddrs
+
+    def start_peer(self, index: int, overrides: list[str] = (), extra_args: list[str] = (),
+                   name: str | None = None) -> Proc:
+        name = name or f"peer{index}"
+        args = ["peer", "--initial-peers", *self.maddrs, "--summary-out", str(self.summary_path(name))]
+        if self.config:
+            args += ["--config", self.config]
+        sets = [f"data.silo={index}", f"checkpoint.dir={self.workdir / ('ckpt-' + name)}", *self.overrides,
+                *overrides]
+        for s in sets:
+            args += ["--set", s]
+        return self.spawn(name, [*args, *extra_args])
+
+    def summary_path(self, name: str) -> Path:
+        return self.workdir / f"{name}.summary.json"
+
+    def summary(self, name: str) -> dict:
+        return json.loads(self.summary_path(name).read_text())
+
+    # ------------------------------------------------------------------ waiting and stopping
+
+    def wait(self, procs: list[Proc], timeout: float) -> list[int]:
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            left = max(0.1, deadline - time.monotonic())
+            try:
+                p.popen.wait(timeout=left)
+            except subprocess.TimeoutExpired:
+                raise TimeoutError(f"{p.name} still running after {timeout:.0f}s: {self.tail(p)}") from None
+        return [p.popen.returncode for p in procs]
+
+    def signal(self, proc: Proc, sig: int = signal.SIGTERM) -> None:
+        if proc.alive():
+            proc.popen.send_signal(sig)
+
+    def stop(self, grace: float = 30.0) -> None:
+        """SIGTERM everything (peers first, bootstrap last), SIGKILL what is left after `grace`."""
+        ordered = [p for p in self.procs if p.name != "bootstrap"] + [p for p in self.procs if p.name == "bootstrap"]
+        for p in ordered:
+            self.signal(p, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for p in ordered:
+            try:
+                p.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                logger.warning("%s did not stop within %.0fs: killing it", p.name, grace)
+                p.popen.kill()
+                p.popen.wait()
+
+    def tail(self, proc: Proc, n: int = 30) -> str:
+        if proc.log is None or not proc.log.exists():
+            return "(no log)"
+        return "\n".join(proc.log.read_text(errors="replace").splitlines()[-n:])
+
+    def __enter__(self) -> LocalSwarm:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,73 @@
+#!/usr/bin/env python
+"""The main job: a local swarm on 127.0.0.1 — a bootstrap node, N peers (each on its own non-IID
+silo of the embedded corpus) and the monitor — training one global model for a few rounds.
+
+    python scripts/local_swarm.py --peers 3 --rounds 8
+
+Prints one line per round per peer, then the held-out perplexity of the final global model vs
+the initial one, and stops everything cleanly (no orphan p2pd).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from p2p_photon import data  # noqa: E402
+from p2p_photon.config import load_config  # noqa: E402
+from p2p_photon.launch import LocalSwarm  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--peers", type=int, default=3, help="number of peers (default 3)")
+    p.add_argument("--rounds", type=int, default=8, help="federated rounds to run (default 8)")
+    p.add_argument("--config", default=str(ROOT / "peers" / "cpu_peer.toml"), help="peer config (TOML)")
+    p.add_argument("--workdir", default=str(ROOT / "runs" / "demo"), help="logs, checkpoints, summaries")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra config override for every peer (repeatable)")
+    p.add_argument("--timeout", type=float, default=1800, help="give up after this many seconds")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    overrides = [f"rounds.num_rounds={args.rounds}", f"data.num_silos={args.peers}",
+                 f"dht.run_id=demo-{uuid.uuid4().hex[:6]}", "logging.progress_bar=false", *args.overrides]
+    cfg = load_config(args.config, overrides)
+    workdir = Path(args.workdir) / time.strftime("%Y%m%d-%H%M%S")
+    print(f"[demo] preparing the default corpus ({cfg.data.corpus}, {args.peers} non-IID silos)", flush=True)
+    data.prepare(cfg.data, cfg.seed, progress=True)
+    print(f"[demo] starting a bootstrap node and {args.peers} peers on 127.0.0.1; logs in {workdir}", flush=True)
+    with LocalSwarm(workdir, config=args.config, overrides=overrides, capture=False) as swarm:
+        maddrs = swarm.start_bootstrap()
+        print(f"[demo] bootstrap: --initial-peers {' '.join(maddrs)}", flush=True)
+        peers = [swarm.start_peer(i) for i in range(args.peers)]
+        codes = swarm.wait(peers, timeout=args.timeout)
+    return report(swarm, [p.name for p in peers], codes)
+
+
+def report(swarm: LocalSwarm, names: list[str], codes: list[int]) -> int:
+    if any(codes):
+        print(f"[demo] some peers failed: exit codes {codes}", file=sys.stderr)
+        return 1
+    sums = [swarm.summary(n) for n in names]
+    hashes = {s["theta"] for s in sums}
+    s = sums[0]
+    print(f"[demo] {s['rounds']} rounds, global step {s['global_step']}, θ identical on all peers: "
+          f"{'yes' if len(hashes) == 1 else 'NO'} ({', '.join(sorted(hashes))})")
+    print(f"[demo] held-out perplexity of the global model: {s['initial_ppl']:.1f} -> {s['final_ppl']:.1f}")
+    print(f"[demo] bytes sent per peer for averaging: {s['bytes_sent'] / 1e6:.1f} MB; summaries: "
+          f"{json.dumps([str(swarm.summary_path(n)) for n in names])}")
+    return 0 if s["final_ppl"] < s["initial_ppl"] and len(hashes) == 1 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Shared fixtures: one small prepared corpus for every swarm test, and the no-orphan check."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from tests.helpers import no_leaked_p2pd
+
+SMALL_DATA = ["data.max_corpus_mb=1", "data.vocab_size=1024", "data.num_silos=3"]
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory):
+    """Prepare the small stdlib corpus once per session; peers then hit the cache."""
+    from p2p_photon import data
+    from p2p_photon.config import load_config
+
+    cache = tmp_path_factory.mktemp("data-cache")
+    cfg = load_config(None, [*SMALL_DATA, f"data.cache_dir={cache}"])
+    data.prepare(cfg.data, cfg.seed, progress=False)
+    return cache
+
+
+@pytest.fixture
+def swarm_overrides(data_cache):
+    """Settings for a fast nano swarm on 127.0.0.1 (a fresh run_id per test)."""
+    return [*SMALL_DATA, f"data.cache_dir={data_cache}", "model.seq_len=64", "inner.batch_size=8",
+            "inner.warmup_steps=5", "inner.total_steps=400", "rounds.target_samples_per_round=96",
+            "averaging.matchmaking_time=2.0", "averaging.allreduce_timeout=20", "averaging.round_timeout=30",
+            "logging.progress_interval=0.5", "logging.progress_bar=false", "logging.eval_batches=4",
+            "checkpoint.every_rounds=0", "dht.startup_timeout=60", f"dht.run_id=test-{uuid.uuid4().hex[:8]}"]
+
+
+@pytest.fixture(autouse=True)
+def _no_orphans(request):
+    """Every swarm test must leave no p2pd of its own running."""
+    if request.node.get_closest_marker("swarm") is None:
+        yield
+        return
+    with no_leaked_p2pd(timeout=15):
+        yield

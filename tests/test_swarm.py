@@ -1,0 +1,68 @@
+"""Issue 3: a bootstrap and real peer processes on 127.0.0.1 train one global model together."""
+
+from __future__ import annotations
+
+import pytest
+
+from p2p_photon.launch import LocalSwarm
+
+pytestmark = [pytest.mark.swarm, pytest.mark.timeout(400)]
+
+
+def _rounds_by_peer(swarm, names):
+    return {n: {h["round"]: h for h in swarm.summary(n)["history"] if h["ok"]} for n in names}
+
+
+def test_three_peers_share_one_model_and_learn(tmp_path, swarm_overrides):
+    names = ["peer0", "peer1", "peer2"]
+    with LocalSwarm(tmp_path, overrides=[*swarm_overrides, "rounds.num_rounds=3"]) as swarm:
+        swarm.start_bootstrap()
+        procs = [swarm.start_peer(i) for i in range(3)]
+        codes = swarm.wait(procs, timeout=300)
+        assert codes == [0, 0, 0], [swarm.tail(p) for p in procs]
+    summaries = {n: swarm.summary(n) for n in names}
+    by_round = _rounds_by_peer(swarm, names)
+    for r in range(3):
+        hashes = {by_round[n][r]["theta"] for n in names if r in by_round[n]}
+        assert len(hashes) == 1, f"θ differs after round {r}: {hashes}"
+        assert sum(r in by_round[n] for n in names) >= 2
+    assert len({s["theta"] for s in summaries.values()}) == 1
+    for s in summaries.values():
+        assert s["rounds"] == 3
+        assert s["final_loss"] < s["initial_loss"], s
+        assert s["bytes_sent"] > 0
+
+
+def test_a_peer_with_another_fingerprint_is_refused(tmp_path, swarm_overrides):
+    with LocalSwarm(tmp_path, overrides=[*swarm_overrides, "rounds.num_rounds=0"]) as swarm:
+        swarm.start_bootstrap()
+        good = [swarm.start_peer(i) for i in range(2)]
+        # wait until the honest swarm has published progress, then bring a peer with another seed
+        import time
+
+        from tests.helpers import wait_until
+        assert wait_until(lambda: "round 0 |" in (swarm.tail(good[0], 200)), timeout=120), swarm.tail(good[0])
+        stranger = swarm.start_peer(2, overrides=["seed=1"], name="stranger")
+        assert swarm.wait([stranger], timeout=120) == [2]
+        log = swarm.tail(stranger, 5)
+        assert "refusing to join" in log and "fingerprint" in log
+        assert "Traceback" not in swarm.tail(stranger, 400)
+        time.sleep(0.5)
+        assert all(p.alive() for p in good)
+
+
+def test_a_slow_peer_contributes_to_every_round_without_stalling_it(tmp_path, swarm_overrides):
+    names = ["peer0", "peer1", "slow"]
+    with LocalSwarm(tmp_path, overrides=[*swarm_overrides, "rounds.num_rounds=3",
+                                         "rounds.target_samples_per_round=192"]) as swarm:
+        swarm.start_bootstrap()
+        procs = [swarm.start_peer(0), swarm.start_peer(1),
+                 swarm.start_peer(2, overrides=["inner.simulate_slowdown=0.15"], name="slow")]
+        assert swarm.wait(procs, timeout=300) == [0, 0, 0], [swarm.tail(p) for p in procs]
+    by_round = _rounds_by_peer(swarm, names)
+    for r in range(3):
+        assert all(r in by_round[n] for n in names), f"round {r} missing a peer: {by_round}"
+        assert by_round["slow"][r]["group"] == 3
+        assert len({by_round[n][r]["theta"] for n in names}) == 1
+        fast_steps = min(by_round[n][r]["steps"] for n in ("peer0", "peer1"))
+        assert 0 < by_round["slow"][r]["steps"] < fast_steps, by_round
