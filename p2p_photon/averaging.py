@@ -15,8 +15,10 @@ average with peers of the same round and the same run fingerprint (part of the p
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +27,10 @@ from typing import Any
 import torch
 from hivemind import DecentralizedAverager
 
+from hivemind.utils import get_dht_time
+
 from .config import AveragingConfig
+from .model import theta_hash
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +55,10 @@ class RoundResult:
     clamped_fraction: float = 0.0
     attempts: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def scales_digest(scales: Sequence[float]) -> str:
+    return hashlib.sha256(repr([float(x) for x in scales]).encode()).hexdigest()[:16]
 
 
 def scale_for(reference_maxabs: float) -> float:
@@ -105,6 +114,7 @@ class SwarmAverager:
             client_mode=client_mode, declare_state_period=10.0, shutdown_timeout=5.0,
         )
         self.peer_id = str(self._averager.peer_id)
+        self.dht, self.prefix = dht, prefix
 
     def average(self, deltas: Sequence[torch.Tensor], *, round_no: int, weight: float, meta: dict[str, Any],
                 scales: Sequence[float], timeout: float | None = None) -> RoundResult:
@@ -112,7 +122,7 @@ class SwarmAverager:
         t0 = time.perf_counter()
         self._averager.set_group_bits(format(round_no % (1 << ROUND_BITS), f"0{ROUND_BITS}b"))
         residuals, clamped = self._encode(deltas, scales)
-        gathered_meta = dict(meta, round=round_no)
+        gathered_meta = dict(meta, round=round_no, scales=scales_digest(scales), nonce=os.urandom(8).hex())
         try:
             gathered = self._averager.step(gather=gathered_meta, weight=float(weight), allow_retries=True,
                                            timeout=timeout or self.cfg.matchmaking_time * 3)
@@ -121,9 +131,10 @@ class SwarmAverager:
         if not gathered:
             raise AveragingFailed("no group found for this round")
         peers = {str(k): v for k, v in gathered.items()}
-        self._check_group(peers, round_no, meta)
+        self._check_group(peers, round_no, gathered_meta)
         with self._averager.get_tensors() as tensors:
             averaged = [decode(t, s) for t, s in zip(tensors, scales)]
+        self._verify_consensus(averaged, peers, round_no)
         n = len(peers)
         wire = self.numel * 4
         sent = int(2 * (n - 1) / n * wire)  # butterfly: own parts to reducers + reduced part to the others
@@ -139,6 +150,29 @@ class SwarmAverager:
                 clamped += c
         return residuals, clamped
 
+    def _verify_consensus(self, averaged: list[torch.Tensor], peers: dict[str, dict], round_no: int) -> None:
+        """hivemind keeps a peer's own values for the parts whose reducer died mid-all-reduce (it only logs
+        a warning), so members could silently diverge. Every member publishes the hash of its average
+        and checks the others' before anything is applied."""
+        mine = theta_hash(averaged)
+        group_id = hashlib.sha256("".join(sorted(str(m.get("nonce")) for m in peers.values())).encode()).hexdigest()
+        key = f"{self.prefix}_consensus_{round_no}_{group_id[:16]}"  # one key per group formed, not per round
+        self.dht.store(key, subkey=self.peer_id, value=mine, expiration_time=get_dht_time() + 120)
+        deadline = time.monotonic() + self.cfg.consensus_timeout
+        while True:
+            found = self.dht.get(key, latest=True)
+            seen = {k: v.value for k, v in found.value.items()} if found is not None and isinstance(found.value, dict) else {}
+            theirs = {p: seen.get(p) for p in peers if p != self.peer_id}
+            if any(h is not None and h != mine for h in theirs.values()):
+                raise AveragingFailed("group members hold different averages (a peer dropped out mid-all-reduce)")
+            if all(h is not None for h in theirs.values()):
+                return
+            if time.monotonic() > deadline:
+                missing = [p[-8:] for p, h in theirs.items() if h is None]
+                logger.info("no average hash from %s (left the group?); the others agree", ", ".join(missing))
+                return
+            time.sleep(0.1)
+
     @staticmethod
     def _check_group(peers: dict[str, dict], round_no: int, meta: dict) -> None:
         for pid, m in peers.items():
@@ -149,6 +183,8 @@ class SwarmAverager:
             if m.get("fingerprint") != meta.get("fingerprint"):
                 raise AveragingFailed(f"peer {pid[-8:]} has run fingerprint {m.get('fingerprint')}, "
                                       f"ours is {meta.get('fingerprint')}")
+            if m.get("scales") != meta.get("scales"):
+                raise AveragingFailed(f"peer {pid[-8:]} encoded with other scales (out of sync): round discarded")
 
     def set_priority(self, round_no: int) -> None:
         """Late joiners download from the most advanced peer (hivemind's state-sharing priority)."""

@@ -178,9 +178,10 @@ class AveragingConfig:
     allreduce_timeout: float = 60.0
     """Seconds before an all-reduce is abandoned (the round then counts as failed)."""
     round_timeout: float = 120.0
-    """Seconds a peer waits for the swarm to finish a round before giving up on it."""
-    retries: int = 1
-    """How many times a failed matchmaking/all-reduce is retried within a round."""
+    """Upper bound on the seconds one averaging attempt may spend finding its group (at most
+    4 x matchmaking_time is used); the all-reduce itself is bounded by allreduce_timeout."""
+    consensus_timeout: float = 5.0
+    """Seconds to wait for every group member's hash of the average before trusting those that answered."""
 
     def validate(self) -> None:
         _check(self.min_group_size >= 1, "averaging.min_group_size", "must be >= 1")
@@ -189,7 +190,7 @@ class AveragingConfig:
         _check(self.matchmaking_time > 0, "averaging.matchmaking_time", "must be > 0")
         _check(self.allreduce_timeout > 0, "averaging.allreduce_timeout", "must be > 0")
         _check(self.round_timeout > 0, "averaging.round_timeout", "must be > 0")
-        _check(self.retries >= 0, "averaging.retries", "must be >= 0")
+        _check(self.consensus_timeout > 0, "averaging.consensus_timeout", "must be > 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -240,6 +241,8 @@ class LoggingConfig:
     """Seconds between progress records published to the DHT."""
     eval_batches: int = 16
     """Held-out batches per evaluation."""
+    record_steps: bool = False
+    """Keep every local step's (round, global step, loss, lr) in the peer's --summary-out JSON."""
     progress_bar: bool = True
     """Show a progress bar for long local work (disabled automatically when not a TTY)."""
 

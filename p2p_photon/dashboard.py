@@ -106,7 +106,7 @@ body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }}
 #swarm {{ font-family: ui-monospace, monospace; background: #f3f5f7; padding: .6em .8em; border-radius: 4px; }}
 table {{ border-collapse: collapse; margin: 1em 0; }}
 th, td {{ padding: .25em .7em; border-bottom: 1px solid #ddd; text-align: right; font-family: ui-monospace, monospace; }}
-th {{ background: #eef; }} td:first-child, td:last-child {{ text-align: left; }}
+th {{ background: #eef; }} th:first-child, th:last-child, td:first-child, td:last-child {{ text-align: left; }}
 tr.gone {{ color: #999; }} #updated {{ color: #777; font-size: .85em; }}
 img {{ max-width: 100%; border: 1px solid #ddd; }}
 </style></head>
@@ -121,7 +121,8 @@ const COLS = {columns};
 function fmt(key, row) {{
   const v = row[key];
   if (key === "loss") return v > 0 ? v.toFixed(3) : "-";
-  if (key === "tokens_per_s") return Math.abs(v) < 1e4 ? String(Number(v.toPrecision(3))) : v.toExponential(2);
+  if (key === "tokens_per_s") return Math.abs(v) >= 1e6 ? v.toExponential(2).replace(/e\+(\d)$/, "e+0$1")
+    : Math.abs(v) >= 100 ? Math.round(v).toLocaleString("en-US") : String(Number(v.toPrecision(3)));
   if (key === "last_seen_s") return Math.round(v) + "s ago";
   if (key === "bytes_sent") {{ let n = v, u = ["B", "KB", "MB", "GB", "TB"], i = 0;
     while (n >= 1000 && i < 4) {{ n /= 1000; i++; }} return i ? n.toFixed(1) + u[i] : n + "B"; }}

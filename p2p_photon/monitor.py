@@ -43,6 +43,7 @@ from itertools import groupby
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from rich import box
 from rich.console import Group
 from rich.live import Live
 from rich.table import Table
@@ -218,7 +219,11 @@ class Monitor:
             from p2p_photon.network import start_dht
 
             validators = self._validators or monitor_validators(self.options.run_id)
-            self.dht = start_dht(self._dht_cfg, record_validators=validators, client_mode=True, reaper=reaper)
+            try:
+                self.dht = start_dht(self._dht_cfg, record_validators=validators, client_mode=True, reaper=reaper)
+            except BaseException:
+                self.stop()
+                raise
         return self
 
     def poll_once(self) -> dict[str, Any]:
@@ -348,9 +353,10 @@ def format_cell(key: str, row: dict) -> str:
 
 
 def peer_table(state: dict) -> Table:
-    table = Table(title=f"run {state['run_id']}", expand=False)
+    table = Table(title=f"run {state['run_id']}", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
     for header, _ in PEER_COLUMNS:
-        table.add_column(header, justify="left" if header in ("peer", "state") else "right")
+        left = header in ("peer", "state")
+        table.add_column(header, justify="left" if left else "right", no_wrap=True, min_width=8 if left else None)
     for row in state["peers"]:
         style = None if row["alive"] else "dim"
         table.add_row(*(format_cell(key, row) for _, key in PEER_COLUMNS), style=style)
@@ -358,7 +364,10 @@ def peer_table(state: dict) -> Table:
 
 
 def _fmt_num(x: float) -> str:
-    return f"{x:.3g}" if abs(x) < 1e4 else f"{x:.2e}"
+    """0.512, 2,300, 1.23e+06"""
+    if abs(x) >= 1e6:
+        return f"{x:.2e}"
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
 
 
 def _fmt_eta(seconds: float | None) -> str:
@@ -476,28 +485,33 @@ def render_plot(rows: Sequence[dict], out: str | Path | IO[bytes], *, seq_len: i
     """Draw the 3-panel PNG (1200x400 px). `seq_len` overrides the one stored in each row."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=PLOT_SIZE_IN, dpi=PLOT_DPI, layout="constrained")
     FigureCanvasAgg(fig)
     ax_loss, ax_speed, ax_alive = fig.subplots(1, 3)
-    t0 = min((r["observed_at"] for r in rows), default=0.0)
+    times, alive, tok_s = swarm_series(rows, window)
+    clock = _Clock(times)
     by_peer = {pid: list(g) for pid, g in groupby(sorted(rows, key=lambda r: r["peer_id"]), key=lambda r: r["peer_id"])}
     _plot_loss(ax_loss, by_peer, seq_len)
-    _plot_speed(ax_speed, by_peer, t0)
-    times, alive, tok_s = swarm_series(rows, window)
-    ax_speed.plot([t - t0 for t in times], tok_s, color="black", lw=1.5, label="swarm")
-    ax_alive.step([t - t0 for t in times], alive, where="post", color="tab:green")
-    ax_alive.set(title="peers alive", xlabel="seconds since first observation", ylabel="peers", ylim=(0, None))
+    _plot_speed(ax_speed, by_peer, clock)
+    ax_speed.plot(clock(times), tok_s, color="black", lw=1.5, label="swarm")
+    ax_speed.set_ylim(bottom=0)  # after the last line: set_ylim freezes autoscaling
+    ax_alive.step(clock(times), alive, where="post", color="tab:green")
+    ax_alive.set(title="peers alive", xlabel=clock.label, ylabel="peers", ylim=(0, max(alive, default=0) + 1))
+    ax_alive.yaxis.set_major_locator(MaxNLocator(integer=True))
     if not rows:
         for ax in (ax_loss, ax_speed, ax_alive):
             ax.text(0.5, 0.5, "no observations yet", ha="center", va="center", transform=ax.transAxes)
     if 0 < len(by_peer) <= 10:
-        ax_speed.legend(fontsize=7, loc="upper left")
-        ax_loss.legend(fontsize=7, loc="upper right")
+        ax_speed.legend(fontsize=7, loc="best")
+        ax_loss.legend(fontsize=7, loc="best")
     fig.savefig(out, format="png", dpi=PLOT_DPI)
 
 
 def _plot_loss(ax: Any, by_peer: dict[str, list[dict]], seq_len: int | None) -> None:
+    from matplotlib.ticker import EngFormatter
+
     points = []
     for pid, obs in by_peer.items():
         pts = sorted((r["total_samples"] * (seq_len or r.get("seq_len") or DEFAULT_SEQ_LEN), r["loss"])
@@ -507,13 +521,28 @@ def _plot_loss(ax: Any, by_peer: dict[str, list[dict]], seq_len: int | None) -> 
     xs, ys = _binned_mean(points)
     ax.plot(xs, ys, color="black", lw=2.0, label="swarm mean")
     ax.set(title="loss vs tokens", xlabel="swarm tokens (total samples x seq_len)", ylabel="training loss")
+    ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 20k, 1.5M: no overlapping tick labels
 
 
-def _plot_speed(ax: Any, by_peer: dict[str, list[dict]], t0: float) -> None:
+class _Clock:
+    """Time axis: seconds since the first observation, or minutes / hours for long runs."""
+
+    def __init__(self, times: Sequence[float]):
+        self.t0 = min(times, default=0.0)
+        span = max(times, default=0.0) - self.t0
+        self.unit, self.scale = ("hours", 3600.0) if span > 3 * 3600 else ("minutes", 60.0) if span > 600 else (
+            "seconds", 1.0)
+        self.label = f"{self.unit} since the first observation"
+
+    def __call__(self, times: Sequence[float]) -> list[float]:
+        return [(t - self.t0) / self.scale for t in times]
+
+
+def _plot_speed(ax: Any, by_peer: dict[str, list[dict]], clock: _Clock) -> None:
     for pid, obs in by_peer.items():
         obs = sorted(obs, key=lambda r: r["observed_at"])
-        ax.plot([r["observed_at"] - t0 for r in obs], [r["tokens_per_s"] for r in obs], lw=0.8, label=pid[-8:])
-    ax.set(title="tokens/s", xlabel="seconds since first observation", ylabel="tokens/s")
+        ax.plot(clock([r["observed_at"] for r in obs]), [r["tokens_per_s"] for r in obs], lw=0.8, label=pid[-8:])
+    ax.set(title="tokens/s", xlabel=clock.label, ylabel="tokens/s")
 
 
 def plot_log(log: str | Path, out: str | Path, *, seq_len: int | None = None,
@@ -573,7 +602,7 @@ def add_monitor_commands(subparsers: argparse._SubParsersAction,
     mon.set_defaults(func=cmd_monitor)
     actions = mon.add_subparsers(dest="monitor_action", metavar="{plot}", required=False)
     plot = actions.add_parser("plot", help="draw a recorded JSONL log to a PNG (1200x400 px)")
-    plot.add_argument("log", metavar="LOG.jsonl")
+    plot.add_argument("plot_log", metavar="LOG.jsonl")
     plot.add_argument("-o", "--out", required=True, metavar="PNG")
     plot.add_argument("--seq-len", type=int, help="tokens per sample (default: the one stored in the log)")
     plot.add_argument("--gone-after", type=float, default=DEFAULT_GONE_AFTER, help="window for 'peers alive'")
@@ -581,7 +610,7 @@ def add_monitor_commands(subparsers: argparse._SubParsersAction,
 
 
 def cmd_monitor_plot(args: argparse.Namespace) -> int:
-    out, n, bad = plot_log(args.log, args.out, seq_len=args.seq_len, window=args.gone_after)
+    out, n, bad = plot_log(args.plot_log, args.out, seq_len=args.seq_len, window=args.gone_after)
     skipped = f", skipped {bad} corrupt line(s)" if bad else ""
     print(f"wrote {out} ({n} observations{skipped})")
     return 0
@@ -597,7 +626,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
             print(f"dashboard: {serve_dashboard(monitor, args.http).url}", flush=True)
         with _stop_on_signals(monitor.stop_event), TerminalView(live=not args.no_live) as view:
             monitor.run(duration=args.duration, on_poll=view.update)
-        logger.info(summary_line(monitor.state()))
+        print(summary_line(monitor.state()), flush=True)
     finally:
         monitor.stop()
     return 0

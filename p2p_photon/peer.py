@@ -34,6 +34,7 @@ from .progress import ProgressPublisher, ProgressRecord, fetch_progress, progres
 
 logger = logging.getLogger(__name__)
 
+STUCK_AFTER = 3  # consecutive failed attempts at one round before re-downloading the swarm's state
 EXTRAPOLATE_MAX_S = 10.0  # trust a peer's reported throughput for at most this long after its record
 
 
@@ -63,6 +64,7 @@ class Counters:
     bytes_sent: int = 0
     bytes_received: int = 0
     history: list[dict] = field(default_factory=list)
+    steps_log: list[list] = field(default_factory=list)  # [round, global step, loss, lr] if logging.record_steps
 
 
 class Peer:
@@ -74,6 +76,8 @@ class Peer:
         self.lock = threading.RLock()  # guards θ_global/outer state against the state-sharing thread
         self.dht = self.averager = None
         self.last_avg_maxabs: list[float] | None = None
+        self.pending: RoundStats | None = None  # work of a failed attempt, carried into the retry
+        self.failed_at, self.failed_here = -1, 0  # consecutive failed attempts at one round
 
     # ------------------------------------------------------------------ setup
 
@@ -160,19 +164,24 @@ class Peer:
     # ------------------------------------------------------------------ local training
 
     def train_until_round_ends(self) -> RoundStats:
-        cfg, st = self.cfg, RoundStats()
+        """Train from θ until the round ends; after a failed attempt, continue the same round's work."""
+        cfg = self.cfg
+        st, self.pending = self.pending or RoundStats(), None
         t0 = last_pub = last_check = time.perf_counter()
-        loss_sum = 0.0
+        wall0, loss_sum = st.wall_s, st.loss * st.steps if st.steps else 0.0
         while not self.stop.is_set():
             step = self.trainer.step(self.stream.next_batch, self.counters.global_step + st.steps)
             if cfg.inner.simulate_slowdown:  # counts as compute: a slower machine
                 time.sleep(cfg.inner.simulate_slowdown)
+            if cfg.logging.record_steps:
+                self.counters.steps_log.append([self.counters.round, self.counters.global_step + st.steps,
+                                                step.loss, step.lr])
             st.steps, st.samples, st.tokens = st.steps + 1, st.samples + step.samples, st.tokens + step.tokens
             st.train_s += step.seconds + cfg.inner.simulate_slowdown
             loss_sum += step.loss
             st.loss = loss_sum / st.steps
             now = time.perf_counter()
-            st.wall_s = now - t0
+            st.wall_s = wall0 + now - t0
             if now - last_pub >= cfg.logging.progress_interval:
                 self._publish(st, "training")
                 last_pub = now
@@ -211,13 +220,17 @@ class Peer:
     def average_and_step(self, st: RoundStats) -> dict:
         self._publish(st, "averaging")
         r = self.counters.round
+        ahead, mates_here = self._swarm_ahead()
+        if ahead > r and not mates_here:
+            return self._on_failed_round(st, f"missed round {r}: the swarm is already at round {ahead}")
         with self.lock:
             deltas = pseudo_gradient(self.theta, self.model)
         scales = [scale_for(m) for m in self.last_avg_maxabs] if self.last_avg_maxabs else [1.0] * len(deltas)
         meta = dict(fingerprint=self.fp, samples=st.samples, steps=st.steps, theta=self._theta_hash())
         try:
             res = self.averager.average(deltas, round_no=r, weight=max(st.samples, 1), meta=meta, scales=scales,
-                                        timeout=self.cfg.averaging.round_timeout)
+                                        timeout=min(self.cfg.averaging.round_timeout,
+                                                    4 * self.cfg.averaging.matchmaking_time))
         except AveragingFailed as e:
             return self._on_failed_round(st, str(e))
         self._apply(res)
@@ -239,16 +252,33 @@ class Peer:
 
     def _on_failed_round(self, st: RoundStats, why: str) -> dict:
         """Counted and published; the local work is kept for the next attempt unless the swarm moved on."""
-        c = self.counters
+        c, r = self.counters, self.counters.round
         c.failed_rounds += 1
-        logger.warning("round %d failed (%s); failed rounds so far: %d", c.round, why, c.failed_rounds)
+        logger.warning("round %d failed (%s); failed rounds so far: %d", r, why, c.failed_rounds)
         self._publish(st, "syncing")
+        self.failed_here = self.failed_here + 1 if self.failed_at == r else 1
+        self.failed_at = r
+        if self._catch_up():
+            return dict(ok=False, round=r, stats=st, why=why)
+        if self.failed_here >= STUCK_AFTER and self.sync_from_peers(attempts=1):
+            logger.warning("%d failed attempts at round %d: re-synchronized with the swarm", self.failed_here, r)
+            return dict(ok=False, round=r, stats=st, why=why)
+        self.pending = st  # keep the local work (Δ stays relative to the last agreed θ) and retry
+        return dict(ok=False, round=r, stats=st, why=why)
+
+    def _swarm_ahead(self) -> tuple[int, bool]:
+        """(highest round of our swarm's other peers, whether any other peer is still in our round)."""
         records, _ = fetch_progress(self.dht, self.cfg.dht.run_id)
-        ahead = max((x.round for x in records if x.fingerprint == self.fp and x.peer_id != self.peer_id), default=-1)
-        if ahead > c.round:
-            logger.info("the swarm is at round %d: downloading its state instead of averaging a stale Δ", ahead)
-            self.sync_from_peers()
-        return dict(ok=False, round=c.round, stats=st, why=why)
+        mates = [x for x in records if x.fingerprint == self.fp and x.peer_id != self.peer_id and x.state != "done"]
+        return max((x.round for x in mates), default=-1), any(x.round == self.counters.round for x in mates)
+
+    def _catch_up(self) -> bool:
+        """If the swarm finished our round without us, download its state instead of averaging a stale Δ."""
+        ahead, _ = self._swarm_ahead()
+        if ahead <= self.counters.round:
+            return False
+        logger.info("the swarm is at round %d, we are at %d: downloading its state", ahead, self.counters.round)
+        return self.sync_from_peers()
 
     # ------------------------------------------------------------------ state sharing
 
@@ -257,7 +287,8 @@ class Peer:
         with self.lock:
             tensors = [t.detach().clone() for t in self.theta] + [b.clone() for b in self.outer.state_tensors()]
             meta = dict(round=self.counters.round, global_step=self.counters.global_step, fingerprint=self.fp,
-                        theta=theta_hash(self.theta), names=self.names, total_samples=self.counters.total_samples)
+                        theta=theta_hash(self.theta), names=self.names, total_samples=self.counters.total_samples,
+                        last_avg_maxabs=self.last_avg_maxabs)
         return meta, tensors
 
     def sync_from_peers(self, attempts: int = 4) -> bool:
@@ -288,6 +319,10 @@ class Peer:
             return "non-finite or non-fp32 values"
         if theta_hash([t for t in tensors[: len(self.theta)]]) != meta.get("theta"):
             return "θ hash does not match the donor's claim"
+        scales = meta.get("last_avg_maxabs")
+        if scales is not None and (not isinstance(scales, list) or len(scales) != len(self.theta)
+                                   or not all(isinstance(x, float) for x in scales)):
+            return "malformed encoding scales"
         return None
 
     def _load_state(self, meta: dict, tensors: list[torch.Tensor]) -> None:
@@ -300,8 +335,10 @@ class Peer:
             self.counters.round = int(meta["round"])
             self.counters.global_step = int(meta["global_step"])
             self.counters.total_samples = int(meta.get("total_samples", 0))
-        self.last_avg_maxabs = None
+            # the encoding scales follow the averaged Δ: they must match the swarm's exactly
+            self.last_avg_maxabs, self.pending = meta.get("last_avg_maxabs"), None
         self.averager.set_priority(self.counters.round)
+        self.counters.history.append(dict(round=self.counters.round, event="sync", ok=False, theta=self._theta_hash()))
         logger.info("loaded state of round %d (global step %d, θ %s) from a peer", self.counters.round,
                     self.counters.global_step, self._theta_hash())
 
@@ -396,7 +433,7 @@ class Peer:
                        initial_ppl=perplexity(self.initial_loss), final_ppl=perplexity(final),
                        rounds=self.counters.round, global_step=self.counters.global_step,
                        failed_rounds=self.counters.failed_rounds, bytes_sent=self.counters.bytes_sent,
-                       theta=self._theta_hash(), history=self.counters.history)
+                       theta=self._theta_hash(), history=self.counters.history, steps=self.counters.steps_log)
             Path(self.summary_out).parent.mkdir(parents=True, exist_ok=True)
             Path(self.summary_out).write_text(json.dumps(out, indent=1))
 

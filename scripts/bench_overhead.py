@@ -3,7 +3,7 @@
 
 Same model class and init, same pre-generated batches, same optimizer (bitsandbytes AdamW8bit by
 default) and the same warmup + cosine LR schedule; the two variants are timed alternately in one
-process (ours, bare, ours, bare, ...) after a warmup of each, and the medians of the repeats are
+process (ours, bare | bare, ours | ..., so a drift in machine load cancels) after a warmup of each, and the medians of the repeats are
 compared. Also records the optimizer-state bytes of AdamW8bit vs torch AdamW for the same model.
 
     python scripts/bench_overhead.py                      # nano, vocab 8192, seq 128, batch 8, 7 x 20 steps
@@ -120,15 +120,17 @@ def timed(fn: Callable[[], None], device: torch.device) -> float:
 
 
 def alternate(variants: dict[str, Callable[[list, int], None]], batches, args, device) -> dict[str, list[float]]:
-    """Warm up each variant, then time them in turn (ours, bare, ours, bare, ...); steps/s per repeat."""
+    """Warm up each variant, then time them alternately (ours, bare | bare, ours | ...); steps/s per repeat."""
     step = 0
     for fn in variants.values():
         fn(batches[: args.warmup], step)
     step += args.warmup
     rates: dict[str, list[float]] = {name: [] for name in variants}
+    names = list(variants)
     for r in range(args.repeats):
-        for name, fn in variants.items():
-            seconds = timed(lambda fn=fn: fn(batches, step), device)
+        for name in names if r % 2 == 0 else names[::-1]:  # ABBA: a drift in machine load cancels out
+            fn = variants[name]
+            seconds = timed(lambda fn=fn, step=step: fn(batches, step), device)
             rates[name].append(len(batches) / seconds)
         step += len(batches)
         print(f"  repeat {r + 1}/{args.repeats}: " + "  ".join(f"{n} {v[-1]:.2f} steps/s" for n, v in rates.items()),
@@ -158,7 +160,8 @@ def _replace(cfg: InnerConfig, **kw) -> InnerConfig:
 
 def profile(variants, batches, device) -> None:
     """torch.profiler table (top ops by self CPU time) for a few steps of each variant."""
-    from torch.profiler import ProfilerActivity, profile as tprofile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     for name, fn in variants.items():
@@ -235,7 +238,7 @@ def main(argv=None) -> int:
 
 def summarize(args, rates, states, n_params, device, load_before) -> dict:
     ours, bare = statistics.median(rates["ours"]), statistics.median(rates["bare"])
-    pairwise = [o / b for o, b in zip(rates["ours"], rates["bare"])]
+    pairwise = [o / b for o, b in zip(rates["ours"], rates["bare"], strict=True)]
     return dict(
         ratio=ours / bare,
         ours_steps_per_s=ours,
@@ -249,7 +252,7 @@ def summarize(args, rates, states, n_params, device, load_before) -> dict:
         repeats=dict(ours_steps_per_s=rates["ours"], bare_steps_per_s=rates["bare"], ratio=pairwise),
         config=dict(preset=args.preset, params=n_params, vocab=args.vocab, seq_len=args.seq_len, batch=args.batch,
                     steps=args.steps, repeats=args.repeats, warmup=args.warmup, optimizer=args.optimizer,
-                    seed=args.seed, order="ours, bare alternated; medians of repeats"),
+                    seed=args.seed, order="alternated ABBA (ours, bare | bare, ours | ...); medians of repeats"),
         machine=dict(machine_info(args.threads, device), loadavg_before=list(load_before),
                      loadavg_after=list(os.getloadavg())),
         command=shlex.join([Path(sys.executable).name, *sys.argv]),

@@ -1,0 +1,54 @@
+"""Smoke runs of the benchmark scripts in a tiny mode: they finish and write JSON with sane figures.
+
+The figures themselves are not asserted against targets (benchmarks are not timed tests); see
+bench/results/ for the committed full runs.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from tests.helpers import PYTHON, REPO_ROOT, python_env
+
+
+def run_script(name: str, *args: str, timeout: float) -> None:
+    proc = subprocess.run([PYTHON, f"scripts/{name}", *args], cwd=REPO_ROOT, env=python_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{name} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+
+
+@pytest.mark.timeout(120)
+def test_bench_overhead_writes_ratio_and_optimizer_state(tmp_path):
+    out = tmp_path / "overhead.json"
+    run_script("bench_overhead.py", "--repeats", "2", "--steps", "3", "--warmup", "1", "--batch", "2",
+               "--seq-len", "32", "--out", str(out), timeout=100)
+    r = json.loads(out.read_text())
+    for key in ("ratio", "ours_steps_per_s", "bare_steps_per_s", "optimizer_state_bytes_8bit",
+                "optimizer_state_bytes_fp32", "optimizer_state_ratio", "machine", "config", "command"):
+        assert key in r, key
+    assert r["ours_steps_per_s"] > 0 and r["bare_steps_per_s"] > 0 and r["ratio"] > 0
+    assert 0 < r["optimizer_state_bytes_8bit"] < r["optimizer_state_bytes_fp32"]
+    assert r["optimizer_state_ratio"] < 0.5  # 1 byte vs 4 per moment, plus block scales
+    assert len(r["repeats"]["ours_steps_per_s"]) == 2
+    assert {"torch", "threads", "device"} <= set(r["machine"])
+    assert {"preset", "batch", "seq_len"} <= set(r["config"])
+
+
+@pytest.mark.swarm
+@pytest.mark.timeout(120)
+def test_bench_allreduce_quick_writes_throughput(tmp_path):
+    out = tmp_path / "allreduce.json"
+    run_script("bench_allreduce.py", "--quick", "--sizes", "1e5", "--peers", "2", "--rounds", "1",
+               "--tcp-mb", "32", "--out", str(out), timeout=100)
+    r = json.loads(out.read_text())
+    assert r["tcp_MBps"] > 0
+    assert r["p2pd_leaked"] == []
+    [run] = r["runs"]
+    assert run["params"] == 100_000 and run["peers"] == 2
+    assert run["bytes_sent_per_peer"] == 100_000 * 4  # 2(n-1)/n of the fp32 vector for n = 2
+    assert run["throughput_MBps"] > 0 and run["ratio_to_tcp"] > 0
+    assert 0 < run["allreduce_s"] <= run["total_s"] and run["matchmaking_s"] >= 0
+    assert {"machine", "command", "config"} <= set(r)

@@ -1,0 +1,136 @@
+"""Issue 4: late joiners, peers killed mid-all-reduce, resume from checkpoints, no orphans."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import psutil
+import pytest
+
+from p2p_photon.config import DHTConfig
+from p2p_photon.launch import LocalSwarm
+from p2p_photon.network import shutdown_dht, start_dht
+from p2p_photon.progress import fetch_progress, progress_validators
+from tests.helpers import alive, wait_until
+
+pytestmark = [pytest.mark.swarm, pytest.mark.timeout(500)]
+
+
+def _run_id(overrides):
+    return next(o.split("=", 1)[1] for o in overrides if o.startswith("dht.run_id="))
+
+
+class Watcher:
+    """A client-mode DHT node that reads the swarm's progress records (what a monitor sees)."""
+
+    def __init__(self, maddrs, run_id):
+        self.run_id = run_id
+        self.dht = start_dht(DHTConfig(run_id=run_id, initial_peers=tuple(maddrs), client_mode=True,
+                                       startup_timeout=60), record_validators=progress_validators(run_id), reaper=False)
+
+    def records(self):
+        return fetch_progress(self.dht, self.run_id)[0]
+
+    def min_round(self, n):
+        recs = self.records()
+        return min(r.round for r in recs) if len(recs) >= n else -1
+
+    def close(self):
+        shutdown_dht(self.dht)
+
+
+def _ok_rounds(summary):
+    return {h["round"]: h for h in summary["history"] if h.get("ok")}
+
+
+def test_late_joiner_downloads_theta_then_takes_part(tmp_path, swarm_overrides):
+    run = [*swarm_overrides, "rounds.num_rounds=12", "rounds.target_samples_per_round=1200"]
+    with LocalSwarm(tmp_path, overrides=run) as swarm:
+        maddrs = swarm.start_bootstrap()
+        first = [swarm.start_peer(i) for i in range(2)]
+        watcher = Watcher(maddrs, _run_id(run))
+        try:
+            assert wait_until(lambda: watcher.min_round(2) >= 2, timeout=240), [swarm.tail(p) for p in first]
+        finally:
+            watcher.close()
+        late = swarm.start_peer(2, name="late")
+        assert swarm.wait([*first, late], timeout=300) == [0, 0, 0], [swarm.tail(p) for p in (*first, late)]
+    s0, late_s = swarm.summary("peer0"), swarm.summary("late")
+    sync = next(h for h in late_s["history"] if h.get("event") == "sync")
+    assert sync["round"] >= 2
+    # θ right after the download equals the θ the others held at the start of that round
+    theirs = {h["round"] + 1: h["theta"] for h in s0["history"] if h.get("ok")}
+    assert sync["theta"] == theirs[sync["round"]]
+    late_ok = _ok_rounds(late_s)
+    assert late_ok, "the late joiner never took part in a round"
+    for r, h in late_ok.items():
+        assert h["theta"] == _ok_rounds(s0)[r]["theta"]
+    assert late_s["theta"] == s0["theta"] and late_s["rounds"] == 12
+
+
+def test_killing_a_peer_mid_allreduce_survivors_go_on_and_agree(tmp_path, swarm_overrides):
+    run = [*swarm_overrides, "rounds.num_rounds=5", "averaging.allreduce_timeout=15"]
+    with LocalSwarm(tmp_path, overrides=run) as swarm:
+        maddrs = swarm.start_bootstrap()
+        procs = [swarm.start_peer(i) for i in range(3)]
+        victim = procs[2]
+        watcher = Watcher(maddrs, _run_id(run))
+        try:
+            def victim_averaging():
+                recs = {r.peer_id: r for r in watcher.records()}
+                return len(recs) == 3 and min(r.round for r in recs.values()) >= 1 and any(
+                    r.state == "averaging" for r in recs.values())
+            assert wait_until(victim_averaging, timeout=240, interval=0.02)
+        finally:
+            watcher.close()
+        family = psutil.Process(victim.popen.pid).children(recursive=True)
+        assert any(p.name() == "p2pd" for p in family)
+        kill_time = time.monotonic()
+        victim.popen.send_signal(signal.SIGKILL)
+        # no orphans: the victim's DHT child, averager child and p2pd are gone within 10 s
+        assert wait_until(lambda: not alive(family), timeout=10), [p.name() for p in alive(family)]
+        codes = swarm.wait(procs[:2], timeout=300)
+        assert codes == [0, 0], [swarm.tail(p) for p in procs[:2]]
+        assert time.monotonic() - kill_time < 200
+    a, b = swarm.summary("peer0"), swarm.summary("peer1")
+    assert a["rounds"] == b["rounds"] == 5
+    assert a["theta"] == b["theta"]
+    for r in set(_ok_rounds(a)) & set(_ok_rounds(b)):
+        assert _ok_rounds(a)[r]["theta"] == _ok_rounds(b)[r]["theta"]
+
+
+def _fixed_h(overrides):
+    """Rounds end after exactly 4 local steps: the run is deterministic (fixed H, exact averaging)."""
+    return [*overrides, "rounds.max_local_steps=4", "rounds.target_samples_per_round=100000000",
+            "checkpoint.every_rounds=1", "logging.record_steps=true", "inner.optimizer=adamw8bit"]
+
+
+def test_resume_continues_from_the_saved_round_and_reproduces_the_uninterrupted_run(tmp_path, swarm_overrides):
+    base = _fixed_h(swarm_overrides)
+    # the uninterrupted reference: 4 rounds
+    with LocalSwarm(tmp_path / "ref", overrides=[*base, "rounds.num_rounds=4"]) as ref:
+        ref.start_bootstrap()
+        procs = [ref.start_peer(i) for i in range(2)]
+        assert ref.wait(procs, timeout=300) == [0, 0], [ref.tail(p) for p in procs]
+    # the same run stopped after 2 rounds, then resumed to 4
+    run_id = f"{_run_id(swarm_overrides)}-b"
+    with LocalSwarm(tmp_path / "cut", overrides=[*base, f"dht.run_id={run_id}"]) as cut:
+        cut.start_bootstrap()
+        procs = [cut.start_peer(i, overrides=["rounds.num_rounds=2"]) for i in range(2)]
+        assert cut.wait(procs, timeout=300) == [0, 0], [cut.tail(p) for p in procs]
+        saved = cut.summary("peer0")
+        assert saved["rounds"] == 2
+        procs = [cut.start_peer(i, overrides=["rounds.num_rounds=4"], extra_args=["--resume"], name=f"res{i}")
+                 for i in range(2)]
+        assert cut.wait(procs, timeout=300) == [0, 0], [cut.tail(p) for p in procs]
+        log = cut.tail(procs[0], 400)
+    assert f"resumed from" in log and "round 2" in log and saved["theta"][:8] in log
+    resumed, reference = cut.summary("res0"), ref.summary("peer0")
+    assert resumed["rounds"] == 4 and resumed["theta"] == cut.summary("res1")["theta"]
+    ref_steps = {(r, g): (loss, lr) for r, g, loss, lr in reference["steps"] if r >= 2}
+    got = {(r, g): (loss, lr) for r, g, loss, lr in resumed["steps"]}
+    assert set(got) == set(ref_steps) and len(got) == 2 * 4
+    for key, (loss, lr) in got.items():
+        assert lr == ref_steps[key][1], key  # bit-identical learning rates
+        assert abs(loss - ref_steps[key][0]) <= 1e-6, (key, loss, ref_steps[key][0])
