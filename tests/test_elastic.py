@@ -121,11 +121,11 @@ def test_resume_continues_from_the_saved_round_and_reproduces_the_uninterrupted_
         assert cut.wait(procs, timeout=300) == [0, 0], [cut.tail(p) for p in procs]
         saved = cut.summary("peer0")
         assert saved["rounds"] == 2
-        procs = [cut.start_peer(i, overrides=["rounds.num_rounds=4"], extra_args=["--resume"], name=f"res{i}")
-                 for i in range(2)]
+        procs = [cut.start_peer(i, overrides=["rounds.num_rounds=4", f"checkpoint.dir={cut.workdir / f'ckpt-peer{i}'}"],
+                                extra_args=["--resume"], name=f"res{i}") for i in range(2)]
         assert cut.wait(procs, timeout=300) == [0, 0], [cut.tail(p) for p in procs]
         log = cut.tail(procs[0], 400)
-    assert f"resumed from" in log and "round 2" in log and saved["theta"][:8] in log
+    assert "resumed from" in log and "round 2" in log and saved["theta"][:8] in log
     resumed, reference = cut.summary("res0"), ref.summary("peer0")
     assert resumed["rounds"] == 4 and resumed["theta"] == cut.summary("res1")["theta"]
     ref_steps = {(r, g): (loss, lr) for r, g, loss, lr in reference["steps"] if r >= 2}
