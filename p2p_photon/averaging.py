@@ -15,10 +15,13 @@ average with peers of the same round and the same run fingerprint (part of the p
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +29,6 @@ from typing import Any
 
 import torch
 from hivemind import DecentralizedAverager
-
 from hivemind.utils import get_dht_time
 
 from .config import AveragingConfig
@@ -97,6 +99,19 @@ class _Averager(DecentralizedAverager):
         return metadata, tensors, None
 
 
+@contextlib.contextmanager
+def _keep_sigint():
+    """hivemind's averager sets SIGINT to SIG_IGN in the *calling* process before it forks, which would
+    make Ctrl-C do nothing; put the caller's handler back."""
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if in_main else None
+    try:
+        yield
+    finally:
+        if in_main and previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
 class SwarmAverager:
     """Averages pseudo-gradients of one run in round-matched groups, weighted by samples."""
 
@@ -106,15 +121,19 @@ class SwarmAverager:
         self.cfg = cfg
         self.buffers = [torch.zeros(s, dtype=torch.float32) for s in shapes]
         self.numel = sum(b.numel() for b in self.buffers)
-        self._averager = _Averager(
+        with _keep_sigint():
+            self._averager = self._start(dht, prefix, cfg, state_fn, client_mode)
+        self.peer_id = str(self._averager.peer_id)
+        self.dht, self.prefix = dht, prefix
+
+    def _start(self, dht, prefix, cfg, state_fn, client_mode) -> _Averager:
+        return _Averager(
             self.buffers, dht, start=True, prefix=prefix, state_fn=state_fn,
             min_group_size=cfg.min_group_size, target_group_size=cfg.target_group_size,
             min_matchmaking_time=cfg.matchmaking_time, request_timeout=min(10.0, cfg.matchmaking_time / 2),
             allreduce_timeout=cfg.allreduce_timeout, next_chunk_timeout=min(30.0, cfg.allreduce_timeout / 2),
             client_mode=client_mode, declare_state_period=10.0, shutdown_timeout=5.0,
         )
-        self.peer_id = str(self._averager.peer_id)
-        self.dht, self.prefix = dht, prefix
 
     def average(self, deltas: Sequence[torch.Tensor], *, round_no: int, weight: float, meta: dict[str, Any],
                 scales: Sequence[float], timeout: float | None = None) -> RoundResult:

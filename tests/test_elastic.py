@@ -134,3 +134,35 @@ def test_resume_continues_from_the_saved_round_and_reproduces_the_uninterrupted_
     for key, (loss, lr) in got.items():
         assert lr == ref_steps[key][1], key  # bit-identical learning rates
         assert abs(loss - ref_steps[key][0]) <= 1e-6, (key, loss, ref_steps[key][0])
+
+
+def test_sigterm_checkpoints_and_exits_cleanly_while_the_others_go_on(tmp_path, swarm_overrides):
+    from p2p_photon.state import load_latest
+
+    run = [*swarm_overrides, "rounds.num_rounds=0"]
+    with LocalSwarm(tmp_path, overrides=run) as swarm:
+        maddrs = swarm.start_bootstrap()
+        procs = [swarm.start_peer(i) for i in range(3)]
+        watcher = Watcher(maddrs, _run_id(run))
+        try:
+            assert wait_until(lambda: watcher.min_round(3) >= 2, timeout=240), [swarm.tail(p) for p in procs]
+            family = psutil.Process(procs[2].popen.pid).children(recursive=True)
+            t0 = time.monotonic()
+            swarm.signal(procs[2], signal.SIGTERM)
+            assert swarm.wait([procs[2]], timeout=90) == [0], swarm.tail(procs[2])
+            stopped_in = time.monotonic() - t0
+            assert wait_until(lambda: not alive(family), timeout=10), [p.name() for p in alive(family)]
+            # the other two keep training: their round advances after the departure
+            here = watcher.min_round(2)
+            assert wait_until(lambda: min(r.round for r in watcher.records() if r.state != "done") >= here + 2,
+                              timeout=120)
+        finally:
+            watcher.close()
+        for p in procs[:2]:
+            swarm.signal(p, signal.SIGINT)
+        assert swarm.wait(procs[:2], timeout=90) == [0, 0]
+    assert stopped_in < 60
+    ckpt = load_latest(tmp_path / "ckpt-peer2")
+    assert ckpt is not None and ckpt.meta["round"] >= 2
+    assert ckpt.meta["theta"] == swarm.summary("peer2")["theta"]
+    assert "finishing the current step" in swarm.tail(procs[2], 400)
