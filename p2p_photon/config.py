@@ -241,6 +241,8 @@ class LoggingConfig:
     """Seconds between progress records published to the DHT."""
     eval_batches: int = 16
     """Held-out batches per evaluation."""
+    eval_every_rounds: int = 0
+    """Evaluate the global model on the held-out split every K rounds (0 = only at start and end)."""
     record_steps: bool = False
     """Keep every local step's (round, global step, loss, lr) in the peer's --summary-out JSON."""
     progress_bar: bool = True
@@ -249,6 +251,7 @@ class LoggingConfig:
     def validate(self) -> None:
         _check(self.progress_interval > 0, "logging.progress_interval", "must be > 0")
         _check(self.eval_batches >= 1, "logging.eval_batches", "must be >= 1")
+        _check(self.eval_every_rounds >= 0, "logging.eval_every_rounds", "must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)

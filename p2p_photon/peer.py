@@ -131,6 +131,8 @@ class Peer:
             if stats.stopped:
                 break
             report = self.average_and_step(stats)
+            if report["ok"] and cfg.logging.eval_every_rounds and self.counters.round % cfg.logging.eval_every_rounds == 0:
+                report["eval_loss"] = evaluate(self.model, self.heldout, cfg.inner, self.device)
             self.log_round(report)
             every = cfg.checkpoint.every_rounds
             if report["ok"] and every and self.counters.round % every == 0:
@@ -373,8 +375,13 @@ class Peer:
             logger.info("round %d | loss %.3f | FAILED (%s) | failed rounds %d", report["round"], st.loss,
                         report["why"], self.counters.failed_rounds)
         self.counters.history.append(dict(round=report["round"], ok=report["ok"], loss=st.loss, steps=st.steps,
-                                          samples=st.samples, group=report.get("group", 0),
-                                          theta=self._theta_hash(), sent=report.get("sent", 0)))
+                                          samples=st.samples, tokens=st.tokens, group=report.get("group", 0),
+                                          theta=self._theta_hash(), sent=report.get("sent", 0),
+                                          eval_loss=report.get("eval_loss"), wall_s=st.wall_s, train_s=st.train_s,
+                                          allreduce_s=report.get("seconds", 0.0), time=time.time()))
+        if report.get("eval_loss") is not None:
+            logger.info("round %d | held-out perplexity of the global model %.2f", report["round"],
+                        perplexity(report["eval_loss"]))
 
     # ------------------------------------------------------------------ checkpoints and shutdown
 

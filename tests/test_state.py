@@ -37,7 +37,9 @@ def test_round_trip_restores_everything(tmp_path, opt):
     model = build_model("nano", 256, 32, seed=0)
     trainer = InnerTrainer(model, InnerConfig(optimizer=opt), torch.device("cpu"))
     trainer.optimizer.load_state_dict(back.inner)
-    flat = lambda sd: [v for st in sd["state"].values() for v in (st.values() if isinstance(st, dict) else [])]
+    def flat(sd):
+        return [v for st in sd["state"].values() for v in (st.values() if isinstance(st, dict) else [])]
+
     assert len(flat(trainer.optimizer.state_dict())) == len(flat(p.inner))
     assert (tmp_path / path.name / "config.toml").is_file()
 
