@@ -39,8 +39,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # on loopback every peer reaches matchmaking within a second: a 2 s window is plenty
     overrides = [f"rounds.num_rounds={args.rounds}", f"data.num_silos={args.peers}",
-                 f"dht.run_id=demo-{uuid.uuid4().hex[:6]}", "logging.progress_bar=false", *args.overrides]
+                 f"dht.run_id=demo-{uuid.uuid4().hex[:6]}", "logging.progress_bar=false",
+                 "averaging.matchmaking_time=2.0", "logging.progress_interval=1.0", *args.overrides]
     cfg = load_config(args.config, overrides)
     workdir = Path(args.workdir) / time.strftime("%Y%m%d-%H%M%S")
     print(f"[demo] preparing the default corpus ({cfg.data.corpus}, {args.peers} non-IID silos)", flush=True)
