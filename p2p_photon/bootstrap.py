@@ -11,12 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 
 import hivemind
@@ -24,6 +23,8 @@ from hivemind.dht import DHTNode
 
 from p2p_photon.config import DHTConfig
 from p2p_photon.network import NetworkError, shutdown_dht, start_dht, visible_maddrs
+from p2p_photon.progress import progress_validators
+from p2p_photon.watchdog import stop_on_signals
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +47,10 @@ def run_bootstrap(
     if not cfg.identity_path:
         logger.warning("no dht.identity_path: the bootstrap peer ID will change on every restart")
     stop = stop_event or threading.Event()
-    dht = start_dht(cfg, client_mode=False)
+    # the bootstrap stores progress records for others: it validates them like every peer does
+    dht = start_dht(cfg, client_mode=False, record_validators=progress_validators(cfg.run_id))
     try:
-        with _stop_on_signals(stop):
+        with stop_on_signals(stop, "shutting down the bootstrap node"):
             info = describe(dht, cfg.run_id)
             print(info["initial_peers_arg"], flush=True)
             logger.info(
@@ -126,23 +128,15 @@ def _hms(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s"
 
 
-@contextmanager
-def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """In the main thread, SIGINT/SIGTERM set `stop`; previous handlers are restored afterwards.
 
-    Installed only after the DHT has started: forked children would inherit these handlers.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
 
-    def handler(signum: int, _frame: object) -> None:
-        logger.info(f"received {signal.Signals(signum).name}, shutting down")
-        stop.set()
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+def read_maddrs_file(path: str | os.PathLike) -> list[str]:
+    """The multiaddrs from a file written by `p2p-photon bootstrap --maddrs-file`; NetworkError if it is not one."""
     try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+        maddrs = json.loads(Path(path).read_text(encoding="utf-8"))["maddrs"]
+        if not isinstance(maddrs, list) or not maddrs:
+            raise ValueError("'maddrs' is not a non-empty list")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise NetworkError(f"--initial-peers-file {path}: not a bootstrap maddrs file ({e}); pass the file "
+                           "written by `p2p-photon bootstrap --maddrs-file`") from None
+    return [str(m) for m in maddrs]

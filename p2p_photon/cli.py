@@ -25,18 +25,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .data import DataError
 
     errors: list[type[BaseException]] = [DataError, FileNotFoundError, PermissionError, IsADirectoryError]
-    try:
-        from .network import NetworkError
+    from .network import NetworkError
 
-        errors.append(NetworkError)
-    except ImportError:
-        pass
-    try:
-        from .state import CheckpointError
+    errors.append(NetworkError)
+    from .monitor import MonitorError
+    from .state import CheckpointError
 
-        errors.append(CheckpointError)
-    except ImportError:
-        pass
+    errors += [CheckpointError, MonitorError]
     return tuple(errors)
 
 
@@ -104,15 +99,10 @@ def _dht_overrides(args: argparse.Namespace) -> list[str]:
 
 def _initial_peers_from_file(args: argparse.Namespace) -> None:
     path = getattr(args, "initial_peers_file", None)
-    if not path:
-        return
-    try:
-        info = json.loads(open(path, encoding="utf-8").read())
-        maddrs = [str(m) for m in info["maddrs"]]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise FileNotFoundError(f"--initial-peers-file {path}: not a bootstrap maddrs file ({e}); "
-                                "pass the file written by `p2p-photon bootstrap --maddrs-file`") from None
-    args.initial_peers = list(args.initial_peers or []) + maddrs
+    if path:
+        from .bootstrap import read_maddrs_file
+
+        args.initial_peers = list(args.initial_peers or []) + read_maddrs_file(path)
 
 
 def cmd_peer(args: argparse.Namespace) -> int:
@@ -131,7 +121,18 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     from .bootstrap import run_bootstrap
 
     cfg = load_config(args.config, [*_dht_overrides(args), *args.overrides])
-    return run_bootstrap(cfg.dht, maddrs_file=args.maddrs_file)
+    if not args.monitor:
+        return run_bootstrap(cfg.dht, maddrs_file=args.maddrs_file)
+    from .monitor import host_monitor
+
+    hosted = []
+    try:
+        return run_bootstrap(cfg.dht, maddrs_file=args.maddrs_file, on_ready=lambda dht: hosted.append(host_monitor(
+            dht, run_id=cfg.dht.run_id, http=args.monitor_http, log=args.monitor_log,
+            target_samples=cfg.rounds.target_samples_per_round, seq_len=cfg.model.seq_len)))
+    finally:
+        for m in hosted:
+            m.stop()
 
 
 def _add_dht_args(p: argparse.ArgumentParser, *, initial: bool = True) -> None:
@@ -186,7 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(boot)
     _add_dht_args(boot)
     boot.add_argument("--maddrs-file", help="write the node's multiaddrs here as JSON")
+    boot.add_argument("--monitor", action="store_true", help="also run the swarm monitor in this process")
+    boot.add_argument("--monitor-http", metavar="HOST:PORT", help="with --monitor: serve the dashboard here")
+    boot.add_argument("--monitor-log", metavar="JSONL", help="with --monitor: append observations to this file")
     boot.set_defaults(func=cmd_bootstrap)
+
+    from .monitor import add_monitor_commands
+
+    add_monitor_commands(sub, _add_config_args)
     return parser
 
 

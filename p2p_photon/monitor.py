@@ -28,16 +28,14 @@ hivemind (3-4 s to import) and matplotlib are imported lazily: `p2p-photon --hel
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import math
-import signal
 import sys
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
@@ -55,6 +53,8 @@ if TYPE_CHECKING:
     from p2p_photon.config import DHTConfig
     from p2p_photon.dashboard import Dashboard
     from p2p_photon.progress import ProgressRecord
+
+from .watchdog import stop_on_signals
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ class Monitor:
                  dht_cfg: DHTConfig | None = None, record_validators: Sequence | None = None):
         if (dht is None) == (dht_cfg is None):
             raise TypeError("Monitor needs exactly one of dht= or dht_cfg=")
-        self.options, self.dht, self._dht_cfg = options, dht, dht_cfg
+        self.options, self.dht, self.dht_cfg = options, dht, dht_cfg
         self._validators = record_validators
         self.peers: dict[str, PeerView] = {}
         self.history: deque[dict] = deque(maxlen=MAX_HISTORY)
@@ -212,15 +212,22 @@ class Monitor:
         self._thread: threading.Thread | None = None
 
     def start(self, *, reaper: bool = True) -> Monitor:
-        """Open the log, then start the client-mode DHT unless one was given (main thread)."""
+        """Open the log, then start the client-mode DHT unless one was given (main thread).
+
+        A borrowed DHT gets the signature validator added (idempotent): without it, hivemind
+        cannot strip the signatures off progress records, and `dht.get` of the progress key
+        never returns (msgpack ExtraData inside the DHT process).
+        """
         if self.options.log_path:
             self._log = MetricsLog(self.options.log_path)
-        if self.dht is None:
+        if self.dht is not None:
+            self.dht.add_validators(self._validators or monitor_validators(self.options.run_id))
+        else:
             from p2p_photon.network import start_dht
 
             validators = self._validators or monitor_validators(self.options.run_id)
             try:
-                self.dht = start_dht(self._dht_cfg, record_validators=validators, client_mode=True, reaper=reaper)
+                self.dht = start_dht(self.dht_cfg, record_validators=validators, client_mode=True, reaper=reaper)
             except BaseException:
                 self.stop()
                 raise
@@ -307,7 +314,7 @@ class Monitor:
             self.dashboard.stop()
         if self._log is not None:
             self._log.close()
-        if self._dht_cfg is not None and self.dht is not None:
+        if self.dht_cfg is not None and self.dht is not None:
             from p2p_photon.network import shutdown_dht
 
             shutdown_dht(self.dht)
@@ -624,7 +631,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
             from p2p_photon.dashboard import serve_dashboard
 
             print(f"dashboard: {serve_dashboard(monitor, args.http).url}", flush=True)
-        with _stop_on_signals(monitor.stop_event), TerminalView(live=not args.no_live) as view:
+        with stop_on_signals(monitor.stop_event), TerminalView(live=not args.no_live) as view:
             monitor.run(duration=args.duration, on_poll=view.update)
         print(summary_line(monitor.state()), flush=True)
     finally:
@@ -654,33 +661,11 @@ def monitor_config(args: argparse.Namespace) -> tuple[MonitorOptions, DHTConfig]
 
 
 def read_maddrs_file(path: str | None) -> list[str]:
-    """The "maddrs" list of a bootstrap's --maddrs-file ([] when no path is given)."""
+    """Initial peers from a bootstrap's --maddrs-file ([] when no file is given)."""
     if not path:
         return []
-    try:
-        maddrs = json.loads(Path(path).read_text(encoding="utf-8"))["maddrs"]
-        if not isinstance(maddrs, list) or not maddrs:
-            raise ValueError("'maddrs' is not a non-empty list")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise MonitorError(f"--initial-peers-file {path}: not a bootstrap maddrs file ({e}); pass the file "
-                           "written by `p2p-photon bootstrap --maddrs-file`") from None
-    return [str(m) for m in maddrs]
+    from .bootstrap import read_maddrs_file as read  # imports hivemind: only when a file is given
+
+    return read(path)
 
 
-@contextlib.contextmanager
-def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """In the main thread, SIGINT/SIGTERM set `stop`; the previous handlers come back afterwards."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, _frame: object) -> None:
-        logger.info(f"received {signal.Signals(signum).name}, stopping the monitor")
-        stop.set()
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,11 +29,60 @@ from .model import build_model, theta_hash
 from .network import shutdown_dht, start_dht
 from .outer import OuterOptimizer, load_into_model, pseudo_gradient
 from .progress import ProgressPublisher, ProgressRecord, fetch_progress, progress_validators
+from .watchdog import stop_on_signals
 
 logger = logging.getLogger(__name__)
 
 STUCK_AFTER = 3  # consecutive failed attempts at one round before re-downloading the swarm's state
 EXTRAPOLATE_MAX_S = 10.0  # trust a peer's reported throughput for at most this long after its record
+
+
+class SwarmView(threading.Thread):
+    """Publishes this peer's latest progress record and fetches the swarm's records in the background,
+    so the training loop never blocks on the DHT (it reads the cached view)."""
+
+    def __init__(self, dht, run_id: str, publisher: ProgressPublisher, interval: float):
+        super().__init__(name="swarm-view", daemon=True)
+        self.dht, self.run_id, self.publisher, self.interval = dht, run_id, publisher, interval
+        self.stopped = threading.Event()
+        self._pending: ProgressRecord | None = None
+        self._records: list[ProgressRecord] = []
+        self.invalid = 0
+        self._lock = threading.Lock()
+
+    def offer(self, record: ProgressRecord) -> None:
+        with self._lock:
+            self._pending = record
+
+    def records(self) -> list[ProgressRecord]:
+        with self._lock:
+            return list(self._records)
+
+    def refresh(self) -> list[ProgressRecord]:
+        """Fetch now (for decisions that must not use a stale view)."""
+        records, invalid = fetch_progress(self.dht, self.run_id)
+        with self._lock:
+            self._records, self.invalid = records, invalid
+        return records
+
+    def run(self) -> None:
+        last_pub = 0.0
+        while not self.stopped.wait(min(0.5, self.interval / 2)):
+            try:
+                with self._lock:
+                    pending, self._pending = self._pending, None
+                if pending is not None and time.monotonic() - last_pub >= self.interval:
+                    self.publisher.publish(pending)
+                    last_pub = time.monotonic()
+                elif pending is not None:
+                    self.offer(pending)  # publish it at the next interval
+                self.refresh()
+            except Exception as e:  # the DHT may be shutting down; the loop reads the last good view
+                logger.debug("swarm view: %s", e)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.join(timeout=5)
 
 
 class FingerprintMismatch(Exception):
@@ -78,6 +125,8 @@ class Peer:
         self.last_avg_maxabs: list[float] | None = None
         self.pending: RoundStats | None = None  # work of a failed attempt, carried into the retry
         self.failed_at, self.failed_here = -1, 0  # consecutive failed attempts at one round
+        self.last_rate, self.last_wait_s = 0.0, 0.0  # tokens/s of the last round; its averaging/sync seconds
+        self.theta_hash_cached = ""
 
     # ------------------------------------------------------------------ setup
 
@@ -98,6 +147,7 @@ class Peer:
         self.initial_loss = evaluate(self.model, self.heldout, cfg.inner, self.device)
         if self.resume:
             self._restore(state.load_latest(cfg.checkpoint.dir, self.fp))
+        self._theta_hash()
         self._start_network()
 
     def _start_network(self) -> None:
@@ -105,6 +155,7 @@ class Peer:
         self.validators = progress_validators(run_id)
         self.dht = start_dht(self.cfg.dht, record_validators=self.validators)
         self.publisher = ProgressPublisher(self.dht, run_id, self.validators)
+        self.view = SwarmView(self.dht, run_id, self.publisher, self.cfg.logging.progress_interval)
         self.averager = SwarmAverager(self.dht, [t.shape for t in self.theta], prefix=f"{run_id}-{self.fp}",
                                       cfg=self.cfg.averaging, state_fn=self._share_state)
         self.peer_id = self.averager.peer_id
@@ -130,7 +181,9 @@ class Peer:
             stats = self.train_until_round_ends()
             if stats.stopped:
                 break
+            t0 = time.perf_counter()
             report = self.average_and_step(stats)
+            self.last_wait_s = time.perf_counter() - t0
             if report["ok"] and cfg.logging.eval_every_rounds and self.counters.round % cfg.logging.eval_every_rounds == 0:
                 report["eval_loss"] = evaluate(self.model, self.heldout, cfg.inner, self.device)
             self.log_round(report)
@@ -161,7 +214,8 @@ class Peer:
         elif not ours:
             logger.info("no other peers yet: starting from %s at round %d",
                         "our checkpoint" if self.resume else "the seeded init", self.counters.round)
-        self._publish(RoundStats(), "training")
+        self._publish(RoundStats(), "training", now=True)
+        self.view.start()
 
     # ------------------------------------------------------------------ local training
 
@@ -171,6 +225,7 @@ class Peer:
         st, self.pending = self.pending or RoundStats(), None
         t0 = last_pub = last_check = time.perf_counter()
         wall0, loss_sum = st.wall_s, st.loss * st.steps if st.steps else 0.0
+        self._publish(st, "training", now=True)  # others see at once that we are in this round
         while not self.stop.is_set():
             step = self.trainer.step(self.stream.next_batch, self.counters.global_step + st.steps)
             if cfg.inner.simulate_slowdown:  # counts as compute: a slower machine
@@ -184,12 +239,12 @@ class Peer:
             st.loss = loss_sum / st.steps
             now = time.perf_counter()
             st.wall_s = wall0 + now - t0
-            if now - last_pub >= cfg.logging.progress_interval:
-                self._publish(st, "training")
+            if now - last_pub >= min(1.0, cfg.logging.progress_interval / 2):
+                self._publish(st, "training")  # handed to the background thread: no DHT call here
                 last_pub = now
             if self._local_cap_reached(st):
                 return st
-            if now - last_check >= min(1.0, cfg.logging.progress_interval / 2):
+            if now - last_check >= 0.2:
                 last_check = now
                 if self._round_over(st):
                     return st
@@ -204,7 +259,7 @@ class Peer:
     def _round_over(self, st: RoundStats) -> bool:
         """Progress-based end: the swarm's samples for this round (extrapolated by each peer's
         reported throughput for a few seconds) reach the target, or someone already moved on."""
-        records, _ = fetch_progress(self.dht, self.cfg.dht.run_id)
+        records = self.view.records()
         now, r = get_dht_time(), self.counters.round
         total = st.samples
         for rec in records:
@@ -270,7 +325,7 @@ class Peer:
 
     def _swarm_ahead(self) -> tuple[int, bool]:
         """(highest round of our swarm's other peers, whether any other peer is still in our round)."""
-        records, _ = fetch_progress(self.dht, self.cfg.dht.run_id)
+        records = self.view.refresh()
         mates = [x for x in records if x.fingerprint == self.fp and x.peer_id != self.peer_id and x.state != "done"]
         return max((x.round for x in mates), default=-1), any(x.round == self.counters.round for x in mates)
 
@@ -348,22 +403,29 @@ class Peer:
 
     def _theta_hash(self) -> str:
         with self.lock:
-            return theta_hash(self.theta)
+            self.theta_hash_cached = theta_hash(self.theta)
+            return self.theta_hash_cached
 
-    def _publish(self, st: RoundStats, phase: str) -> None:
+    def _publish(self, st: RoundStats, phase: str, now: bool = False) -> None:
+        """State changes are published at once; progress during training goes through the background thread."""
         c = self.counters
+        if st.train_s > 0:
+            self.last_rate = st.tokens / st.train_s
+        busy = st.wall_s + self.last_wait_s  # this round's training plus the last round's averaging/sync
         rec = ProgressRecord(
             peer_id=self.peer_id, round=c.round, samples=st.samples, steps=st.steps,
             total_samples=c.total_samples + st.samples, loss=st.loss if st.steps and st.loss == st.loss else 0.0,
-            tokens_per_s=st.tokens / st.train_s if st.train_s > 0 else 0.0, fingerprint=self.fp,
-            theta_hash=self._theta_hash(), failed_rounds=c.failed_rounds, bytes_sent=c.bytes_sent,
-            bytes_received=c.bytes_received, utilization=min(1.0, st.train_s / st.wall_s) if st.wall_s > 0 else 0.0,
-            time=get_dht_time(), state=phase)
-        self.publisher.publish(rec)
+            tokens_per_s=self.last_rate, fingerprint=self.fp, theta_hash=self.theta_hash_cached,
+            failed_rounds=c.failed_rounds, bytes_sent=c.bytes_sent, bytes_received=c.bytes_received,
+            utilization=min(1.0, st.train_s / busy) if busy > 0 else 0.0, time=get_dht_time(), state=phase)
+        if now or phase != "training" or not self.view.is_alive():
+            self.publisher.publish(rec)
+        else:
+            self.view.offer(rec)
 
     def log_round(self, report: dict) -> None:
         st: RoundStats = report["stats"]
-        records, _ = fetch_progress(self.dht, self.cfg.dht.run_id)
+        records = self.view.records()
         alive = 1 + sum(1 for r in records if r.fingerprint == self.fp and r.peer_id != self.peer_id
                         and r.state != "done" and get_dht_time() - r.time < 30)
         tok_s = st.tokens / st.train_s if st.train_s else 0.0
@@ -378,7 +440,9 @@ class Peer:
                                           samples=st.samples, tokens=st.tokens, group=report.get("group", 0),
                                           theta=self._theta_hash(), sent=report.get("sent", 0),
                                           eval_loss=report.get("eval_loss"), wall_s=st.wall_s, train_s=st.train_s,
-                                          allreduce_s=report.get("seconds", 0.0), time=time.time()))
+                                          allreduce_s=report.get("seconds", 0.0), time=time.time(),
+                                          global_step=self.counters.global_step,
+                                          total_samples=self.counters.total_samples))
         if report.get("eval_loss") is not None:
             logger.info("round %d | held-out perplexity of the global model %.2f", report["round"],
                         perplexity(report["eval_loss"]))
@@ -419,6 +483,8 @@ class Peer:
                     self.counters.global_step, self._theta_hash())
 
     def close(self) -> None:
+        if getattr(self, "view", None) is not None and self.view.is_alive():
+            self.view.stop()
         if getattr(self, "publisher", None) is not None and getattr(self, "theta", None) is not None:
             try:
                 self.save_checkpoint()
@@ -439,34 +505,14 @@ class Peer:
             out = dict(peer_id=self.peer_id, fingerprint=self.fp, initial_loss=self.initial_loss, final_loss=final,
                        initial_ppl=perplexity(self.initial_loss), final_ppl=perplexity(final),
                        rounds=self.counters.round, global_step=self.counters.global_step,
+                       total_samples=self.counters.total_samples,
                        failed_rounds=self.counters.failed_rounds, bytes_sent=self.counters.bytes_sent,
                        theta=self._theta_hash(), history=self.counters.history, steps=self.counters.steps_log)
             Path(self.summary_out).parent.mkdir(parents=True, exist_ok=True)
             Path(self.summary_out).write_text(json.dumps(out, indent=1))
 
 
-@contextmanager
-def stop_on_signals(stop: threading.Event):
-    """SIGINT/SIGTERM set `stop`: the peer finishes its step, checkpoints and leaves cleanly."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def handler(signum, _frame):
-        logger.info("received %s: finishing the current step, checkpointing and leaving", signal.Signals(signum).name)
-        stop.set()
-
-    for s in previous:
-        signal.signal(s, handler)
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
 def run_peer(cfg: Config, *, resume: bool = False, summary_out: str | None = None) -> int:
     stop = threading.Event()
-    with stop_on_signals(stop):
+    with stop_on_signals(stop, "finishing the current step, checkpointing and leaving"):
         return Peer(cfg, resume=resume, stop_event=stop, summary_out=summary_out).run()

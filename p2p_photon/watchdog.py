@@ -22,11 +22,14 @@ take a snapshot right away (call it after starting new child processes).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -215,3 +218,23 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: threading.Event, what: str = "shutting down") -> Iterator[None]:
+    """In the main thread, SIGINT/SIGTERM set `stop` (the caller finishes its work and leaves cleanly);
+    the previous handlers come back afterwards. Install it after forking DHT/averager children."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: object) -> None:
+        logging.getLogger(__name__).info(f"received {signal.Signals(signum).name}: {what}")
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

@@ -179,8 +179,9 @@ def make_deltas(size: int, n: int, seed: int) -> tuple[list[torch.Size], list[li
     return shapes, deltas
 
 
-def bench_case(dhts: list, size: int, n: int, args) -> list[list[PeerRound]]:
-    """Rounds of n averagers on `size` parameters; returns per-round, per-peer timings (timed rounds only)."""
+def bench_case(dhts: list, size: int, n: int, args) -> tuple[list[list[PeerRound]], float]:
+    """Rounds of n averagers on `size` parameters: per-round, per-peer timings of the timed rounds, and
+    the cores that other programs kept busy meanwhile."""
     shapes, deltas = make_deltas(size, n, seed=size + n)
     scales = [scale_for(float(max(t.abs().max() for t in d))) for d in zip(*deltas, strict=True)]
     cfg = AveragingConfig(matchmaking_time=args.matchmaking_time, allreduce_timeout=args.allreduce_timeout,
@@ -191,13 +192,13 @@ def bench_case(dhts: list, size: int, n: int, args) -> list[list[PeerRound]]:
         for d in dhts[:n]:
             avgs.append(SwarmAverager(d, shapes, prefix=prefix, cfg=cfg))
         clocks = [StageClock(a._averager) for a in avgs]
-        rounds = []
+        rounds, cpu0 = [], cpu_seconds()
         with cf.ThreadPoolExecutor(n) as ex:
             for r in range(args.warmup_rounds + args.rounds):
                 res = run_round(ex, avgs, clocks, deltas, scales, r, args)
                 if r >= args.warmup_rounds:
                     rounds.append(res)
-        return rounds
+        return rounds, other_cores(cpu0, cpu_seconds())
     finally:
         for a in avgs:
             a.shutdown()
@@ -215,6 +216,26 @@ def run_round(ex, avgs, clocks, deltas, scales, round_no: int, args) -> list[Pee
 
     futures = [ex.submit(one, i) for i in range(len(avgs))]
     return [f.result(timeout=args.matchmaking_time * 5 + args.allreduce_timeout + 60) for f in futures]
+
+
+def cpu_seconds() -> tuple[float, float, float]:
+    """(wall, core-seconds busy on the whole machine, core-seconds of this process and its live
+    descendants: DHT and averager processes, p2pd) so far."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    busy = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+    me = psutil.Process()
+    own = 0.0
+    for p in [me, *me.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            own += t.user + t.system
+    return time.monotonic(), busy, own
+
+
+def other_cores(before: tuple[float, float, float], after: tuple[float, float, float]) -> float:
+    """Average number of cores other programs kept busy between two cpu_seconds() samples."""
+    wall, busy, own = (a - b for a, b in zip(after, before, strict=True))
+    return max(0.0, (busy - own) / wall) if wall > 0 else 0.0
 
 
 def summarize_case(size: int, n: int, rounds: list[list[PeerRound]], tcp_mbps: float) -> dict:
@@ -278,13 +299,13 @@ def _read(path: str) -> str:
 def print_table(runs: list[dict], tcp: float) -> None:
     print(f"\nraw loopback TCP: {tcp:.0f} MB/s (median)")
     head = (f"{'params':>8} {'peers':>5} {'sent/peer MB':>12} {'total s':>8} {'match s':>8} {'allred s':>8} "
-            f"{'enc/dec s':>9} {'MB/s/peer':>9} {'aggr MB/s':>9} {'vs TCP':>7}")
+            f"{'enc/dec s':>9} {'MB/s/peer':>9} {'aggr MB/s':>9} {'vs TCP':>7} {'others':>6}")
     print(head)
     for r in runs:
         print(f"{r['params'] / 1e6:>7.1f}M {r['peers']:>5} {r['bytes_sent_per_peer'] / 1e6:>12.1f} "
               f"{r['total_s']:>8.2f} {r['matchmaking_s']:>8.2f} {r['allreduce_s']:>8.2f} "
               f"{r['encode_decode_s']:>9.2f} {r['throughput_MBps']:>9.1f} {r['aggregate_MBps']:>9.1f} "
-              f"{r['ratio_to_tcp']:>7.3f}")
+              f"{r['ratio_to_tcp']:>7.3f} {r['other_busy_cores']:>6.2f}")
 
 
 def tcp_trials(args, label: str) -> list[float]:
@@ -322,7 +343,8 @@ def main(argv=None) -> int:
                "total_s: SwarmAverager.average wall time, incl. encode/decode; throughput_MBps = "
                "bytes_sent_per_peer / allreduce_s (bytes_sent as the averager reports it, 2(n-1)/n x 4 B x params); "
                "aggregate_MBps = n x bytes_sent_per_peer / group all-reduce time (first start to last finish); "
-               "all peers, their p2pd daemons and the TCP pair share this machine's cores."),
+               "all peers, their p2pd daemons and the TCP pair share this machine's cores; other_busy_cores: "
+               "average cores other programs on the machine used during the case (noise indicator)."),
         machine=dict(machine_info(args.threads), loadavg_before=list(load_before), loadavg_after=list(os.getloadavg())),
         p2pd_leaked=sorted(leaked), pgrep_p2pd=dict(before=len(before_pids), after=len(after_pids)), wall_s=time.perf_counter() - t_start,
         command=shlex.join([Path(sys.executable).name, *sys.argv]),
@@ -344,12 +366,14 @@ def measure(args, tcp: float) -> list[dict]:
         for n in args.peers:
             for size in args.sizes:
                 t0 = time.perf_counter()
-                rounds = bench_case(dhts, size, n, args)
-                runs.append(summarize_case(size, n, rounds, tcp))
-                r = runs[-1]
+                rounds, others = bench_case(dhts, size, n, args)
+                r = summarize_case(size, n, rounds, tcp)
+                r["other_busy_cores"] = others
+                runs.append(r)
                 print(f"[allreduce] {size / 1e6:g}M x {n} peers: all-reduce {r['allreduce_s']:.2f}s "
                       f"({r['throughput_MBps']:.1f} MB/s per peer), matchmaking {r['matchmaking_s']:.2f}s, "
-                      f"total {r['total_s']:.2f}s  [{time.perf_counter() - t0:.0f}s]", flush=True)
+                      f"total {r['total_s']:.2f}s; others busy {others:.2f} cores  [{time.perf_counter() - t0:.0f}s]",
+                      flush=True)
     finally:
         for d in dhts:
             shutdown_dht(d)

@@ -3,8 +3,9 @@
 
 Same model class and init, same pre-generated batches, same optimizer (bitsandbytes AdamW8bit by
 default) and the same warmup + cosine LR schedule; the two variants are timed alternately in one
-process (ours, bare | bare, ours | ..., so a drift in machine load cancels) after a warmup of each, and the medians of the repeats are
-compared. Also records the optimizer-state bytes of AdamW8bit vs torch AdamW for the same model.
+process (ours, bare | bare, ours | ..., every step on CPU) after a warmup of each, and the medians
+of the repeats are compared. Also records the optimizer-state bytes of AdamW8bit vs torch AdamW
+for the same model.
 
     python scripts/bench_overhead.py                      # nano, vocab 8192, seq 128, batch 8, 7 x 20 steps
     python scripts/bench_overhead.py --optimizer adamw --repeats 9 --steps 30
@@ -48,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--optimizer", default="adamw8bit", choices=["adamw8bit", "adamw"], help="inner optimizer")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (default: all cores)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
+    p.add_argument("--interleave", default="auto", choices=["auto", "step", "repeat"],
+                   help="alternate every step or every repeat (auto: step on CPU, repeat on CUDA)")
     p.add_argument("--seed", type=int, default=0, help="model init and batch seed")
     p.add_argument("--profile", action="store_true", help="also print a torch.profiler table of each variant")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "overhead.json"), help="JSON output path")
@@ -74,8 +77,8 @@ def bare_lr(step: int, cfg: InnerConfig) -> float:
 
 
 def run_bare(model, opt, batches: list[torch.Tensor], start_step: int, cfg: InnerConfig, device) -> None:
-    """A minimal nanoGPT-style loop: set lr, forward, cross-entropy, backward, clip, step, zero_grad."""
-    model.train()
+    """A minimal nanoGPT-style loop: set lr, forward, cross-entropy, backward, clip, step, zero_grad.
+    (model.train() is called once at setup, as nanoGPT does outside its loop.)"""
     for i, batch in enumerate(batches):
         lr = bare_lr(start_step + i, cfg)
         for group in opt.param_groups:
@@ -120,19 +123,29 @@ def timed(fn: Callable[[], None], device: torch.device) -> float:
 
 
 def alternate(variants: dict[str, Callable[[list, int], None]], batches, args, device) -> dict[str, list[float]]:
-    """Warm up each variant, then time them alternately (ours, bare | bare, ours | ...); steps/s per repeat."""
-    step = 0
+    """Warm up each variant, then time them alternately; steps/s of each variant per repeat.
+
+    interleave 'step': ours and bare take turns every step (ours, bare | bare, ours | ...) and each
+    variant's step times are summed per repeat, so both see the same machine load even when other
+    programs come and go within seconds. 'repeat': whole repeats take turns (same ABBA order);
+    use it on CUDA, where a synchronize after every step would hide ours' per-step syncs."""
+    names, step = list(variants), 0
     for fn in variants.values():
         fn(batches[: args.warmup], step)
     step += args.warmup
     rates: dict[str, list[float]] = {name: [] for name in variants}
-    names = list(variants)
     for r in range(args.repeats):
-        for name in names if r % 2 == 0 else names[::-1]:  # ABBA: a drift in machine load cancels out
-            fn = variants[name]
-            seconds = timed(lambda fn=fn, step=step: fn(batches, step), device)
-            rates[name].append(len(batches) / seconds)
+        if args.interleave == "step":
+            spent = dict.fromkeys(names, 0.0)
+            for i, b in enumerate(batches):
+                for name in names if i % 2 == 0 else names[::-1]:
+                    spent[name] += timed(lambda name=name, b=b, s=step + i: variants[name]([b], s), device)
+        else:
+            spent = {name: timed(lambda name=name, s=step: variants[name](batches, s), device)
+                     for name in (names if r % 2 == 0 else names[::-1])}
         step += len(batches)
+        for name in names:
+            rates[name].append(len(batches) / spent[name])
         print(f"  repeat {r + 1}/{args.repeats}: " + "  ".join(f"{n} {v[-1]:.2f} steps/s" for n, v in rates.items()),
               flush=True)
     return rates
@@ -174,6 +187,20 @@ def profile(variants, batches, device) -> None:
 # ----------------------------------------------------------------------------- report
 
 
+def cpu_seconds() -> tuple[float, float, float]:
+    """(wall, core-seconds busy on the whole machine, core-seconds used by this process) so far."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    busy = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+    t = os.times()
+    return time.monotonic(), busy, t.user + t.system
+
+
+def other_cores(before: tuple[float, float, float], after: tuple[float, float, float]) -> float:
+    """Average number of cores other programs kept busy between two cpu_seconds() samples."""
+    wall, busy, own = (a - b for a, b in zip(after, before, strict=True))
+    return max(0.0, (busy - own) / wall) if wall > 0 else 0.0
+
+
 def machine_info(threads: int, device: torch.device) -> dict:
     import bitsandbytes as bnb
 
@@ -213,7 +240,9 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()
     batches = [b.to(device) for b in make_batches(args.steps, args.batch, args.seq_len, args.vocab, args.seed)]
     ours = InnerTrainer(build_model(args.preset, args.vocab, args.seq_len, args.seed, device), cfg, device)
-    bare_model = build_model(args.preset, args.vocab, args.seq_len, args.seed, device)
+    bare_model = build_model(args.preset, args.vocab, args.seq_len, args.seed, device).train()
+    if args.interleave == "auto":
+        args.interleave = "repeat" if device.type == "cuda" else "step"
     bare_opt = bare_optimizer(bare_model, cfg)
     variants = {
         "ours": lambda b, s: run_ours(ours, b, s),
@@ -223,12 +252,17 @@ def main(argv=None) -> int:
     print(f"[overhead] {args.preset} ({n_params / 1e6:.2f}M params), batch {args.batch} x seq {args.seq_len}, "
           f"{args.optimizer}, {args.threads} threads on {device}; {args.repeats} x {args.steps} steps, "
           f"load avg {load_before[0]:.2f}", flush=True)
+    cpu0 = cpu_seconds()
     rates = alternate(variants, batches, args, device)
+    others = other_cores(cpu0, cpu_seconds())
     if args.profile:
         profile(variants, batches, device)
     states = state_bytes(args, cfg, device)
     result = summarize(args, rates, states, n_params, device, load_before)
+    result["machine"]["other_busy_cores_during_timing"] = others
     print_table(rates, args.batch * args.seq_len, states, result["ratio"])
+    print(f"other programs kept {others:.2f} of {os.cpu_count()} cores busy while timing"
+          + ("; the figures are noisy: rerun on a quieter machine (or with --threads 1)" if others > 0.25 else ""))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -252,7 +286,7 @@ def summarize(args, rates, states, n_params, device, load_before) -> dict:
         repeats=dict(ours_steps_per_s=rates["ours"], bare_steps_per_s=rates["bare"], ratio=pairwise),
         config=dict(preset=args.preset, params=n_params, vocab=args.vocab, seq_len=args.seq_len, batch=args.batch,
                     steps=args.steps, repeats=args.repeats, warmup=args.warmup, optimizer=args.optimizer,
-                    seed=args.seed, order="alternated ABBA (ours, bare | bare, ours | ...); medians of repeats"),
+                    seed=args.seed, order=f"alternated every {args.interleave}, ABBA (ours, bare | bare, ours | ...); medians of repeats"),
         machine=dict(machine_info(args.threads, device), loadavg_before=list(load_before),
                      loadavg_after=list(os.getloadavg())),
         command=shlex.join([Path(sys.executable).name, *sys.argv]),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import sys
 import time
 import uuid
@@ -48,12 +49,34 @@ def main(argv=None) -> int:
     print(f"[demo] preparing the default corpus ({cfg.data.corpus}, {args.peers} non-IID silos)", flush=True)
     data.prepare(cfg.data, cfg.seed, progress=True)
     print(f"[demo] starting a bootstrap node and {args.peers} peers on 127.0.0.1; logs in {workdir}", flush=True)
+    port, log = free_port(), workdir / "monitor.jsonl"
+    monitor = ["--monitor", "--monitor-http", f"127.0.0.1:{port}", "--monitor-log", str(log),
+               "--set", f"dht.run_id={cfg.dht.run_id}", "--set", f"rounds.target_samples_per_round="
+               f"{cfg.rounds.target_samples_per_round}", "--set", f"model.seq_len={cfg.model.seq_len}"]
     with LocalSwarm(workdir, config=args.config, overrides=overrides, capture=False) as swarm:
-        maddrs = swarm.start_bootstrap()
+        maddrs = swarm.start_bootstrap(extra=monitor)
         print(f"[demo] bootstrap: --initial-peers {' '.join(maddrs)}", flush=True)
+        print(f"[demo] live dashboard: http://127.0.0.1:{port}/  (metrics log {log})", flush=True)
         peers = [swarm.start_peer(i) for i in range(args.peers)]
         codes = swarm.wait(peers, timeout=args.timeout)
+    plot_swarm(log, workdir / "swarm.png")
     return report(swarm, [p.name for p in peers], codes)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def plot_swarm(log: Path, out: Path) -> None:
+    from p2p_photon.monitor import MonitorError, plot_log
+
+    try:
+        plot_log(str(log), str(out))
+        print(f"[demo] swarm plot (loss vs tokens, tokens/s, peers alive): {out}")
+    except MonitorError as e:
+        print(f"[demo] no plot: {e}")
 
 
 def report(swarm: LocalSwarm, names: list[str], codes: list[int]) -> int:

@@ -53,7 +53,7 @@ def fed_monitor():
             cfg = DHTConfig(run_id=RUN, initial_peers=tuple(visible_maddrs(dhts[0][0])))
             monitor = Monitor(MonitorOptions(run_id=RUN, target_samples=96, seq_len=64), dht_cfg=cfg)
             monitor.start(reaper=False)
-            _publish_rounds(monitor, [(dht, ProgressPublisher(dht, RUN, v)) for dht, v in dhts])
+            _publish_rounds(monitor, [(dht, ProgressPublisher(dht, RUN, v, expiration=600)) for dht, v in dhts])
             yield monitor
         finally:
             if monitor is not None:
@@ -115,16 +115,27 @@ def test_api_metrics_and_plot_routes(fed_monitor):
 @pytest.mark.swarm
 @pytest.mark.timeout(60)
 def test_host_monitor_borrows_a_running_dht_and_leaves_it_running(fed_monitor, tmp_path):
-    """What `p2p-photon bootstrap --monitor` does from its on_ready hook."""
+    """What `p2p-photon bootstrap --monitor` does from its on_ready hook, on a DHT started like the bootstrap's.
+
+    run_bootstrap starts its DHT without record validators; host_monitor must add the signature
+    validator, or hivemind's get of the signed records never returns.
+    """
+    from p2p_photon.config import DHTConfig
     from p2p_photon.monitor import host_monitor
+    from p2p_photon.network import shutdown_dht, start_dht
 
     log = tmp_path / "hosted.jsonl"
-    hosted = host_monitor(fed_monitor.dht, run_id=RUN, http="127.0.0.1:0", log=str(log), interval=0.5)
+    dht = start_dht(DHTConfig(run_id=RUN, host_maddrs=LOCAL, initial_peers=fed_monitor.dht_cfg.initial_peers), reaper=False)
     try:
-        assert wait_until(lambda: len(json.loads(_get(hosted.dashboard.url + "api/state")[1])["peers"]) == 2, 20)
+        hosted = host_monitor(dht, run_id=RUN, http="127.0.0.1:0", log=str(log), interval=0.5)
+        try:
+            ok = wait_until(lambda: len(json.loads(_get(hosted.dashboard.url + "api/state")[1])["peers"]) == 2, 30)
+            assert ok, hosted.state()
+        finally:
+            hosted.stop()
+        assert dht.is_alive() and not hosted._thread.is_alive()
     finally:
-        hosted.stop()
-    assert fed_monitor.dht.is_alive() and not hosted._thread.is_alive()
+        shutdown_dht(dht)
     assert len({json.loads(line)["peer_id"] for line in log.read_text().splitlines()}) == 2
 
 

@@ -297,8 +297,6 @@ def test_plot_subcommand_parses_and_runs(tmp_path, capsys):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(strict=True, reason="LEAD: wire add_monitor_commands into cli.py and MonitorError into "
-                                       "_user_errors, then delete this xfail marker")
 def test_cli_monitor_plot_writes_a_png_and_reports_errors_in_one_line(tmp_path):
     write_log(tmp_path / "a.jsonl")
     cmd = [PYTHON, "-m", "p2p_photon.cli", "monitor", "plot", str(tmp_path / "a.jsonl"), "-o", str(tmp_path / "a.png")]

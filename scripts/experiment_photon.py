@@ -1,0 +1,571 @@
+#!/usr/bin/env python
+"""Photon's claims at small scale: centralized vs Photon (FedAvg) vs DiLoCo, IID and non-IID, at equal tokens.
+
+Five runs on the default corpus (the stdlib), one prepared data config, the same model and (up to
+the few samples a progress-based round overshoots) the same number of training tokens:
+
+    centralized     one process, batch N x local batch, its own LR from a small sweep (3 LRs, 25% budget)
+    photon_iid      N peers on 127.0.0.1, local batch 8, high LR, outer FedAvg (lr 1.0, momentum 0)
+    photon_noniid   the same on non-IID silos (whole stdlib top-level modules per peer)
+    diloco_iid      N peers, outer Nesterov (lr 0.7, momentum 0.9), inner LR x 2/3 (DiLoCo 4e-4 : Photon 6e-4)
+    diloco_noniid   the same on non-IID silos
+
+Every run reports a held-out perplexity curve [tokens, ppl] (the same held-out windows for all),
+final perplexity, tokens, wall time, bytes sent per peer, tokens to reach a target perplexity
+(1.1 x the worst final perplexity, so every run reaches it), and for the swarms the compute
+utilization of each peer and the bytes synchronous data-parallel training would have sent.
+
+    python scripts/experiment_photon.py                # full: ~20 min on 2 free cores, writes bench/results/photon.{json,png}
+    python scripts/experiment_photon.py --quick        # smoke: 2 peers, 2 rounds, tiny data; runs/ output
+    python scripts/experiment_photon.py --runs centralized photon_iid --tokens 5e5
+
+Tokens of a federated run are the tokens of the local steps that were averaged: the sum over
+peers of `tokens` of their successful rounds (each local step is batch x seq_len predicted
+tokens); this equals the final global step x batch x seq_len, which is checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import psutil  # noqa: E402
+
+from p2p_photon import data  # noqa: E402
+from p2p_photon.config import load_config  # noqa: E402
+from p2p_photon.launch import LocalSwarm, Proc  # noqa: E402
+
+RUNS = ("centralized", "photon_iid", "photon_noniid", "diloco_iid", "diloco_noniid")
+TAG_VAR = "P2P_PHOTON_EXPERIMENT_TAG"  # inherited by every process we start, p2pd included
+DILOCO_TO_PHOTON_LR = 4e-4 / 6e-4  # DiLoCo's inner AdamW lr : Photon's 125M client lr
+TARGET_FACTOR = 1.1
+
+logger = logging.getLogger("experiment_photon")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="CI smoke run: 2 peers, 2 rounds of 8 steps, tiny data")
+    p.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS), help="which runs (default: all five)")
+    p.add_argument("--peers", type=int, default=None, help="N peers (default 4; --quick 2)")
+    p.add_argument("--model", choices=["nano", "tiny"], default="nano", help="model preset (default nano)")
+    p.add_argument("--tokens", type=float, default=None,
+                   help="training tokens per run, rounded to whole rounds (default 1.6e6; --quick 3.3e4)")
+    p.add_argument("--local-steps", type=int, default=None,
+                   help="H: local steps per peer per round; the round's target is N x H x batch samples "
+                        "(default 32; --quick 8)")
+    p.add_argument("--local-batch", type=int, default=8, help="sequences per local step (default 8)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
+    p.add_argument("--photon-lr", type=float, default=3e-3, help="Photon inner peak LR (default 3e-3)")
+    p.add_argument("--diloco-lr", type=float, default=None, help="DiLoCo inner peak LR (default photon-lr x 2/3)")
+    p.add_argument("--central-lrs", type=float, nargs="+", default=None,
+                   help="centralized LR sweep; one value = no sweep (default: photon-lr x 0.5, 1, 2)")
+    p.add_argument("--sweep-fraction", type=float, default=0.25, help="token budget of each sweep run (0.25)")
+    p.add_argument("--optimizer", choices=["adamw8bit", "adamw"], default="adamw8bit", help="inner optimizer")
+    p.add_argument("--central-threads", type=int, default=None,
+                   help="torch threads of the centralized run (default min(N, cores); --quick 1)")
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/photon.json; --quick: runs/...)")
+    p.add_argument("--png", default=None, help="plot path (default: the JSON path with .png)")
+    p.add_argument("--workdir", default=None, help="logs, checkpoints, summaries (default runs/experiment_photon/<time>)")
+    p.add_argument("--cache-dir", default=str(ROOT / ".cache" / "p2p_photon"), help="prepared data cache")
+    p.add_argument("--run-timeout", type=float, default=None, help="seconds per federated run (900; --quick 240)")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class Plan:
+    """Every number the five runs share, derived once from the arguments."""
+
+    mode: str
+    peers: int
+    model: str
+    seq_len: int
+    batch: int
+    local_steps: int
+    rounds: int
+    photon_lr: float
+    diloco_lr: float
+    central_lrs: list[float]
+    sweep_fraction: float
+    optimizer: str
+    data: list[str]
+    eval_batches_peer: int
+    eval_batches_central: int
+    warmup_fraction: float = 0.05
+    central_threads: int = 1
+    run_timeout: float = 900.0
+    averaging: list[str] = field(default_factory=list)
+
+    @property
+    def samples_per_round(self) -> int:
+        return self.peers * self.local_steps * self.batch
+
+    @property
+    def tokens(self) -> int:
+        return self.rounds * self.samples_per_round * self.seq_len
+
+    @property
+    def central_batch(self) -> int:
+        return self.peers * self.batch
+
+    @property
+    def central_steps(self) -> int:
+        return self.rounds * self.local_steps  # = tokens / (central batch x seq_len)
+
+    def central_warmup(self, steps: int) -> int:
+        return max(1, round(self.warmup_fraction * steps))
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    quick = args.quick
+    n = args.peers or (2 if quick else 4)
+    h = args.local_steps or (8 if quick else 32)
+    tokens = args.tokens or (3.3e4 if quick else 1.6e6)
+    rounds = max(1, round(tokens / (n * h * args.local_batch * args.seq_len)))
+    k = max(1, round(12 / n))  # held-out windows = 8 N k ~ 96: the same windows for batch 8 and batch 8 N
+    data_cfg = ["data.max_corpus_mb=1", "data.vocab_size=1024"] if quick else \
+               ["data.max_corpus_mb=4", "data.vocab_size=4096"]
+    data_cfg += [f"data.num_silos={n}", f"data.cache_dir={Path(args.cache_dir).resolve()}"]
+    photon_lr = args.photon_lr
+    diloco_lr = args.diloco_lr or float(f"{photon_lr * DILOCO_TO_PHOTON_LR:.3g}")
+    central_lrs = args.central_lrs or [float(f"{photon_lr * f:.3g}") for f in (0.5, 1, 2)]
+    averaging = [f"averaging.target_group_size={n}", "averaging.matchmaking_time=2.0",
+                 "averaging.allreduce_timeout=30", "averaging.round_timeout=60"]
+    return Plan(mode="quick" if quick else "full", peers=n, model=args.model, seq_len=args.seq_len,
+                batch=args.local_batch, local_steps=h, rounds=rounds, photon_lr=photon_lr, diloco_lr=diloco_lr,
+                central_lrs=central_lrs, sweep_fraction=args.sweep_fraction, optimizer=args.optimizer,
+                data=data_cfg, eval_batches_peer=n * k, eval_batches_central=k,
+                central_threads=args.central_threads or (1 if quick else max(1, min(n, os.cpu_count() or 1))),
+                run_timeout=args.run_timeout or (240.0 if quick else 900.0), averaging=averaging)
+
+
+def common_overrides(plan: Plan, split: str) -> list[str]:
+    return [*plan.data, f"data.split={split}", f"model.preset={plan.model}", f"model.seq_len={plan.seq_len}",
+            f"inner.optimizer={plan.optimizer}", "logging.progress_bar=false", "checkpoint.every_rounds=0"]
+
+
+def peer_overrides(plan: Plan, preset: str, split: str, lr: float) -> list[str]:
+    """One federated run: the LR schedule runs on the global step (the swarm's summed local steps)."""
+    total = plan.rounds * plan.peers * plan.local_steps
+    return [*common_overrides(plan, split), f"inner.lr={lr}", f"inner.batch_size={plan.batch}",
+            f"inner.total_steps={total}", f"inner.warmup_steps={plan.peers * plan.central_warmup(plan.central_steps)}",
+            f"outer.preset={preset}", f"rounds.target_samples_per_round={plan.samples_per_round}",
+            f"rounds.num_rounds={plan.rounds}", f"logging.eval_batches={plan.eval_batches_peer}",
+            "logging.progress_interval=1.0", "dht.startup_timeout=90", *plan.averaging]
+
+
+def central_overrides(plan: Plan, lr: float, steps: int) -> list[str]:
+    return [*common_overrides(plan, "iid"), f"inner.lr={lr}", f"inner.batch_size={plan.central_batch}",
+            f"inner.total_steps={steps}", f"inner.warmup_steps={plan.central_warmup(steps)}",
+            f"logging.eval_batches={plan.eval_batches_central}"]
+
+
+# ----------------------------------------------------------------------------- centralized
+
+
+def run_centralized(plan: Plan, lr: float, steps: int, eval_every: int) -> dict:
+    """One process on the union of the silos, batch N x local batch."""
+    import torch
+
+    from p2p_photon.baseline import train_centralized
+
+    torch.set_num_threads(plan.central_threads)
+    cfg = load_config(None, central_overrides(plan, lr, steps))
+    res = train_centralized(cfg, steps=steps, eval_every=eval_every)
+    return dict(final_ppl=res.final_ppl, initial_ppl=res.initial_ppl, tokens=res.tokens, wall_s=res.wall_s,
+                steps=res.steps, lr=lr, batch=plan.central_batch, threads=plan.central_threads,
+                bytes_sent_per_peer=0, curve=[[int(t), float(p)] for t, p in res.curve], rounds=None,
+                utilization=None)
+
+
+def centralized(plan: Plan) -> dict:
+    """LR sweep on a short budget (each with its own full cosine schedule), then the full run at the best LR."""
+    sweep = []
+    if len(plan.central_lrs) > 1:
+        steps = max(2, round(plan.sweep_fraction * plan.central_steps))
+        for lr in plan.central_lrs:
+            r = run_centralized(plan, lr, steps, eval_every=0)
+            sweep.append(dict(lr=lr, steps=steps, tokens=r["tokens"], final_ppl=r["final_ppl"], wall_s=r["wall_s"]))
+            print(f"[experiment] centralized LR sweep: lr {lr:.2e} -> ppl {r['final_ppl']:.2f} "
+                  f"({r['tokens']} tokens, {r['wall_s']:.0f}s)", flush=True)
+    best = min(sweep, key=lambda s: s["final_ppl"])["lr"] if sweep else plan.central_lrs[0]
+    run = run_centralized(plan, best, plan.central_steps, eval_every=plan.local_steps)
+    at_edge = len(sweep) > 2 and best in (min(plan.central_lrs), max(plan.central_lrs))
+    return dict(run, lr_sweep=sweep, lr_sweep_best_at_edge=at_edge)
+
+
+# ----------------------------------------------------------------------------- federated
+
+
+def run_federated(swarm: LocalSwarm, plan: Plan, name: str) -> dict:
+    """N peer processes of one run (its own run_id) on the shared bootstrap; only peer 0 evaluates every round."""
+    preset, split = name.split("_")
+    lr = plan.photon_lr if preset == "photon" else plan.diloco_lr
+    run_id = f"exp-{preset}-{split}-{uuid.uuid4().hex[:6]}"
+    overrides = [*peer_overrides(plan, preset, split, lr), f"dht.run_id={run_id}"]
+    t0 = time.perf_counter()
+    procs = [swarm.start_peer(i, name=f"{name}-peer{i}",
+                              overrides=[*overrides, f"logging.eval_every_rounds={1 if i == 0 else 0}"])
+             for i in range(plan.peers)]
+    try:
+        codes = swarm.wait(procs, timeout=plan.run_timeout)
+    except TimeoutError:
+        stop_procs(swarm, procs)
+        raise
+    if any(codes):
+        raise RuntimeError(f"{name}: peer exit codes {codes}\n" + "\n".join(swarm.tail(p, 15) for p in procs))
+    summaries = [swarm.summary(p.name) for p in procs]
+    out = summarize_federated(summaries, plan)
+    return dict(out, lr=lr, outer=preset, split=split, run_id=run_id, process_wall_s=time.perf_counter() - t0)
+
+
+def stop_procs(swarm: LocalSwarm, procs: list[Proc], grace: float = 20.0) -> None:
+    for p in procs:
+        swarm.signal(p)
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.popen.kill()
+            p.popen.wait()
+
+
+def averaged_tokens(summaries: list[dict]) -> dict[int, int]:
+    """round -> tokens of the local steps averaged in it (sum over the peers' successful rounds)."""
+    per_round: dict[int, int] = defaultdict(int)
+    for s in summaries:
+        for h in s["history"]:
+            if h.get("ok"):
+                per_round[h["round"]] += int(h["tokens"])
+    return dict(per_round)
+
+
+def federated_curve(s0: dict, per_round: dict[int, int]) -> list[list[float]]:
+    """[tokens averaged so far, held-out ppl of the global model after that round], from peer 0's evaluations."""
+    cum, total = {}, 0
+    for r in sorted(per_round):
+        total += per_round[r]
+        cum[r] = total
+    curve = [[0, s0["initial_ppl"]]]
+    for h in s0["history"]:
+        if h.get("ok") and h.get("eval_loss") is not None:
+            curve.append([cum[h["round"]], math.exp(min(h["eval_loss"], 50.0))])
+    if curve[-1][0] != total:
+        curve.append([total, s0["final_ppl"]])
+    return curve
+
+
+def peer_timing(s: dict) -> dict:
+    """Compute utilization of one peer: training-step time over round time (and over all time between rounds)."""
+    rounds = [h for h in s["history"] if "wall_s" in h]
+    ok = [h for h in rounds if h["ok"]]
+    train = sum(h["train_s"] for h in ok)
+    in_rounds = sum(h["wall_s"] + h["allreduce_s"] for h in ok)
+    start = rounds[0]["time"] - rounds[0]["wall_s"] - rounds[0]["allreduce_s"] if rounds else 0.0
+    span = rounds[-1]["time"] - start if rounds else 0.0
+    return dict(utilization=train / in_rounds if in_rounds else 0.0,
+                utilization_wall=train / span if span else 0.0,
+                allreduce_s_mean=sum(h["allreduce_s"] for h in ok) / max(1, len(ok)),
+                train_s=train, round_s=in_rounds, span_s=span, start=start, end=rounds[-1]["time"] if rounds else 0.0,
+                ok_rounds=len(ok), failed_rounds=s["failed_rounds"], bytes_sent=s["bytes_sent"],
+                steps=sum(h["steps"] for h in ok))
+
+
+def summarize_federated(summaries: list[dict], plan: Plan) -> dict:
+    s0 = summaries[0]
+    per_round = averaged_tokens(summaries)
+    tokens = sum(per_round.values())
+    timing = [peer_timing(s) for s in summaries]
+    wall = max(t["end"] for t in timing) - min(t["start"] for t in timing)
+    mean = lambda key: sum(t[key] for t in timing) / len(timing)  # noqa: E731
+    return dict(
+        final_ppl=s0["final_ppl"], initial_ppl=s0["initial_ppl"], tokens=tokens,
+        tokens_check=s0["global_step"] * plan.batch * plan.seq_len, wall_s=wall,
+        bytes_sent_per_peer=mean("bytes_sent"), rounds=s0["rounds"], global_step=s0["global_step"],
+        curve=federated_curve(s0, per_round), utilization=mean("utilization"),
+        utilization_wall=mean("utilization_wall"), allreduce_s_mean=mean("allreduce_s_mean"),
+        theta_identical=len({s["theta"] for s in summaries}) == 1,
+        failed_rounds=sum(t["failed_rounds"] for t in timing),
+        peers=[{k: v for k, v in t.items() if k not in ("start", "end")} for t in timing],
+        tokens_per_round={str(r): t for r, t in sorted(per_round.items())})
+
+
+# ----------------------------------------------------------------------------- derived figures
+
+
+def ppl_at(curve: list[list[float]], tokens: float) -> float | None:
+    """Held-out perplexity after `tokens`, interpolated linearly in log-ppl (None beyond the curve)."""
+    for (t0, p0), (t1, p1) in zip(curve, curve[1:]):
+        if t0 <= tokens <= t1:
+            frac = (tokens - t0) / (t1 - t0) if t1 > t0 else 1.0
+            return math.exp(math.log(p0) + frac * (math.log(p1) - math.log(p0)))
+    return None
+
+
+def tokens_to_reach(curve: list[list[float]], target: float) -> float | None:
+    """First crossing of `target`, interpolated linearly in log-ppl between evaluations."""
+    for i, (t, p) in enumerate(curve):
+        if p <= target:
+            if i == 0:
+                return float(t)
+            t0, p0 = curve[i - 1]
+            frac = (math.log(p0) - math.log(target)) / (math.log(p0) - math.log(p))
+            return float(t0 + frac * (t - t0))
+    return None
+
+
+def ddp_bytes(tokens: float, plan: Plan, params: int) -> float:
+    """Bytes per peer of synchronous data-parallel training for the same tokens: a ring all-reduce of fp32
+    gradients, 2 (N-1)/N x 4 P bytes per step, tokens / (N x local batch x seq_len) steps."""
+    steps = tokens / (plan.peers * plan.batch * plan.seq_len)
+    return steps * 2 * (plan.peers - 1) / plan.peers * 4 * params
+
+
+def add_derived(runs: dict[str, dict], plan: Plan, params: int) -> float | None:
+    """Target perplexity, tokens to reach it, and the data-parallel comparison; returns the target."""
+    ok = {k: r for k, r in runs.items() if "error" not in r}
+    if not ok:
+        return None
+    target = TARGET_FACTOR * max(r["final_ppl"] for r in ok.values())
+    for name, r in ok.items():
+        r["tokens_to_target"] = tokens_to_reach(r["curve"], target)
+        r["ppl_at_budget"] = ppl_at(r["curve"], plan.tokens)
+        r["tokens_per_s"] = r["tokens"] / r["wall_s"] if r["wall_s"] else None
+        if name != "centralized":
+            r["ddp_bytes_per_peer"] = ddp_bytes(r["tokens"], plan, params)
+            r["comm_reduction"] = r["ddp_bytes_per_peer"] / r["bytes_sent_per_peer"] if r["bytes_sent_per_peer"] else None
+    return target
+
+
+def count_params(plan: Plan) -> int:
+    from p2p_photon.model import build_model
+    from p2p_photon.model import count_params as count
+
+    vocab = int(next(s for s in plan.data if s.startswith("data.vocab_size=")).split("=")[1])
+    return count(build_model(plan.model, vocab, plan.seq_len, 0, "meta"))
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def print_table(runs: dict[str, dict], target: float | None) -> None:
+    head = (f"{'run':<14} {'final ppl':>9} {'ppl@budget':>10} {'tokens':>9} {'tok->target':>11} {'wall s':>7} {'rounds':>6} "
+            f"{'MB/peer':>8} {'DDP MB':>8} {'x less':>7} {'util':>5} {'util*':>5} {'avg s':>6}")
+    print(f"\nheld-out perplexity target {target:.2f} (= {TARGET_FACTOR} x the worst final ppl)" if target else "")
+    print(head)
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    for name, r in runs.items():
+        if "error" in r:
+            print(f"{name:<14} FAILED: {r['error'].splitlines()[0]}")
+            continue
+        print(f"{name:<14} {r['final_ppl']:>9.2f} {fmt(r.get('ppl_at_budget'), '10.2f')} {r['tokens']:>9d} {fmt(r.get('tokens_to_target'), '11.0f')} "
+              f"{r['wall_s']:>7.1f} {fmt(r['rounds'], '6d')} {r['bytes_sent_per_peer'] / 1e6:>8.2f} "
+              f"{fmt(r.get('ddp_bytes_per_peer') and r['ddp_bytes_per_peer'] / 1e6, '8.1f')} "
+              f"{fmt(r.get('comm_reduction'), '7.1f')} {fmt(r['utilization'], '5.2f')} "
+              f"{fmt(r.get('utilization_wall'), '5.2f')} {fmt(r.get('allreduce_s_mean'), '6.2f')}")
+    print("ppl@budget = held-out ppl interpolated at the planned tokens per run (progress-based rounds overshoot "
+          "a little); util = training-step time / (round training wall + averaging); util* = the same over all the time "
+          "between the start of round 0 and the end of the last round (evaluation, logging, failed rounds too); "
+          "avg s = mean averaging time per round\n", flush=True)
+
+
+def plot(runs: dict[str, dict], target: float | None, budget: int, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    styles = {"centralized": ("k", "-"), "photon_iid": ("tab:blue", "-"), "photon_noniid": ("tab:blue", "--"),
+              "diloco_iid": ("tab:orange", "-"), "diloco_noniid": ("tab:orange", "--")}
+    for name, r in runs.items():
+        if "error" in r:
+            continue
+        color, ls = styles.get(name, (None, "-"))
+        t, p = zip(*r["curve"])
+        ax.plot(t, p, ls, color=color, marker=".", label=f"{name} (final {r['final_ppl']:.1f})")
+    if target:
+        ax.axhline(target, color="grey", lw=0.8, ls=":", label=f"target {target:.1f}")
+    ax.axvline(budget, color="grey", lw=0.8, ls="-.", label=f"budget {budget} tokens")
+    ax.set_yscale("log")
+    ax.set_xlabel("training tokens (all peers)")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def machine_info() -> dict:
+    import hivemind
+    import torch
+
+    cpu = platform.processor()
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                   if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return dict(cpu=cpu, cpu_count=os.cpu_count(), memory_gb=round(psutil.virtual_memory().total / 2**30, 1),
+                python=platform.python_version(), platform=platform.platform(), torch=torch.__version__,
+                hivemind=hivemind.__version__)
+
+
+def config_record(plan: Plan, params: int) -> dict:
+    return dict(
+        asdict(plan), params=params, samples_per_round=plan.samples_per_round, tokens_per_run=plan.tokens,
+        central_batch=plan.central_batch, central_steps=plan.central_steps,
+        peer_overrides_photon_iid=peer_overrides(plan, "photon", "iid", plan.photon_lr),
+        lr_choice=("defaults (see the numbers above for this run) - photon: the project's Photon-recipe CPU peer LR (peers/cpu_peer.toml), not tuned; "
+                   "diloco: photon x 2/3, the ratio of DiLoCo's inner lr 4e-4 to Photon's 125M client lr 6e-4; "
+                   "centralized: best final ppl of a sweep of photon x 0.5/1/2 on sweep_fraction of the tokens, "
+                   "each with its own warmup + cosine schedule"),
+        token_counting=("federated tokens = sum over peers of `tokens` of their successful (averaged) rounds, "
+                        "= final global step x batch x seq_len (tokens_check); a curve point after round r counts "
+                        "the tokens averaged in rounds <= r; centralized tokens = steps x N x batch x seq_len"),
+        wall_counting=("federated wall_s: from the earliest peer's start of round 0 to the latest peer's end of "
+                       "the last round (process start-up and the final checkpoint excluded: process_wall_s has "
+                       "them); centralized wall_s: the training loop incl. its evaluations"),
+        eval=("the same held-out windows for every run: 8 N k windows of seq_len+1 tokens "
+              f"({plan.eval_batches_peer} batches of {plan.batch} for peers, {plan.eval_batches_central} of "
+              f"{plan.central_batch} centralized); only peer 0 evaluates every round"),
+        schedule=("warmup + cosine on the global step; federated: total = rounds x N x H global steps, warmup = "
+                  "N x the centralized warmup (same tokens)"),
+        bytes_note=("bytes_sent_per_peer is hivemind's butterfly all-reduce volume of the fp32 pseudo-gradient, "
+                    "2 (n-1)/n x 4 P per successful round (computed by averaging.py, not measured on the wire)"))
+
+
+def write_json(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def tagged_p2pd(tag: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["name"]):
+        if p.info["name"] != "p2pd":
+            continue
+        try:
+            if p.environ().get(TAG_VAR) == tag and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def reap_leftovers(tag: str, timeout: float = 15.0) -> list[int]:
+    """Our p2pd processes still alive `timeout` s after the swarm stopped (killed, and returned as a finding)."""
+    deadline = time.monotonic() + timeout
+    while (left := tagged_p2pd(tag)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for p in left:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    return [p.pid for p in left]
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def prepare_data(plan: Plan) -> None:
+    for split in ("iid", "noniid"):
+        cfg = load_config(None, common_overrides(plan, split))
+        data.prepare(cfg.data, cfg.seed, progress=False)
+
+
+def run_all(plan: Plan, names: list[str], workdir: Path, save) -> dict[str, dict]:
+    runs: dict[str, dict] = {}
+    if "centralized" in names:
+        runs["centralized"] = attempt("centralized", lambda: centralized(plan))
+        save(runs)
+    fed = [n for n in names if n != "centralized"]
+    if not fed:
+        return runs
+    with LocalSwarm(workdir, threads_per_peer=1) as swarm:
+        swarm.start_bootstrap()
+        for name in fed:
+            runs[name] = attempt(name, lambda name=name: run_federated(swarm, plan, name))
+            save(runs)
+    return runs
+
+
+def attempt(name: str, fn) -> dict:
+    print(f"[experiment] {name} ...", flush=True)
+    t0 = time.perf_counter()
+    try:
+        r = fn()
+    except Exception as e:  # a failed run is recorded and reported, the others still run
+        logger.error("%s failed: %s", name, e)
+        return dict(error=f"{type(e).__name__}: {e}")
+    print(f"[experiment] {name}: final ppl {r['final_ppl']:.2f}, {r['tokens']} tokens, "
+          f"{r['wall_s']:.0f}s training ({time.perf_counter() - t0:.0f}s in all)", flush=True)
+    return r
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname).1s %(name)s: %(message)s")
+    plan = make_plan(args)
+    out = Path(args.out) if args.out else (ROOT / "runs" / "experiment_photon" / "quick" / "photon.json" if args.quick
+                                           else ROOT / "bench" / "results" / "photon.json")
+    png = Path(args.png) if args.png else out.with_suffix(".png")
+    workdir = Path(args.workdir) if args.workdir else ROOT / "runs" / "experiment_photon" / time.strftime("%Y%m%d-%H%M%S")
+    tag = os.environ.setdefault(TAG_VAR, uuid.uuid4().hex)
+    t_start, load_before = time.perf_counter(), os.getloadavg()
+    print(f"[experiment] {plan.mode}: {plan.peers} peers, {plan.model}, {plan.rounds} rounds x {plan.local_steps} "
+          f"local steps x batch {plan.batch} x seq {plan.seq_len} = {plan.tokens} tokens per run; load avg "
+          f"{load_before[0]:.2f}; logs in {workdir}", flush=True)
+    prepare_data(plan)
+    params = count_params(plan)
+    command = shlex.join(["python", "scripts/experiment_photon.py", *(sys.argv[1:] if argv is None else argv)])
+    result = dict(mode=plan.mode, command=command, config=config_record(plan, params), machine=machine_info())
+
+    def save(runs: dict[str, dict]) -> None:
+        target = add_derived(runs, plan, params)
+        result.update(runs=runs, target_ppl=target, complete=False)
+        write_json(out, result)
+
+    runs = run_all(plan, args.runs, workdir, save)
+    leaked = reap_leftovers(tag)
+    target = add_derived(runs, plan, params)
+    result["machine"].update(loadavg_before=list(load_before), loadavg_after=list(os.getloadavg()))
+    result.update(runs=runs, target_ppl=target, complete=True, p2pd_leaked=leaked,
+                  total_wall_s=time.perf_counter() - t_start, timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    write_json(out, result)
+    plot(runs, target, plan.tokens, png, f"{plan.model}, {plan.peers} peers, H={plan.local_steps}, {plan.mode} mode")
+    print_table(runs, target)
+    print(f"[experiment] wrote {out} and {png} in {result['total_wall_s']:.0f}s; leaked p2pd: {leaked or 'none'}")
+    return 1 if leaked or any("error" in r for r in runs.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
