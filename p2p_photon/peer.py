@@ -26,7 +26,7 @@ from .averaging import AveragingFailed, SwarmAverager, scale_for
 from .config import Config, fingerprint
 from .inner import InnerTrainer, evaluate, perplexity, resolve_device
 from .model import build_model, theta_hash
-from .network import shutdown_dht, start_dht
+from .network import shutdown_dht, start_dht, validate_maddrs
 from .outer import OuterOptimizer, load_into_model, pseudo_gradient
 from .progress import ProgressPublisher, ProgressRecord, fetch_progress, progress_validators
 from .watchdog import stop_on_signals
@@ -513,6 +513,10 @@ class Peer:
 
 
 def run_peer(cfg: Config, *, resume: bool = False, summary_out: str | None = None) -> int:
+    # fail fast on bad addresses, before minutes of data preparation
+    validate_maddrs(cfg.dht.initial_peers, "--initial-peers", require_peer_id=True)
+    validate_maddrs(cfg.dht.host_maddrs, "--host-maddrs")
+    validate_maddrs(cfg.dht.announce_maddrs, "--announce-maddrs")
     stop = threading.Event()
     with stop_on_signals(stop, "finishing the current step, checkpointing and leaving"):
         return Peer(cfg, resume=resume, stop_event=stop, summary_out=summary_out).run()

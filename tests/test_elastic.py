@@ -45,7 +45,7 @@ def _ok_rounds(summary):
 
 
 def test_late_joiner_downloads_theta_then_takes_part(tmp_path, swarm_overrides):
-    run = [*swarm_overrides, "rounds.num_rounds=12", "rounds.target_samples_per_round=1200"]
+    run = [*swarm_overrides, "rounds.num_rounds=12", "rounds.target_samples_per_round=700"]
     with LocalSwarm(tmp_path, overrides=run) as swarm:
         maddrs = swarm.start_bootstrap()
         first = [swarm.start_peer(i) for i in range(2)]
