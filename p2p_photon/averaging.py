@@ -72,11 +72,19 @@ def scale_for(reference_maxabs: float) -> float:
 
 @torch.no_grad()
 def encode(delta: torch.Tensor, scale: float, out: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """out ← 1 + clamp(s·Δ); returns (residual Δ − decode(out), number of clamped elements)."""
-    scaled = delta.float() * scale
-    clamped = int((scaled.abs() > CLAMP).sum())
-    out.copy_(scaled.clamp_(-CLAMP, CLAMP)).add_(OFFSET)
-    return delta.float() - decode(out, scale), clamped
+    """out ← 1 + clamp(s·Δ); returns (residual Δ − decode(out), number of clamped elements). In place:
+    a 50M-parameter Δ is encoded without full-size temporaries beyond the residual."""
+    if delta.numel() == 0:
+        return delta.float().clone(), 0
+    torch.mul(delta.float(), scale, out=out)
+    lo, hi = torch.aminmax(out)
+    clamped = 0
+    if -float(lo) > CLAMP or float(hi) > CLAMP:
+        clamped = int((out.abs() > CLAMP).sum())
+        out.clamp_(-CLAMP, CLAMP)
+    out.add_(OFFSET)
+    residual = torch.sub(out, OFFSET).div_(scale)  # == decode(out, scale)
+    return torch.sub(delta.float(), residual, out=residual), clamped
 
 
 @torch.no_grad()

@@ -79,38 +79,41 @@ class InnerTrainer:
     def __init__(self, model: torch.nn.Module, cfg: InnerConfig, device: torch.device | None = None):
         self.model, self.cfg = model, cfg
         self.device = device or resolve_device(cfg)
-        self.optimizer = make_optimizer(model.parameters(), cfg)
+        self.reset_optimizer()
 
     def reset_optimizer(self) -> None:
         """New optimizer over the parameters that currently require grad (block cycling changes them)."""
-        self.optimizer = make_optimizer(self.model.parameters(), self.cfg)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(self.params, self.cfg)
 
     def step(self, next_batch: Callable[[], torch.Tensor], global_step: int) -> StepStats:
         t0 = time.perf_counter()
         lr = lr_at(global_step, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.model.train()
-        total_loss, tokens, samples = 0.0, 0, 0
-        for _ in range(self.cfg.grad_accum):
+        if not self.model.training:
+            self.model.train()
+        accum = self.cfg.grad_accum
+        total_loss, tokens, samples = torch.zeros((), device=self.device), 0, 0
+        for _ in range(accum):
             batch = next_batch().to(self.device, non_blocking=True)
             with autocast_for(self.cfg, self.device):
                 loss = lm_loss(self.model, batch)
-            (loss / self.cfg.grad_accum).backward()
-            total_loss += loss.item()
+            (loss / accum if accum > 1 else loss).backward()
+            total_loss += loss.detach()
             tokens += batch.shape[0] * (batch.shape[1] - 1)
             samples += batch.shape[0]
         grad_norm = self._clip()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = total_loss / self.cfg.grad_accum
-        return StepStats(loss, lr, grad_norm, tokens, samples, time.perf_counter() - t0)
+        loss_sum, norm = torch.stack([total_loss, grad_norm.float()]).tolist()  # one host sync per step
+        return StepStats(loss_sum / accum, lr, norm, tokens, samples, time.perf_counter() - t0)
 
-    def _clip(self) -> float:
-        params = [p for p in self.model.parameters() if p.grad is not None]
+    def _clip(self) -> torch.Tensor:
         if self.cfg.grad_clip > 0:
-            return float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
-        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+            return torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        grads = [p.grad.norm() for p in self.params if p.grad is not None]
+        return torch.linalg.vector_norm(torch.stack(grads))
 
 
 @torch.no_grad()

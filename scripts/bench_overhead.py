@@ -16,6 +16,7 @@ Prints a table and writes bench/results/overhead.json (`ratio` = ours / bare, in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -25,6 +26,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,14 +81,17 @@ def bare_lr(step: int, cfg: InnerConfig) -> float:
 def run_bare(model, opt, batches: list[torch.Tensor], start_step: int, cfg: InnerConfig, device) -> None:
     """A minimal nanoGPT-style loop: set lr, forward, cross-entropy, backward, clip, step, zero_grad.
     (model.train() is called once at setup, as nanoGPT does outside its loop.)"""
+    cuda = device.type == "cuda"
+    ctx = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     for i, batch in enumerate(batches):
         lr = bare_lr(start_step + i, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
         batch = batch.to(device)
         x, y = batch[:, :-1], batch[:, 1:]
-        logits = model(input_ids=x).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+        with ctx:  # bf16 autocast on CUDA, as ours does with precision 'auto'
+            logits = model(input_ids=x).logits
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
@@ -157,18 +162,12 @@ def state_bytes(args, cfg: InnerConfig, device) -> dict[str, int]:
     out = {}
     for name in ("adamw8bit", "adamw"):
         model = build_model(args.preset, args.vocab, args.seq_len, args.seed, device)
-        opt = make_optimizer(model.parameters(), _replace(cfg, optimizer=name))
+        opt = make_optimizer(model.parameters(), replace(cfg, optimizer=name))
         lm_loss(model, batch).backward()
         opt.step()
         out[name] = optimizer_state_bytes(opt)
         del model, opt
     return out
-
-
-def _replace(cfg: InnerConfig, **kw) -> InnerConfig:
-    from dataclasses import replace
-
-    return replace(cfg, **kw)
 
 
 def profile(variants, batches, device) -> None:
@@ -286,7 +285,8 @@ def summarize(args, rates, states, n_params, device, load_before) -> dict:
         repeats=dict(ours_steps_per_s=rates["ours"], bare_steps_per_s=rates["bare"], ratio=pairwise),
         config=dict(preset=args.preset, params=n_params, vocab=args.vocab, seq_len=args.seq_len, batch=args.batch,
                     steps=args.steps, repeats=args.repeats, warmup=args.warmup, optimizer=args.optimizer,
-                    seed=args.seed, order=f"alternated every {args.interleave}, ABBA (ours, bare | bare, ours | ...); medians of repeats"),
+                    seed=args.seed, interleave=args.interleave,
+                    order="alternated ABBA (ours, bare | bare, ours | ...); medians of repeats"),
         machine=dict(machine_info(args.threads, device), loadavg_before=list(load_before),
                      loadavg_after=list(os.getloadavg())),
         command=shlex.join([Path(sys.executable).name, *sys.argv]),
