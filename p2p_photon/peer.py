@@ -127,6 +127,7 @@ class Peer:
         self.failed_at, self.failed_here = -1, 0  # consecutive failed attempts at one round
         self.last_rate, self.last_wait_s = 0.0, 0.0  # tokens/s of the last round; its averaging/sync seconds
         self.theta_hash_cached = ""
+        self.joined = False  # checkpoints and summaries only for a peer that took part
 
     # ------------------------------------------------------------------ setup
 
@@ -216,6 +217,7 @@ class Peer:
                         "our checkpoint" if self.resume else "the seeded init", self.counters.round)
         self._publish(RoundStats(), "training", now=True)
         self.view.start()
+        self.joined = True
 
     # ------------------------------------------------------------------ local training
 
@@ -485,7 +487,7 @@ class Peer:
     def close(self) -> None:
         if getattr(self, "view", None) is not None and self.view.is_alive():
             self.view.stop()
-        if getattr(self, "publisher", None) is not None and getattr(self, "theta", None) is not None:
+        if self.joined:
             try:
                 self.save_checkpoint()
             except Exception as e:  # a failed final checkpoint is reported, the previous one stays
