@@ -24,7 +24,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -55,8 +55,6 @@ class RoundResult:
     bytes_received: int
     seconds: float
     clamped_fraction: float = 0.0
-    attempts: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def scales_digest(scales: Sequence[float]) -> str:

@@ -85,15 +85,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _dht_overrides(args: argparse.Namespace) -> list[str]:
     """--initial-peers etc. become dotted overrides, so they are validated like the config."""
     out = []
-    for flag, key in (("initial_peers", "dht.initial_peers"), ("host_maddrs", "dht.host_maddrs"),
-                      ("announce_maddrs", "dht.announce_maddrs")):
+    for flag in ("initial_peers", "host_maddrs", "announce_maddrs", "identity_path", "run_id"):
         value = getattr(args, flag, None)
         if value:
-            out.append(f"{key}={json.dumps(value)}")
-    for flag, key in (("identity_path", "dht.identity_path"), ("run_id", "dht.run_id")):
-        value = getattr(args, flag, None)
-        if value:
-            out.append(f"{key}={json.dumps(value)}")
+            out.append(f"dht.{flag}={json.dumps(value)}")
     return out
 
 

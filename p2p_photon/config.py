@@ -142,7 +142,8 @@ class OuterConfig:
     def validate(self) -> None:
         _check(0 < self.lr <= 10, "outer.lr", "must be in (0, 10]")
         _check(0 <= self.momentum < 1, "outer.momentum", "must be in [0, 1)")
-        _check(self.block_cycle >= 0, "outer.block_cycle", "must be >= 0 (0 = off)")
+        _check(self.block_cycle == 0, "outer.block_cycle",
+               "block-cyclic training (FedCyBGD) is not implemented yet; leave it at 0")
         _check(not (self.nesterov and self.momentum == 0 and self.preset == "custom"),
                "outer.nesterov", "needs outer.momentum > 0")
 
@@ -191,6 +192,8 @@ class AveragingConfig:
         _check(self.allreduce_timeout > 0, "averaging.allreduce_timeout", "must be > 0")
         _check(self.round_timeout > 0, "averaging.round_timeout", "must be > 0")
         _check(self.consensus_timeout > 0, "averaging.consensus_timeout", "must be > 0")
+        _check(self.compression == "none", "averaging.compression",
+               "lossy compression is not implemented yet (peers would end with different θ); use 'none'")
 
 
 @dataclass(frozen=True, kw_only=True)

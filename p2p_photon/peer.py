@@ -69,13 +69,13 @@ class SwarmView(threading.Thread):
         last_pub = 0.0
         while not self.stopped.wait(min(0.5, self.interval / 2)):
             try:
-                with self._lock:
-                    pending, self._pending = self._pending, None
-                if pending is not None and time.monotonic() - last_pub >= self.interval:
+                pending = None
+                if time.monotonic() - last_pub >= self.interval:
+                    with self._lock:  # take the newest record only when it is due
+                        pending, self._pending = self._pending, None
+                if pending is not None:
                     self.publisher.publish(pending)
                     last_pub = time.monotonic()
-                elif pending is not None:
-                    self.offer(pending)  # publish it at the next interval
                 self.refresh()
             except Exception as e:  # the DHT may be shutting down; the loop reads the last good view
                 logger.debug("swarm view: %s", e)
@@ -148,7 +148,7 @@ class Peer:
         self.initial_loss = evaluate(self.model, self.heldout, cfg.inner, self.device)
         if self.resume:
             self._restore(state.load_latest(cfg.checkpoint.dir, self.fp))
-        self._theta_hash()
+        self._theta_changed()
         self._start_network()
 
     def _start_network(self) -> None:
@@ -285,7 +285,7 @@ class Peer:
         with self.lock:
             deltas = pseudo_gradient(self.theta, self.model)
         scales = [scale_for(m) for m in self.last_avg_maxabs] if self.last_avg_maxabs else [1.0] * len(deltas)
-        meta = dict(fingerprint=self.fp, samples=st.samples, steps=st.steps, theta=self._theta_hash())
+        meta = dict(fingerprint=self.fp, samples=st.samples, steps=st.steps, theta=self.theta_hash_cached)
         try:
             res = self.averager.average(deltas, round_no=r, weight=max(st.samples, 1), meta=meta, scales=scales,
                                         timeout=min(self.cfg.averaging.round_timeout,
@@ -304,6 +304,7 @@ class Peer:
             c.round += 1
             c.global_step += sum(int(m.get("steps", 0)) for m in res.gathered.values())
             c.total_samples += sum(int(m.get("samples", 0)) for m in res.gathered.values())
+            self._theta_changed()
         c.bytes_sent += res.bytes_sent
         c.bytes_received += res.bytes_received
         self.last_avg_maxabs = [float(d.abs().max()) if d.numel() else 0.0 for d in res.deltas]
@@ -346,7 +347,7 @@ class Peer:
         with self.lock:
             tensors = [t.detach().clone() for t in self.theta] + [b.clone() for b in self.outer.state_tensors()]
             meta = dict(round=self.counters.round, global_step=self.counters.global_step, fingerprint=self.fp,
-                        theta=theta_hash(self.theta), names=self.names, total_samples=self.counters.total_samples,
+                        theta=self.theta_hash_cached, names=self.names, total_samples=self.counters.total_samples,
                         last_avg_maxabs=self.last_avg_maxabs)
         return meta, tensors
 
@@ -397,13 +398,15 @@ class Peer:
             # the encoding scales follow the averaged Δ: they must match the swarm's exactly
             self.last_avg_maxabs, self.pending = meta.get("last_avg_maxabs"), None
         self.averager.set_priority(self.counters.round)
-        self.counters.history.append(dict(round=self.counters.round, event="sync", ok=False, theta=self._theta_hash()))
+        self.counters.history.append(dict(round=self.counters.round, event="sync", ok=False,
+                                          theta=self._theta_changed()))
         logger.info("loaded state of round %d (global step %d, θ %s) from a peer", self.counters.round,
-                    self.counters.global_step, self._theta_hash())
+                    self.counters.global_step, self.theta_hash_cached)
 
     # ------------------------------------------------------------------ reporting
 
-    def _theta_hash(self) -> str:
+    def _theta_changed(self) -> str:
+        """Hash θ once whenever it changes (setup, outer step, download); everything else reads the cache."""
         with self.lock:
             self.theta_hash_cached = theta_hash(self.theta)
             return self.theta_hash_cached
@@ -434,13 +437,13 @@ class Peer:
         if report["ok"]:
             logger.info("round %d | loss %.3f | peers %d/%d | tok/s %.3g | steps %d | allreduce %.1fs | sent %.2fMB"
                         " | θ %s", report["round"], st.loss, report["group"], alive, tok_s, st.steps,
-                        report["seconds"], report["sent"] / 1e6, self._theta_hash()[:8])
+                        report["seconds"], report["sent"] / 1e6, self.theta_hash_cached[:8])
         else:
             logger.info("round %d | loss %.3f | FAILED (%s) | failed rounds %d", report["round"], st.loss,
                         report["why"], self.counters.failed_rounds)
         self.counters.history.append(dict(round=report["round"], ok=report["ok"], loss=st.loss, steps=st.steps,
                                           samples=st.samples, tokens=st.tokens, group=report.get("group", 0),
-                                          theta=self._theta_hash(), sent=report.get("sent", 0),
+                                          theta=self.theta_hash_cached, sent=report.get("sent", 0),
                                           eval_loss=report.get("eval_loss"), wall_s=st.wall_s, train_s=st.train_s,
                                           allreduce_s=report.get("seconds", 0.0), time=time.time(),
                                           global_step=self.counters.global_step,
@@ -458,7 +461,7 @@ class Peer:
                 outer=self.outer.state_tensors(), inner=self.trainer.optimizer.state_dict(),
                 meta=dict(round=self.counters.round, global_step=self.counters.global_step,
                           failed_rounds=self.counters.failed_rounds, total_samples=self.counters.total_samples,
-                          fingerprint=self.fp, theta=theta_hash(self.theta), data_cursor=self.stream.state_dict(),
+                          fingerprint=self.fp, theta=self.theta_hash_cached, data_cursor=self.stream.state_dict(),
                           last_avg_maxabs=self.last_avg_maxabs),
                 rng=state.capture_rng(), config=self.cfg)
             path = state.save_checkpoint(self.cfg.checkpoint.dir, payload, keep=self.cfg.checkpoint.keep)
@@ -482,7 +485,7 @@ class Peer:
             self.last_avg_maxabs = m.get("last_avg_maxabs")
             state.restore_rng(ckpt.rng)
         logger.info("resumed from %s: round %d, global step %d, θ %s", ckpt.path, self.counters.round,
-                    self.counters.global_step, self._theta_hash())
+                    self.counters.global_step, self._theta_changed())
 
     def close(self) -> None:
         if getattr(self, "view", None) is not None and self.view.is_alive():
@@ -509,7 +512,7 @@ class Peer:
                        rounds=self.counters.round, global_step=self.counters.global_step,
                        total_samples=self.counters.total_samples,
                        failed_rounds=self.counters.failed_rounds, bytes_sent=self.counters.bytes_sent,
-                       theta=self._theta_hash(), history=self.counters.history, steps=self.counters.steps_log)
+                       theta=self.theta_hash_cached, history=self.counters.history, steps=self.counters.steps_log)
             Path(self.summary_out).parent.mkdir(parents=True, exist_ok=True)
             Path(self.summary_out).write_text(json.dumps(out, indent=1))
 

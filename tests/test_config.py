@@ -40,6 +40,8 @@ def test_overrides_apply_and_parse_types():
     ("dht.run_id='a b'", "dht.run_id"),
     ("inner=3", "inner: must be a table"),
     ("noequals", "must look like section.key=value"),
+    ("averaging.compression='int8'", "averaging.compression: lossy compression is not implemented"),
+    ("outer.block_cycle=2", "outer.block_cycle: block-cyclic training"),
 ])
 def test_bad_values_are_one_line_errors_naming_the_key(override, needle):
     with pytest.raises(ConfigError) as e:
