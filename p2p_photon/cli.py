@@ -130,6 +130,27 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
             m.stop()
 
 
+def cmd_identity(args: argparse.Namespace) -> int:
+    import socket
+
+    from .trust import TrustError, identity_new, identity_show
+
+    try:
+        peer_id = identity_new(args.path) if args.identity_cmd == "new" else identity_show(args.path)
+    except (TrustError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.identity_cmd == "show":
+        print(peer_id)
+        return 0
+    print(f"created {os.path.abspath(os.path.expanduser(args.path))} (mode 600): keep it private, it is this "
+          "peer's login to a closed swarm; use it as dht.identity_path / --identity-path")
+    print(f"peer ID: {peer_id}")
+    print("line for the swarm operator's members file (dht.members):")
+    print(f"{peer_id}  # {socket.gethostname()}")
+    return 0
+
+
 def _add_dht_args(p: argparse.ArgumentParser, *, initial: bool = True) -> None:
     if initial:
         p.add_argument("--initial-peers", nargs="+", metavar="MADDR", help="multiaddrs of known peers (/ip4/../p2p/..)")
@@ -186,6 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--monitor-http", metavar="HOST:PORT", help="with --monitor: serve the dashboard here")
     boot.add_argument("--monitor-log", metavar="JSONL", help="with --monitor: append observations to this file")
     boot.set_defaults(func=cmd_bootstrap)
+
+    p = sub.add_parser("identity", help="peer identity files (the key behind a peer ID; closed swarms)")
+    p = p.add_subparsers(dest="identity_cmd", required=True)
+    new = p.add_parser("new", help="create a private key file; print its peer ID and members-file line")
+    new.add_argument("path", help="where to write the key (refuses to overwrite)")
+    new.set_defaults(func=cmd_identity)
+    show = p.add_parser("show", help="print the peer ID of an identity file")
+    show.add_argument("path")
+    show.set_defaults(func=cmd_identity)
 
     from .monitor import add_monitor_commands
 

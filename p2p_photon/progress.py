@@ -12,6 +12,10 @@ int is not accepted for a str, a float not for an int, NaN/inf never).
 
 The record also carries `theta_hash`, the hash of the global model at the start of the
 round, so the swarm can check that everybody averaged into the same θ.
+
+Closed swarms (see trust.py): with `members`, only records whose owner key hashes to a
+member's peer ID are accepted; with `bind_peer_id`, a record's `peer_id` field must be the
+owner key's own peer ID, so nobody can publish under another peer's name.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from p2p_photon.trust import TrustError, owner_peer_id
 
 logger = logging.getLogger(__name__)
 
@@ -79,10 +85,11 @@ class ProgressValidator(RecordValidatorBase):
 
     Records under other keys pass untouched (other validators judge them). Runs after
     RSASignatureValidator (lower priority), so it sees the value with the signature stripped.
+    With `members` or `bind_peer_id` it also checks the owner key (see owner_problem).
     """
 
-    def __init__(self, run_id: str):
-        self.run_id = run_id
+    def __init__(self, run_id: str, members: frozenset[str] | None = None, bind_peer_id: bool = False):
+        self.run_id, self.members, self.bind_peer_id = run_id, members, bind_peer_id
         self._key_id = DHTID.generate(source=progress_key(run_id)).to_bytes()
 
     def validate(self, record: DHTRecord) -> bool:
@@ -93,7 +100,9 @@ class ProgressValidator(RecordValidatorBase):
             if not is_owner_subkey(subkey):
                 logger.debug(f"{progress_key(self.run_id)}: subkey is not an owner public key")
                 return False
-            parse_record(record.value)
+            problem = owner_problem(subkey, parse_record(record.value), self.members, self.bind_peer_id)
+            if problem:
+                raise ValueError(problem)
         except (ValidationError, ValueError, TypeError) as e:
             logger.debug(f"rejected a {progress_key(self.run_id)} record: {e}")
             return False
@@ -105,6 +114,23 @@ def is_owner_subkey(subkey: object) -> bool:
     return isinstance(subkey, bytes) and _OWNER_KEY.fullmatch(subkey) is not None
 
 
+def owner_problem(
+    subkey: bytes, record: ProgressRecord, members: frozenset[str] | None, bind_peer_id: bool
+) -> str | None:
+    """Why the owner of `subkey` may not publish `record` in this swarm, or None if it may."""
+    if members is None and not bind_peer_id:
+        return None
+    try:
+        owner = owner_peer_id(subkey)
+    except TrustError as e:
+        return str(e)
+    if members is not None and owner not in members:
+        return f"owner {owner} is not a member of this swarm"
+    if bind_peer_id and record.peer_id != owner:
+        return f"record names peer {record.peer_id[:60]} but is signed by {owner}"
+    return None
+
+
 def parse_record(value: bytes | dict) -> ProgressRecord:
     """ProgressRecord from msgpack bytes (or an already decoded dict); raises ValueError."""
     if isinstance(value, bytes):
@@ -114,13 +140,20 @@ def parse_record(value: bytes | dict) -> ProgressRecord:
     return ProgressRecord.model_validate(value, strict=True)
 
 
-def progress_validators(run_id: str, private_key: RSAPrivateKey | None = None) -> list[RecordValidatorBase]:
+def progress_validators(
+    run_id: str,
+    private_key: RSAPrivateKey | None = None,
+    members: frozenset[str] | None = None,
+    bind_peer_id: bool = False,
+) -> list[RecordValidatorBase]:
     """Validators to pass to start_dht(record_validators=...); the RSA one holds this peer's key.
 
     private_key defaults to hivemind's process-wide key (one peer per process); give each
-    peer its own key when several share a process (tests).
+    peer its own key when several share a process (tests). In a closed swarm pass the key of
+    the peer's identity file (trust.signing_key_from_identity), the members
+    (trust.load_members) and bind_peer_id=True, so that records carry the peer's own ID.
     """
-    return [ProgressValidator(run_id), RSASignatureValidator(private_key)]
+    return [ProgressValidator(run_id, members, bind_peer_id), RSASignatureValidator(private_key)]
 
 
 class ProgressPublisher:
@@ -141,7 +174,11 @@ class ProgressPublisher:
         self.subkey = signers[0].local_public_key
 
     def publish(self, record: ProgressRecord) -> bool:
-        """Store `record` until now + expiration; True if at least one DHT node accepted it."""
+        """Store `record` until now + expiration; True if the DHT reports it stored.
+
+        hivemind reports the answer of the replica that answered last, so False can also mean
+        that some nodes stored it and the last one refused.
+        """
         try:
             return bool(
                 self.dht.store(
@@ -156,8 +193,14 @@ class ProgressPublisher:
             return False
 
 
-def fetch_progress(dht: hivemind.DHT, run_id: str) -> tuple[list[ProgressRecord], int]:
-    """(valid records, newest per peer_id; number of invalid or superseded entries skipped)."""
+def fetch_progress(
+    dht: hivemind.DHT, run_id: str, members: frozenset[str] | None = None, bind_peer_id: bool = False
+) -> tuple[list[ProgressRecord], int]:
+    """(valid records, newest per peer_id; number of invalid or superseded entries skipped).
+
+    `members` and `bind_peer_id` repeat the validator's checks (the validator is the
+    authority; this also covers what a DHT node started without those checks holds).
+    """
     found = dht.get(progress_key(run_id), latest=True)
     if found is None or not isinstance(found.value, dict):
         return [], 0 if found is None else 1
@@ -168,6 +211,9 @@ def fetch_progress(dht: hivemind.DHT, run_id: str) -> tuple[list[ProgressRecord]
             if not is_owner_subkey(subkey):
                 raise ValueError("subkey is not an owner public key")
             record = parse_record(entry.value)
+            problem = owner_problem(subkey, record, members, bind_peer_id)
+            if problem:
+                raise ValueError(problem)
         except (ValidationError, ValueError, TypeError):
             skipped += 1
             continue
