@@ -129,10 +129,12 @@ class OuterConfig:
     nesterov: bool = False
     """Nesterov momentum (only for preset 'custom')."""
     block_cycle: int = 0
-    """FedCyBGD: split the transformer blocks into this many groups and train one per round
-    (0 = off, train everything every round)."""
+    """FedCyBGD: split the model into this many parameter groups and train and average only one group
+    per round (0 = off: every parameter every round). At least 3: the token embeddings are group 0,
+    the final norm + LM head the last group, the transformer blocks split evenly in between."""
     block_order: Literal["cyclic", "random", "descending"] = "cyclic"
-    """Order in which block groups are visited."""
+    """Order in which groups are visited: 'cyclic' 0,1,..,B-1; 'descending' B-1,..,0 (head first);
+    'random' a seeded permutation per cycle (the same on every peer)."""
 
     def resolved(self) -> dict[str, Any]:
         if self.preset == "custom":
@@ -142,8 +144,8 @@ class OuterConfig:
     def validate(self) -> None:
         _check(0 < self.lr <= 10, "outer.lr", "must be in (0, 10]")
         _check(0 <= self.momentum < 1, "outer.momentum", "must be in [0, 1)")
-        _check(self.block_cycle == 0, "outer.block_cycle",
-               "block-cyclic training (FedCyBGD) is not implemented yet; leave it at 0")
+        _check(self.block_cycle == 0 or 3 <= self.block_cycle <= 66, "outer.block_cycle",
+               "must be 0 (off) or 3..66 (embeddings, block groups, head)")
         _check(not (self.nesterov and self.momentum == 0 and self.preset == "custom"),
                "outer.nesterov", "needs outer.momentum > 0")
 
@@ -158,18 +160,40 @@ class RoundsConfig:
     """Optionally end this peer's round after this many seconds of training (0 = no limit)."""
     num_rounds: int = 0
     """Stop after this many rounds (0 = run until interrupted)."""
+    max_rounds_ahead: int = 2
+    """Progress records claiming a round more than this far ahead of ours are ignored (a peer
+    cannot drag the swarm forward); a majority of the peers must be ahead before we move on."""
+    sample_cap_vs_median: float = 4.0
+    """When deciding that a round is over, one peer's samples count at most this many times the
+    median peer's (a peer cannot end rounds early by claiming samples it did not train)."""
 
     def validate(self) -> None:
         _check(self.target_samples_per_round >= 1, "rounds.target_samples_per_round", "must be >= 1")
         _check(self.max_local_steps >= 0, "rounds.max_local_steps", "must be >= 0 (0 = no limit)")
         _check(self.max_round_seconds >= 0, "rounds.max_round_seconds", "must be >= 0 (0 = no limit)")
         _check(self.num_rounds >= 0, "rounds.num_rounds", "must be >= 0 (0 = forever)")
+        _check(self.max_rounds_ahead >= 1, "rounds.max_rounds_ahead", "must be >= 1")
+        _check(self.sample_cap_vs_median >= 1, "rounds.sample_cap_vs_median", "must be >= 1")
 
 
 @dataclass(frozen=True, kw_only=True)
 class AveragingConfig:
-    compression: Literal["none", "fp16", "int8", "int4"] = "none"
-    """Pseudo-gradient compression on the wire (with error feedback when lossy)."""
+    compression: Literal["none", "fp16", "int8", "int4"] = "int8"
+    """Pseudo-gradient compression on the wire: 'int8' = bitsandbytes blockwise 8-bit, 'int4' =
+    blockwise 4-bit absmax, 'fp16', 'none' = fp32. Lossy modes keep what quantization cut off and add
+    it to the next round's pseudo-gradient (error feedback)."""
+    error_feedback: bool = True
+    """Carry the quantization error of this peer's pseudo-gradient into its next round."""
+    aggregator: Literal["mean", "clip", "centered_clip"] = "clip"
+    """How a reducer combines the group's contributions to its part: 'mean' = weighted mean;
+    'clip' = each contribution's norm clipped to clip_factor x the median norm first;
+    'centered_clip' = CenteredClip (BTARD) around the running estimate. Non-finite contributions
+    and weights not backed by the sender's progress record are always rejected."""
+    clip_factor: float = 2.0
+    """Clipping radius for 'clip'/'centered_clip', in multiples of the median contribution norm."""
+    max_delta_norm_ratio: float = 10.0
+    """Self-check before sending: skip contributing (and say why) if this peer's pseudo-gradient norm
+    exceeds this many times the median of its recent rounds, or is not finite."""
     min_group_size: int = 2
     """Smallest group that counts as an all-reduce."""
     target_group_size: int = 64
@@ -192,8 +216,8 @@ class AveragingConfig:
         _check(self.allreduce_timeout > 0, "averaging.allreduce_timeout", "must be > 0")
         _check(self.round_timeout > 0, "averaging.round_timeout", "must be > 0")
         _check(self.consensus_timeout > 0, "averaging.consensus_timeout", "must be > 0")
-        _check(self.compression == "none", "averaging.compression",
-               "lossy compression is not implemented yet (peers would end with different θ); use 'none'")
+        _check(self.clip_factor >= 1, "averaging.clip_factor", "must be >= 1")
+        _check(self.max_delta_norm_ratio > 1, "averaging.max_delta_norm_ratio", "must be > 1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -214,12 +238,18 @@ class DHTConfig:
     """Seconds to wait for the DHT daemon (p2pd) to start."""
     bootstrap_timeout: float = 30.0
     """Seconds to keep retrying unreachable initial peers before giving up."""
+    members: str = ""
+    """Closed swarm: a file of allowed peer IDs, one per line ('#' comments). Only members may
+    publish accepted progress records, join averaging groups or serve state; requires identity_path
+    (create one with `p2p-photon identity new`). '' = open swarm."""
 
     def validate(self) -> None:
         _check(bool(self.run_id) and self.run_id.replace("-", "").replace("_", "").replace(".", "").isalnum(),
                "dht.run_id", "must be non-empty letters, digits, '-', '_' or '.'")
         _check(self.startup_timeout > 0, "dht.startup_timeout", "must be > 0")
         _check(self.bootstrap_timeout > 0, "dht.bootstrap_timeout", "must be > 0")
+        _check(not self.members or bool(self.identity_path), "dht.members",
+               "a closed swarm needs dht.identity_path (create one with `p2p-photon identity new PATH`)")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .config import OuterConfig
+from .config import ConfigError, OuterConfig
 
 
 @torch.no_grad()
@@ -58,3 +58,50 @@ class OuterOptimizer:
             raise ValueError(f"outer optimizer state has {len(tensors)} tensors, expected {len(self.buffers)}")
         for b, t in zip(self.buffers, tensors):
             b.copy_(t)
+
+
+# ----------------------------------------------------------------------------- FedCyBGD block cycling
+
+
+def block_groups(names: Sequence[str], num_groups: int) -> list[int]:
+    """Group index of every parameter for FedCyBGD with `num_groups` >= 3 groups: group 0 is
+    everything before the first transformer block (token embeddings), the last group everything
+    after the last block (final norm, LM head), and the blocks (`...layers.<i>....`) are split into
+    num_groups - 2 contiguous groups in between. Embeddings and head are large in small models,
+    so they get their own rounds rather than riding along with a block."""
+    layer_of = []
+    for n in names:
+        parts = n.split(".")
+        idx = next((int(parts[k + 1]) for k in range(len(parts) - 1)
+                    if parts[k] == "layers" and parts[k + 1].isdigit()), None)
+        layer_of.append(idx)
+    layers = sorted({i for i in layer_of if i is not None})
+    if not layers:
+        raise ConfigError("config: outer.block_cycle: block cycling needs a model with transformer blocks named '...layers.<i>...'")
+    inner = num_groups - 2
+    if inner < 1 or inner > len(layers):
+        raise ConfigError(f"config: outer.block_cycle = {num_groups}: this model has {len(layers)} transformer blocks, "
+                         f"so use 3..{len(layers) + 2} (embeddings, blocks split into groups, head)")
+    group_of_layer = {layer: 1 + (k * inner) // len(layers) for k, layer in enumerate(layers)}
+    groups, seen_block = [], False
+    for idx in layer_of:
+        if idx is None:
+            groups.append(num_groups - 1 if seen_block else 0)
+        else:
+            seen_block = True
+            groups.append(group_of_layer[idx])
+    return groups
+
+
+def active_group(round_no: int, num_groups: int, order: str, seed: int) -> int:
+    """The group trained in `round_no`; the same on every peer (a function of the round only)."""
+    pos = round_no % num_groups
+    if order == "cyclic":
+        return pos
+    if order == "descending":
+        return num_groups - 1 - pos
+    import random
+
+    perm = list(range(num_groups))
+    random.Random(f"{seed}-{round_no // num_groups}").shuffle(perm)
+    return perm[pos]
