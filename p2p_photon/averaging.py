@@ -82,6 +82,16 @@ def banned_message(rejected: dict[str, str]) -> str:
     return f"refused the data of {why}; left out of this run's all-reduces from now on"
 
 
+def weight_problem(weight: float, cap: float | None) -> str | None:
+    """Why a sender's weight (its samples this round) is refused, or None: it must be a finite positive
+    number no larger than the cap its progress record allows."""
+    if not (math.isfinite(weight) and weight > 0):
+        return f"weight {weight!r} is not a positive number"
+    if cap is not None and weight > cap:
+        return f"weight {weight:g} is more than the {cap:g} samples its progress record allows"
+    return None
+
+
 def _digest(x: Any) -> str:
     return hashlib.sha256(repr(x).encode()).hexdigest()[:16]
 
@@ -179,6 +189,10 @@ class _Runner(AllReduceRunner):
         self.rejected: dict[str, str] = {}  # peer id -> why its data was refused
         self.outputs: dict[int, Any] = {}
         me = self.ordered_peer_ids.index(self.peer_id)
+        unused = self.tensor_part_reducer  # the base class's; replaced below (finalize it quietly)
+        unused.num_parts = 0
+        unused.finalize()
+        self.tensor_part_container.finalize()
         self.tensor_part_container = _Container(kwargs["tensors"], self.peer_fractions, codec=codec,
                                                 residuals=residuals, tensor_infos=tensor_infos,
                                                 part_size_bytes=part_size_bytes)
@@ -210,10 +224,9 @@ class _Runner(AllReduceRunner):
         cap = self.weight_caps.get(sender)
         if cap is None and self.weight_caps:
             cap = max(self.weight_caps.values())  # not in our view yet: no more than the largest known
-        if not (math.isfinite(weight) and weight > 0):
-            raise AllreduceException(f"weight {weight!r} is not a positive number")
-        if cap is not None and weight > cap:
-            raise AllreduceException(f"weight {weight:g} is more than the {cap:g} samples its progress record allows")
+        problem = weight_problem(weight, cap)
+        if problem:
+            raise AllreduceException(problem)
 
     async def _accumulate_parts_streaming(self, stream, sender_index: int):
         part_index = 0
@@ -582,7 +595,7 @@ class SwarmAverager:
     def _ban_rejected(self) -> dict[str, str]:
         """Peers whose data our reducer refused this round are left out of our all-reduces from now on."""
         try:
-            rejected = self._averager.pop_rejected()
+            rejected = {p: why for p, why in self._averager.pop_rejected().items() if p != self.peer_id}
         except Exception as e:
             logger.debug("could not read rejections: %s", e)
             return {}

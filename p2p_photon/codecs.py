@@ -115,7 +115,7 @@ class Int4Blockwise(Codec):
         padded = padded.view(blocks, INT4_BLOCK)
         absmax = padded.abs().amax(dim=1)
         scale = torch.where(absmax > 0, absmax / 7.0, torch.ones_like(absmax))
-        q = torch.round(padded / scale[:, None]).clamp_(-7, 7).to(torch.int16).add_(8).to(torch.uint8).view(-1)
+        q = torch.round(padded / scale[:, None]).clamp_(-7, 7).to(torch.int16).add_(8).to(torch.uint8).view(-1)[:n]
         if q.numel() % 2:
             q = torch.cat([q, torch.zeros(1, dtype=torch.uint8)])
         packed = (q[0::2] | (q[1::2] << 4)).contiguous()
@@ -125,13 +125,14 @@ class Int4Blockwise(Codec):
     def decode(self, msg):
         n = _n(msg)
         blocks = math.ceil(n / INT4_BLOCK)
-        packed_len = (blocks * INT4_BLOCK + 1) // 2
+        packed_len = (n + 1) // 2
         self._numel(msg, 4 * blocks + packed_len)
         absmax = torch.from_numpy(np.frombuffer(msg.buffer, dtype=np.float32, count=blocks).copy())
         if not torch.isfinite(absmax).all():
             raise ValueError("int4 part with a non-finite scale")
         packed = torch.from_numpy(np.frombuffer(msg.buffer, dtype=np.uint8, offset=4 * blocks, count=packed_len).copy())
-        q = torch.stack([packed & 0x0F, packed >> 4], dim=1).view(-1)[: blocks * INT4_BLOCK]
+        q = torch.full((blocks * INT4_BLOCK,), 8, dtype=torch.uint8)
+        q[:n] = torch.stack([packed & 0x0F, packed >> 4], dim=1).view(-1)[:n]
         scale = torch.where(absmax > 0, absmax / 7.0, torch.ones_like(absmax))
         values = (q.to(torch.float32) - 8.0).view(blocks, INT4_BLOCK) * scale[:, None]
         return values.view(-1)[:n].clone()
