@@ -75,6 +75,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .baseline import train_centralized
 
     cfg = _config(args)
+    if args.save:  # fail now, not after the training
+        from .state import check_writable
+
+        check_writable(args.save, "--save")
     res = train_centralized(cfg, steps=args.steps, seconds=args.minutes * 60, eval_every=args.eval_every,
                             save_dir=args.save, metrics_out=args.metrics_out)
     print(f"held-out perplexity: {res.initial_ppl:.2f} -> {res.final_ppl:.2f} after {res.steps} steps, "
@@ -241,8 +245,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:
         if isinstance(e, _user_errors()):
+            from .state import CheckpointMismatch  # a checkpoint of another config: a config error
+
             print(f"error: {e}", file=sys.stderr)
-            return EXIT_FAILURE
+            return EXIT_USAGE if isinstance(e, CheckpointMismatch) else EXIT_FAILURE
         raise
 
 

@@ -454,7 +454,9 @@ class Peer:
 
     # ------------------------------------------------------------------ checkpoints and shutdown
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, final: bool = False) -> Path | None:
+        """A periodic checkpoint that cannot be written is a warning (training goes on, the earlier
+        checkpoints stay); the final one raises CheckpointError."""
         with self.lock:
             payload = state.CheckpointPayload(
                 theta={n: t for n, t in zip(self.names, self.theta)},
@@ -464,7 +466,13 @@ class Peer:
                           fingerprint=self.fp, theta=self.theta_hash_cached, data_cursor=self.stream.state_dict(),
                           last_avg_maxabs=self.last_avg_maxabs),
                 rng=state.capture_rng(), config=self.cfg)
-            path = state.save_checkpoint(self.cfg.checkpoint.dir, payload, keep=self.cfg.checkpoint.keep)
+            try:
+                path = state.save_checkpoint(self.cfg.checkpoint.dir, payload, keep=self.cfg.checkpoint.keep)
+            except state.CheckpointError as e:
+                if final:
+                    raise
+                logger.warning("checkpoint of round %d failed: %s; training goes on", self.counters.round, e)
+                return None
         logger.info("checkpoint %s (round %d, θ %s)", path, self.counters.round, payload.meta["theta"][:8])
         return path
 
@@ -490,17 +498,24 @@ class Peer:
     def close(self) -> None:
         if getattr(self, "view", None) is not None and self.view.is_alive():
             self.view.stop()
+        failed = None
         if self.joined:
             try:
-                self.save_checkpoint()
-            except Exception as e:  # a failed final checkpoint is reported, the previous one stays
-                logger.error("final checkpoint failed: %s", e)
+                self.save_checkpoint(final=True)
+            except Exception as e:  # raised below, after the shutdown; the earlier checkpoints stay
+                failed = e
             self._write_summary()
             self._publish(RoundStats(), "done")
         if self.averager is not None:
             self.averager.shutdown()
         shutdown_dht(self.dht)
         self.averager = self.dht = None
+        if failed is not None:
+            import sys
+
+            if sys.exc_info()[1] is None:  # nothing else is failing: exit non-zero with this message
+                raise failed
+            logger.error("final checkpoint failed: %s", failed)
 
     def _write_summary(self) -> None:
         final = evaluate(self.model, self.heldout, self.cfg.inner, self.device)
@@ -522,6 +537,7 @@ def run_peer(cfg: Config, *, resume: bool = False, summary_out: str | None = Non
     validate_maddrs(cfg.dht.initial_peers, "--initial-peers", require_peer_id=True)
     validate_maddrs(cfg.dht.host_maddrs, "--host-maddrs")
     validate_maddrs(cfg.dht.announce_maddrs, "--announce-maddrs")
+    state.check_writable(cfg.checkpoint.dir)  # and a read-only checkpoint.dir, before any training
     stop = threading.Event()
     with stop_on_signals(stop, "finishing the current step, checkpointing and leaving"):
         return Peer(cfg, resume=resume, stop_event=stop, summary_out=summary_out).run()

@@ -4,24 +4,28 @@ A checkpoint is a directory `ckpt-<round>` holding θ (`theta.safetensors`), the
 optimizer's momentum, the inner optimizer's state (tensors in safetensors, the rest JSON),
 RNG states, counters and the data cursor (`meta.json`), the resolved config, and last a
 `MANIFEST.json` with the sha256 of every file. It is written into a temporary directory,
-fsynced and renamed into place, so a crash mid-write never damages an earlier checkpoint.
-No pickle anywhere.
+fsynced and renamed into place, so a crash mid-write never damages an earlier checkpoint; a
+write that fails (full disk, read-only directory) removes its partial copy and raises
+`CheckpointError`. No pickle anywhere.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import random
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import Config, to_toml
@@ -34,6 +38,10 @@ MANIFEST = "MANIFEST.json"
 
 class CheckpointError(Exception):
     """One-line, user-facing checkpoint problem naming the file and the fix."""
+
+
+class CheckpointMismatch(CheckpointError):
+    """The checkpoint belongs to another run fingerprint (a config error: exit code 2)."""
 
 
 @dataclass
@@ -139,30 +147,102 @@ def _write_files(tmp: Path, p: CheckpointPayload) -> None:
 
 
 def save_checkpoint(directory: str | Path, payload: CheckpointPayload, *, keep: int = 2) -> Path:
-    """Write `payload` as ckpt-<round> atomically; keep the newest `keep` checkpoints."""
+    """Write `payload` as ckpt-<round> atomically; keep the newest `keep` checkpoints.
+
+    On any write error the partial copy is removed, the previous checkpoints are left as they
+    were, and CheckpointError says what went wrong and what to do."""
     root = Path(directory)
+    final = root / f"{PREFIX}{int(payload.meta['round']):08d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
     try:
         root.mkdir(parents=True, exist_ok=True)
-        final = root / f"{PREFIX}{int(payload.meta['round']):08d}"
-        tmp = root / f".tmp-{final.name}-{os.getpid()}"
+        _remove_stale(root)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         _write_files(tmp, payload)
         _fsync_dir(tmp)
-        if final.exists():  # same round written again (e.g. at shutdown): replace it atomically
-            old = root / f".old-{final.name}-{os.getpid()}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
+        _replace(tmp, final)
         _fsync_dir(root)
-    except OSError as e:
-        shutil.rmtree(locals().get("tmp", root / ".none"), ignore_errors=True)
-        raise CheckpointError(f"could not write a checkpoint in {root}: {e.strerror or e} "
-                              "(check free space and permissions; the previous checkpoint is intact)") from None
+    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as SafetensorError
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(_write_error(root, e)) from None
     _prune(root, keep)
     return final
+
+
+def _replace(tmp: Path, final: Path) -> None:
+    """Rename tmp to final; the same round written again (e.g. at shutdown) replaces it atomically."""
+    if not final.exists():
+        os.rename(tmp, final)
+        return
+    old = final.with_name(f".old-{final.name}-{os.getpid()}")
+    os.rename(final, old)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        os.rename(old, final)  # put the previous one back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_stale(root: Path) -> None:
+    """Partial copies left by a process that died mid-write (they can fill a disk); a checkpoint
+    it had moved aside to replace it goes back into place."""
+    for kind in ("tmp", "old"):
+        for p in root.glob(f".{kind}-{PREFIX}*"):
+            name, _, pid = p.name[len(kind) + 2:].rpartition("-")
+            if not pid.isdigit() or _alive(int(pid)):
+                continue
+            if kind == "old" and not (root / name).exists():
+                os.rename(p, root / name)
+            else:
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        pass
+    return True
+
+
+_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+_DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _write_error(root: Path, e: BaseException) -> str:
+    """'could not write a checkpoint in DIR: <reason>; <fix> (earlier checkpoints are untouched)'."""
+    code, reason = getattr(e, "errno", None), getattr(e, "strerror", None)
+    if isinstance(e, SafetensorError):  # 'Error while serializing: I/O error: File too large (os error 27)'
+        text = str(e)
+        reason = text.rpartition("I/O error: ")[2].split(" (os error")[0] or text
+        digits = text.rpartition("(os error ")[2].rstrip(")")
+        code = int(digits) if digits.isdigit() else None
+    if code in _FULL:
+        fix = "free some space, or point checkpoint.dir at a disk with room"
+    elif code in _DENIED:
+        fix = "make it writable, or point checkpoint.dir at a writable directory"
+    else:
+        fix = "check free space and permissions"
+    return f"could not write a checkpoint in {root}: {reason or e}; {fix} (earlier checkpoints are untouched)"
+
+
+def check_writable(directory: str | Path, what: str = "checkpoint.dir") -> Path:
+    """Fail fast, before any training, when nothing could be written to `directory` (created if missing)."""
+    root = Path(directory)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=root)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        problem = "is not a directory" if root.exists() and not root.is_dir() else f"is not writable ({e.strerror or e})"
+        raise CheckpointError(f"{what} {root} {problem}: fix its permissions or point {what} at a writable "
+                              "directory") from None
+    return root
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -224,18 +304,21 @@ def load_latest(directory: str | Path, fingerprint: str | None = None) -> Checkp
     None when there is none at all; CheckpointError when all are unusable."""
     candidates = list_checkpoints(directory)
     errors = []
-    for path in candidates:
+    for i, path in enumerate(candidates):
         try:
             ckpt = load_checkpoint(path)
         except CheckpointError as e:
-            logger.warning("%s; falling back to the previous checkpoint", e)
+            if i + 1 < len(candidates):
+                logger.warning("%s; falling back to the previous checkpoint", e)
             errors.append(str(e))
             continue
         if fingerprint is not None and ckpt.meta.get("fingerprint") != fingerprint:
-            raise CheckpointError(
+            raise CheckpointMismatch(
                 f"checkpoint {path} belongs to run fingerprint {ckpt.meta.get('fingerprint')}, this config has "
                 f"{fingerprint}: use the config it was written with, or another checkpoint.dir")
         return ckpt
     if errors:
-        raise CheckpointError(f"no usable checkpoint in {directory}: {errors[0]} (delete it to start fresh)")
+        older = f" (and {len(errors) - 1} older checkpoint(s) too)" if len(errors) > 1 else ""
+        raise CheckpointError(f"no usable checkpoint in {directory}: {errors[0]}{older}; move the damaged "
+                              "checkpoints away (or run without --resume) to start fresh")
     return None
