@@ -30,8 +30,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     errors.append(NetworkError)
     from .monitor import MonitorError
     from .state import CheckpointError
+    from .trust import TrustError
 
-    errors += [CheckpointError, MonitorError]
+    errors += [CheckpointError, MonitorError, TrustError]
     return tuple(errors)
 
 

@@ -163,9 +163,11 @@ class RoundsConfig:
     max_rounds_ahead: int = 2
     """Progress records claiming a round more than this far ahead of ours are ignored (a peer
     cannot drag the swarm forward); a majority of the peers must be ahead before we move on."""
-    sample_cap_vs_median: float = 4.0
-    """When deciding that a round is over, one peer's samples count at most this many times the
-    median peer's (a peer cannot end rounds early by claiming samples it did not train)."""
+    sample_cap_vs_others: float = 1.0
+    """When deciding that a round is over, another peer's samples count at most this many times the
+    largest count among the rest of the swarm (this peer included): one peer cannot end rounds
+    early by claiming samples it did not train. A lone much faster peer is undercounted, which
+    only makes rounds longer."""
 
     def validate(self) -> None:
         _check(self.target_samples_per_round >= 1, "rounds.target_samples_per_round", "must be >= 1")
@@ -173,7 +175,7 @@ class RoundsConfig:
         _check(self.max_round_seconds >= 0, "rounds.max_round_seconds", "must be >= 0 (0 = no limit)")
         _check(self.num_rounds >= 0, "rounds.num_rounds", "must be >= 0 (0 = forever)")
         _check(self.max_rounds_ahead >= 1, "rounds.max_rounds_ahead", "must be >= 1")
-        _check(self.sample_cap_vs_median >= 1, "rounds.sample_cap_vs_median", "must be >= 1")
+        _check(self.sample_cap_vs_others >= 1, "rounds.sample_cap_vs_others", "must be >= 1")
 
 
 @dataclass(frozen=True, kw_only=True)

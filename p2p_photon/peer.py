@@ -11,8 +11,13 @@ as if it were global. A peer that finds the swarm ahead of it downloads the stat
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
+import shutil
+import statistics
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,13 +26,13 @@ from pathlib import Path
 import torch
 from hivemind.utils import get_dht_time
 
-from . import data, state
-from .averaging import AveragingFailed, SwarmAverager, scale_for
+from . import data, state, trust
+from .averaging import AveragingFailed, SwarmAverager
 from .config import Config, fingerprint
-from .inner import InnerTrainer, evaluate, perplexity, resolve_device
+from .inner import InnerTrainer, evaluate, optimizer_state_bytes, perplexity, resolve_device
 from .model import build_model, theta_hash
-from .network import shutdown_dht, start_dht, validate_maddrs
-from .outer import OuterOptimizer, load_into_model, pseudo_gradient
+from .network import prepare_identity, shutdown_dht, start_dht, validate_maddrs
+from .outer import OuterOptimizer, active_group, block_groups, load_into_model, pseudo_gradient
 from .progress import ProgressPublisher, ProgressRecord, fetch_progress, progress_validators
 from .watchdog import stop_on_signals
 
@@ -41,9 +46,11 @@ class SwarmView(threading.Thread):
     """Publishes this peer's latest progress record and fetches the swarm's records in the background,
     so the training loop never blocks on the DHT (it reads the cached view)."""
 
-    def __init__(self, dht, run_id: str, publisher: ProgressPublisher, interval: float):
+    def __init__(self, dht, run_id: str, publisher: ProgressPublisher, interval: float,
+                 members: frozenset[str] | None = None):
         super().__init__(name="swarm-view", daemon=True)
         self.dht, self.run_id, self.publisher, self.interval = dht, run_id, publisher, interval
+        self.members = members
         self.stopped = threading.Event()
         self._pending: ProgressRecord | None = None
         self._records: list[ProgressRecord] = []
@@ -60,7 +67,7 @@ class SwarmView(threading.Thread):
 
     def refresh(self) -> list[ProgressRecord]:
         """Fetch now (for decisions that must not use a stale view)."""
-        records, invalid = fetch_progress(self.dht, self.run_id)
+        records, invalid = fetch_progress(self.dht, self.run_id, members=self.members, bind_peer_id=True)
         with self._lock:
             self._records, self.invalid = records, invalid
         return records
@@ -122,7 +129,12 @@ class Peer:
         self.counters = Counters()
         self.lock = threading.RLock()  # guards θ_global/outer state against the state-sharing thread
         self.dht = self.averager = None
-        self.last_avg_maxabs: list[float] | None = None
+        self.members: frozenset[str] | None = None
+        self._tmp_identity: str | None = None  # private dir of an ephemeral identity (no dht.identity_path)
+        self.delta_norms: dict[int, list[float]] = {}  # active group -> this peer's recent ‖Δ‖ (self-check)
+        self.peak_opt_bytes = 0
+        self._ignored_claims: set[str] = set()
+        self._trained_group: int | None = None  # FedCyBGD: the group the inner optimizer currently holds
         self.pending: RoundStats | None = None  # work of a failed attempt, carried into the retry
         self.failed_at, self.failed_here = -1, 0  # consecutive failed attempts at one round
         self.last_rate, self.last_wait_s = 0.0, 0.0  # tokens/s of the last round; its averaging/sync seconds
@@ -138,6 +150,7 @@ class Peer:
         self.device = resolve_device(cfg.inner)
         self.model = build_model(cfg.model.preset, self.prep.vocab_size, cfg.model.seq_len, cfg.seed, self.device)
         self.names = [n for n, _ in self.model.named_parameters()]
+        self.groups = block_groups(self.names, cfg.outer.block_cycle) if cfg.outer.block_cycle else None
         self.theta = [p.detach().clone() for p in self.model.parameters()]
         self.outer = OuterOptimizer(self.theta, cfg.outer)
         self.trainer = InnerTrainer(self.model, cfg.inner, self.device)
@@ -152,13 +165,20 @@ class Peer:
         self._start_network()
 
     def _start_network(self) -> None:
-        run_id = self.cfg.dht.run_id
-        self.validators = progress_validators(run_id)
-        self.dht = start_dht(self.cfg.dht, record_validators=self.validators)
+        """Progress records are signed with the peer's identity key (an ephemeral one in a private
+        temp dir if dht.identity_path is empty), so every record is bound to its sender's peer ID."""
+        run_id, dht_cfg = self.cfg.dht.run_id, self.cfg.dht
+        self.members = trust.load_members(dht_cfg.members) if dht_cfg.members else None
+        if not dht_cfg.identity_path:
+            self._tmp_identity = tempfile.mkdtemp(prefix="p2p-photon-id-")
+            dht_cfg = dataclasses.replace(dht_cfg, identity_path=f"{self._tmp_identity}/identity.key")
+        key = trust.signing_key_from_identity(prepare_identity(dht_cfg.identity_path)[0])
+        self.validators = progress_validators(run_id, key, members=self.members, bind_peer_id=True)
+        self.dht = start_dht(dht_cfg, record_validators=self.validators)
         self.publisher = ProgressPublisher(self.dht, run_id, self.validators)
-        self.view = SwarmView(self.dht, run_id, self.publisher, self.cfg.logging.progress_interval)
+        self.view = SwarmView(self.dht, run_id, self.publisher, self.cfg.logging.progress_interval, self.members)
         self.averager = SwarmAverager(self.dht, [t.shape for t in self.theta], prefix=f"{run_id}-{self.fp}",
-                                      cfg=self.cfg.averaging, state_fn=self._share_state)
+                                      cfg=self.cfg.averaging, state_fn=self._share_state, members=self.members)
         self.peer_id = self.averager.peer_id
         logger.info("peer %s joined run %s (fingerprint %s, silo %d, model %s)", self.peer_id[-8:], run_id,
                     self.fp, self.cfg.data.silo, self.cfg.model.preset)
@@ -194,7 +214,7 @@ class Peer:
 
     def _join_swarm(self) -> None:
         """Refuse a foreign swarm; download state if the swarm is ahead of us."""
-        records, _ = fetch_progress(self.dht, self.cfg.dht.run_id)
+        records, _ = fetch_progress(self.dht, self.cfg.dht.run_id, members=self.members, bind_peer_id=True)
         others = [r for r in records if r.peer_id != self.peer_id and r.state != "done"]
         ours = [r for r in others if r.fingerprint == self.fp]
         foreign = [r for r in others if r.fingerprint != self.fp]
@@ -224,6 +244,7 @@ class Peer:
     def train_until_round_ends(self) -> RoundStats:
         """Train from θ until the round ends; after a failed attempt, continue the same round's work."""
         cfg = self.cfg
+        self._prepare_round()
         st, self.pending = self.pending or RoundStats(), None
         t0 = last_pub = last_check = time.perf_counter()
         wall0, loss_sum = st.wall_s, st.loss * st.steps if st.steps else 0.0
@@ -244,14 +265,29 @@ class Peer:
             if now - last_pub >= min(1.0, cfg.logging.progress_interval / 2):
                 self._publish(st, "training")  # handed to the background thread: no DHT call here
                 last_pub = now
-            if self._local_cap_reached(st):
+            if self._local_cap_reached(st) or (now - last_check >= 0.2 and self._round_over(st)):
+                self.peak_opt_bytes = max(self.peak_opt_bytes, optimizer_state_bytes(self.trainer.optimizer))
                 return st
             if now - last_check >= 0.2:
                 last_check = now
-                if self._round_over(st):
-                    return st
         st.stopped = True
         return st
+
+    def _prepare_round(self) -> None:
+        """FedCyBGD: only the round's group requires grad, and the inner optimizer holds state for
+        it alone (a new optimizer whenever the group changes)."""
+        if self.groups is None:
+            return
+        active = self._active_indices()
+        key = self._group_key(active)
+        if key == self._trained_group:
+            return
+        on = set(active)
+        for i, p in enumerate(self.model.parameters()):
+            p.requires_grad_(i in on)
+            p.grad = None
+        self.trainer.reset_optimizer()
+        self._trained_group = key
 
     def _local_cap_reached(self, st: RoundStats) -> bool:
         r = self.cfg.rounds
@@ -259,47 +295,119 @@ class Peer:
                     or (r.max_round_seconds and st.wall_s >= r.max_round_seconds))
 
     def _round_over(self, st: RoundStats) -> bool:
-        """Progress-based end: the swarm's samples for this round (extrapolated by each peer's
-        reported throughput for a few seconds) reach the target, or someone already moved on."""
+        """Progress-based end: the swarm's samples for this round (each peer's extrapolated by its
+        reported throughput for a few seconds, and capped relative to the median peer, see
+        trust.round_progress) reach the target, or a majority of the other peers already moved on."""
         records = self.view.records()
-        now, r = get_dht_time(), self.counters.round
-        total = st.samples
-        for rec in records:
-            if rec.peer_id == self.peer_id or rec.fingerprint != self.fp or rec.state == "done":
-                continue
-            if rec.round > r:
-                return True
-            if rec.round == r:
-                rate = rec.tokens_per_s / self.cfg.model.seq_len if rec.state == "training" else 0.0
-                total += rec.samples + rate * min(max(0.0, now - rec.time), EXTRAPOLATE_MAX_S)
+        ahead, _ = self._majority_ahead(records)
+        if ahead is not None:
+            return True
+        total = trust.round_progress(records, me=self.peer_id, my_round=self.counters.round, my_samples=st.samples,
+                                     fingerprint=self.fp, now=get_dht_time(), seq_len=self.cfg.model.seq_len,
+                                     cap_vs_others=self.cfg.rounds.sample_cap_vs_others,
+                                     extrapolate_max_s=EXTRAPOLATE_MAX_S)
         return total >= self.cfg.rounds.target_samples_per_round
+
+    def _majority_ahead(self, records: list[ProgressRecord]) -> tuple[int | None, bool]:
+        """(round a majority of the other peers has reached beyond ours or None, whether any other peer
+        is still in our round). Claims more than rounds.max_rounds_ahead ahead are ignored."""
+        r = self.counters.round
+        ahead, ignored = trust.swarm_ahead(records, me=self.peer_id, my_round=r, fingerprint=self.fp,
+                                           max_rounds_ahead=self.cfg.rounds.max_rounds_ahead)
+        for why in ignored:
+            if why not in self._ignored_claims:
+                self._ignored_claims.add(why)
+                logger.warning("ignoring a progress claim: %s", why)
+        mates_here = any(x.round == r and x.fingerprint == self.fp and x.peer_id != self.peer_id
+                         and x.state != "done" for x in records)
+        return ahead, mates_here
 
     # ------------------------------------------------------------------ averaging
 
     def average_and_step(self, st: RoundStats) -> dict:
         self._publish(st, "averaging")
         r = self.counters.round
-        ahead, mates_here = self._swarm_ahead()
-        if ahead > r and not mates_here:
+        records = self.view.refresh()
+        ahead, mates_here = self._majority_ahead(records)
+        if ahead is not None and not mates_here:
             return self._on_failed_round(st, f"missed round {r}: the swarm is already at round {ahead}")
+        active = self._active_indices()
         with self.lock:
             deltas = pseudo_gradient(self.theta, self.model)
-        scales = [scale_for(m) for m in self.last_avg_maxabs] if self.last_avg_maxabs else [1.0] * len(deltas)
+        deltas = self._contribution(deltas)
+        problem = self._self_check(deltas, active)
+        if problem:
+            return self._on_failed_round(st, f"not contributing: {problem}; local work discarded", keep_work=False)
         meta = dict(fingerprint=self.fp, samples=st.samples, steps=st.steps, theta=self.theta_hash_cached)
         try:
-            res = self.averager.average(deltas, round_no=r, weight=max(st.samples, 1), meta=meta, scales=scales,
+            res = self.averager.average(deltas, round_no=r, weight=self._weight(st), meta=meta, active=active,
+                                        weight_caps=self._weight_caps(records),
                                         timeout=min(self.cfg.averaging.round_timeout,
                                                     4 * self.cfg.averaging.matchmaking_time))
         except AveragingFailed as e:
             return self._on_failed_round(st, str(e))
+        self._remember_norm(deltas, active)
         self._apply(res)
         return dict(ok=True, round=r, stats=st, group=res.group_size, seconds=res.seconds,
-                    sent=res.bytes_sent, received=res.bytes_received)
+                    sent=res.bytes_sent, received=res.bytes_received, residual=res.residual_norm)
+
+    # hooks (tests/attackers.py overrides them to play a hostile peer)
+    def _contribution(self, deltas: list[torch.Tensor]) -> list[torch.Tensor]:
+        return deltas
+
+    def _weight(self, st: RoundStats) -> float:
+        return float(max(st.samples, 1))
+
+    def _active_indices(self) -> list[int] | None:
+        """Tensors trained and averaged this round: all, or FedCyBGD's active group."""
+        if self.groups is None:
+            return None
+        g = active_group(self.counters.round, self.cfg.outer.block_cycle, self.cfg.outer.block_order, self.cfg.seed)
+        return [i for i, x in enumerate(self.groups) if x == g]
+
+    def _self_check(self, deltas: list[torch.Tensor], active: list[int] | None) -> str | None:
+        """Before sending: a non-finite Δ, or one far larger than this peer's recent rounds, is not sent."""
+        idx = range(len(deltas)) if active is None else active
+        norm = math.sqrt(sum(float(deltas[i].double().pow(2).sum()) for i in idx))
+        if not math.isfinite(norm):
+            return "the pseudo-gradient has non-finite values"
+        history = self.delta_norms.get(self._group_key(active), [])
+        ratio = self.cfg.averaging.max_delta_norm_ratio
+        if len(history) >= 3 and norm > ratio * statistics.median(history):
+            return (f"the pseudo-gradient norm {norm:.3g} is more than {ratio:g}x the median of this peer's "
+                    f"recent rounds ({statistics.median(history):.3g})")
+        return None
+
+    @staticmethod
+    def _group_key(active: list[int] | None) -> int:
+        return -1 if active is None else active[0]
+
+    def _remember_norm(self, deltas: list[torch.Tensor], active: list[int] | None) -> None:
+        idx = range(len(deltas)) if active is None else active
+        norm = math.sqrt(sum(float(deltas[i].double().pow(2).sum()) for i in idx))
+        hist = self.delta_norms.setdefault(self._group_key(active), [])
+        hist.append(norm)
+        del hist[:-8]
+
+    def _weight_caps(self, records: list[ProgressRecord]) -> dict[str, float]:
+        """The most weight (samples) a group member may claim: what its latest record says it trained,
+        plus what its reported throughput (capped relative to the median peer) allows since then."""
+        now, seq = get_dht_time(), self.cfg.model.seq_len
+        mates = [x for x in records if x.fingerprint == self.fp and x.round == self.counters.round
+                 and x.peer_id != self.peer_id]
+        if not mates:
+            return {}
+        rates = [x.tokens_per_s / seq for x in mates] + [self.last_rate / seq]
+        max_rate = 4.0 * statistics.median_low(rates)
+        slack = self.cfg.inner.batch_size * self.cfg.inner.grad_accum
+        return {x.peer_id: 1.5 * (x.samples + min(x.tokens_per_s / seq, max_rate) * min(30.0, max(0.0, now - x.time) + 5))
+                + 2 * slack for x in mates}
 
     def _apply(self, res) -> None:
         c = self.counters
         with self.lock:
-            self.outer.step(res.deltas)
+            mask = [d is not None for d in res.deltas]
+            self.outer.step([d if d is not None else t for d, t in zip(res.deltas, self.theta)], mask=mask)
             load_into_model(self.theta, self.model)
             c.round += 1
             c.global_step += sum(int(m.get("steps", 0)) for m in res.gathered.values())
@@ -307,10 +415,9 @@ class Peer:
             self._theta_changed()
         c.bytes_sent += res.bytes_sent
         c.bytes_received += res.bytes_received
-        self.last_avg_maxabs = [float(d.abs().max()) if d.numel() else 0.0 for d in res.deltas]
         self.averager.set_priority(c.round)
 
-    def _on_failed_round(self, st: RoundStats, why: str) -> dict:
+    def _on_failed_round(self, st: RoundStats, why: str, keep_work: bool = True) -> dict:
         """Counted and published; the local work is kept for the next attempt unless the swarm moved on."""
         c, r = self.counters, self.counters.round
         c.failed_rounds += 1
@@ -323,21 +430,24 @@ class Peer:
         if self.failed_here >= STUCK_AFTER and self.sync_from_peers(attempts=1):
             logger.warning("%d failed attempts at round %d: re-synchronized with the swarm", self.failed_here, r)
             return dict(ok=False, round=r, stats=st, why=why)
-        self.pending = st  # keep the local work (Δ stays relative to the last agreed θ) and retry
+        if keep_work:
+            self.pending = st  # keep the local work (Δ stays relative to the last agreed θ) and retry
+        else:
+            with self.lock:
+                load_into_model(self.theta, self.model)
         return dict(ok=False, round=r, stats=st, why=why)
 
-    def _swarm_ahead(self) -> tuple[int, bool]:
-        """(highest round of our swarm's other peers, whether any other peer is still in our round)."""
-        records = self.view.refresh()
-        mates = [x for x in records if x.fingerprint == self.fp and x.peer_id != self.peer_id and x.state != "done"]
-        return max((x.round for x in mates), default=-1), any(x.round == self.counters.round for x in mates)
-
     def _catch_up(self) -> bool:
-        """If the swarm finished our round without us, download its state instead of averaging a stale Δ."""
-        ahead, _ = self._swarm_ahead()
-        if ahead <= self.counters.round:
+        """If a majority of the other peers finished our round without us, download the swarm's state
+        instead of averaging a stale Δ (a lone peer far ahead is not enough)."""
+        records = self.view.refresh()
+        mates = [x.round for x in records if x.fingerprint == self.fp and x.peer_id != self.peer_id
+                 and x.state != "done"]
+        ahead = sorted((x for x in mates if x > self.counters.round), reverse=True)
+        if not mates or len(ahead) <= len(mates) // 2:
             return False
-        logger.info("the swarm is at round %d, we are at %d: downloading its state", ahead, self.counters.round)
+        logger.info("the swarm is at round %d, we are at %d: downloading its state", ahead[len(mates) // 2],
+                    self.counters.round)
         return self.sync_from_peers()
 
     # ------------------------------------------------------------------ state sharing
@@ -347,45 +457,72 @@ class Peer:
         with self.lock:
             tensors = [t.detach().clone() for t in self.theta] + [b.clone() for b in self.outer.state_tensors()]
             meta = dict(round=self.counters.round, global_step=self.counters.global_step, fingerprint=self.fp,
-                        theta=self.theta_hash_cached, names=self.names, total_samples=self.counters.total_samples,
-                        last_avg_maxabs=self.last_avg_maxabs)
+                        theta=self.theta_hash_cached, names=self.names, total_samples=self.counters.total_samples)
         return meta, tensors
 
-    def sync_from_peers(self, attempts: int = 4) -> bool:
-        delay = 1.0
-        for attempt in range(1, attempts + 1):
-            got = self.averager.load_state_from_peers(timeout=max(10.0, self.cfg.averaging.allreduce_timeout))
+    def sync_from_peers(self, attempts: int = 4, max_donors: int = 8) -> bool:
+        """Download the swarm's state. Donors are tried by the round they claim; what one serves is
+        checked (names, shapes, dtypes, finite values, its θ hash against the swarm's records) and a
+        donor whose state fails is skipped for the next one."""
+        delay, refused = 1.0, []
+        attempt = 0
+        while attempt < attempts and len(refused) < max_donors and not self.stop.is_set():
+            got = self.averager.load_state_from_peers(timeout=max(10.0, self.cfg.averaging.allreduce_timeout),
+                                                      exclude=refused)
             if got is not None:
-                problem = self._check_state(*got)
+                donor, meta, tensors = got
+                problem = self._check_state(meta, tensors, donor)
                 if problem is None:
-                    self._load_state(*got)
+                    self._load_state(meta, tensors, donor)
                     return True
-                logger.warning("rejected downloaded state: %s", problem)
+                logger.warning("rejected the state served by peer %s: %s; trying another donor", donor[-8:], problem)
+                refused.append(donor)
+                continue
+            attempt += 1
             if attempt < attempts:
                 logger.info("no usable state from peers (attempt %d/%d), retrying in %.0fs", attempt, attempts, delay)
                 time.sleep(delay)
                 delay *= 2
         return False
 
-    def _check_state(self, meta, tensors) -> str | None:
+    def _check_state(self, meta, tensors, donor: str = "") -> str | None:
         if not isinstance(meta, dict) or meta.get("fingerprint") != self.fp:
             return "fingerprint differs"
         if meta.get("names") != self.names:
             return "parameter names differ"
+        for key in ("round", "global_step", "total_samples"):
+            if not isinstance(meta.get(key), int) or meta[key] < 0:
+                return f"malformed {key}"
         expected = [t.shape for t in self.theta] + [b.shape for b in self.outer.state_tensors()]
         if [tuple(t.shape) for t in tensors] != [tuple(s) for s in expected]:
-            return "tensor shapes differ"
+            return "tensor names/shapes differ from this run's model"
         if any(t.dtype != torch.float32 or not torch.isfinite(t).all() for t in tensors):
             return "non-finite or non-fp32 values"
-        if theta_hash([t for t in tensors[: len(self.theta)]]) != meta.get("theta"):
+        claimed = meta.get("theta")
+        if theta_hash([t for t in tensors[: len(self.theta)]]) != claimed:
             return "θ hash does not match the donor's claim"
-        scales = meta.get("last_avg_maxabs")
-        if scales is not None and (not isinstance(scales, list) or len(scales) != len(self.theta)
-                                   or not all(isinstance(x, float) for x in scales)):
-            return "malformed encoding scales"
+        return self._check_swarm_agrees(int(meta["round"]), claimed, donor)
+
+    def _check_swarm_agrees(self, round_no: int, claimed: str, donor: str) -> str | None:
+        """The donor's (round, θ hash) must be what most other live peers of the run publish: a
+        lying donor cannot make up a model, because it does not write the others' records."""
+        records = self.view.refresh() if self.view.is_alive() else fetch_progress(
+            self.dht, self.cfg.dht.run_id, members=self.members, bind_peer_id=True)[0]
+        others = [(x.round, x.theta_hash) for x in records if x.fingerprint == self.fp and x.state != "done"
+                  and x.peer_id not in (self.peer_id, donor)]
+        if not others:
+            return None  # the donor is the only other peer: nothing to compare with
+        counts: dict[tuple[int, str], int] = {}
+        for pair in others:
+            counts[pair] = counts.get(pair, 0) + 1
+        best = max(counts.values())
+        if counts.get((round_no, claimed), 0) < best:
+            top = max(counts, key=counts.get)
+            return (f"its round {round_no} / θ {claimed[:8]} is not what most peers publish "
+                    f"(round {top[0]} / θ {top[1][:8]}, {best} of {len(others)} peers)")
         return None
 
-    def _load_state(self, meta: dict, tensors: list[torch.Tensor]) -> None:
+    def _load_state(self, meta: dict, tensors: list[torch.Tensor], donor: str = "") -> None:
         n = len(self.theta)
         with self.lock:
             for dst, src in zip(self.theta, tensors[:n]):
@@ -395,13 +532,12 @@ class Peer:
             self.counters.round = int(meta["round"])
             self.counters.global_step = int(meta["global_step"])
             self.counters.total_samples = int(meta.get("total_samples", 0))
-            # the encoding scales follow the averaged Δ: they must match the swarm's exactly
-            self.last_avg_maxabs, self.pending = meta.get("last_avg_maxabs"), None
+            self.pending = None
         self.averager.set_priority(self.counters.round)
         self.counters.history.append(dict(round=self.counters.round, event="sync", ok=False,
                                           theta=self._theta_changed()))
-        logger.info("loaded state of round %d (global step %d, θ %s) from a peer", self.counters.round,
-                    self.counters.global_step, self.theta_hash_cached)
+        logger.info("loaded state of round %d (global step %d, θ %s) from peer %s", self.counters.round,
+                    self.counters.global_step, self.theta_hash_cached, donor[-8:])
 
     # ------------------------------------------------------------------ reporting
 
@@ -463,8 +599,7 @@ class Peer:
                 outer=self.outer.state_tensors(), inner=self.trainer.optimizer.state_dict(),
                 meta=dict(round=self.counters.round, global_step=self.counters.global_step,
                           failed_rounds=self.counters.failed_rounds, total_samples=self.counters.total_samples,
-                          fingerprint=self.fp, theta=self.theta_hash_cached, data_cursor=self.stream.state_dict(),
-                          last_avg_maxabs=self.last_avg_maxabs),
+                          fingerprint=self.fp, theta=self.theta_hash_cached, data_cursor=self.stream.state_dict()),
                 rng=state.capture_rng(), config=self.cfg)
             try:
                 path = state.save_checkpoint(self.cfg.checkpoint.dir, payload, keep=self.cfg.checkpoint.keep)
@@ -485,12 +620,12 @@ class Peer:
                 dst.copy_(ckpt.theta[name])
             self.outer.load_state_tensors(ckpt.outer)
             load_into_model(self.theta, self.model)
-            self.trainer.optimizer.load_state_dict(ckpt.inner)
             m = ckpt.meta
             self.counters.round, self.counters.global_step = int(m["round"]), int(m["global_step"])
+            self._prepare_round()  # block cycling: the optimizer saved holds the round's group
+            self.trainer.optimizer.load_state_dict(ckpt.inner)
             self.counters.failed_rounds, self.counters.total_samples = int(m["failed_rounds"]), int(m["total_samples"])
             self.stream.load_state_dict(m["data_cursor"])
-            self.last_avg_maxabs = m.get("last_avg_maxabs")
             state.restore_rng(ckpt.rng)
         logger.info("resumed from %s: round %d, global step %d, θ %s", ckpt.path, self.counters.round,
                     self.counters.global_step, self._theta_changed())
@@ -510,6 +645,8 @@ class Peer:
             self.averager.shutdown()
         shutdown_dht(self.dht)
         self.averager = self.dht = None
+        if self._tmp_identity:
+            shutil.rmtree(self._tmp_identity, ignore_errors=True)
         if failed is not None:
             import sys
 
@@ -527,6 +664,9 @@ class Peer:
                        rounds=self.counters.round, global_step=self.counters.global_step,
                        total_samples=self.counters.total_samples,
                        failed_rounds=self.counters.failed_rounds, bytes_sent=self.counters.bytes_sent,
+                       bytes_received=self.counters.bytes_received, compression=self.cfg.averaging.compression,
+                       block_cycle=self.cfg.outer.block_cycle, num_params=sum(t.numel() for t in self.theta),
+                       optimizer_state_bytes=max(self.peak_opt_bytes, optimizer_state_bytes(self.trainer.optimizer)),
                        theta=self.theta_hash_cached, history=self.counters.history, steps=self.counters.steps_log)
             Path(self.summary_out).parent.mkdir(parents=True, exist_ok=True)
             Path(self.summary_out).write_text(json.dumps(out, indent=1))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
-import statistics
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -180,7 +179,7 @@ def round_progress(
     fingerprint: str,
     now: float,
     seq_len: int,
-    cap_vs_median: float,
+    cap_vs_others: float,
     extrapolate_max_s: float = 10.0,
 ) -> float:
     """Estimated samples the swarm has trained in `my_round`: mine plus each other live peer's.
@@ -191,13 +190,13 @@ def round_progress(
 
     The cap: records are signed, not true, so one peer could claim 100x the samples it
     trained (or an absurd rate) to end everybody's round early. Each other peer's estimate
-    therefore counts at most `cap_vs_median` times the median estimate of all counted
-    peers, me included (my own samples are counted as they are). The median is the low
-    median (of two peers, the smaller), so a liar cannot raise its own cap: as long as
-    most peers are honest, no claim adds more than cap_vs_median x an honest peer's
-    share. The cap is applied after extrapolation, so it bounds the rate's effect too.
-    An honest peer faster than cap_vs_median x the median is undercounted, which only
-    makes the round end a little later than its target.
+    therefore counts at most `cap_vs_others` times the largest estimate among all the
+    *other* counted peers, me included (my own samples count as they are). A lone liar
+    cannot raise its own cap: with cap_vs_others = 1 its claim adds no more than the
+    busiest honest peer's. A lone honest peer much faster than everybody else is
+    undercounted the same way, which only makes the round end later than its target
+    (more local steps), never earlier. The cap is applied after extrapolation, so it
+    bounds a claimed rate too.
     """
     estimates = []
     for r in _others(records, me, fingerprint):
@@ -205,10 +204,11 @@ def round_progress(
             continue
         rate = r.tokens_per_s / seq_len if r.state == "training" else 0.0
         estimates.append(r.samples + rate * min(max(0.0, now - r.time), extrapolate_max_s))
-    if not estimates:
-        return float(my_samples)
-    cap = cap_vs_median * statistics.median_low([float(my_samples), *estimates])
-    return my_samples + sum(min(e, cap) for e in estimates)
+    total = float(my_samples)
+    for i, e in enumerate(estimates):
+        others = [float(my_samples), *estimates[:i], *estimates[i + 1:]]
+        total += min(e, cap_vs_others * max(others))
+    return total
 
 
 def swarm_ahead(

@@ -40,8 +40,11 @@ def test_overrides_apply_and_parse_types():
     ("dht.run_id='a b'", "dht.run_id"),
     ("inner=3", "inner: must be a table"),
     ("noequals", "must look like section.key=value"),
-    ("averaging.compression='int8'", "averaging.compression: lossy compression is not implemented"),
-    ("outer.block_cycle=2", "outer.block_cycle: block-cyclic training"),
+    ("averaging.compression='int3'", "averaging.compression"),
+    ("outer.block_cycle=2", "outer.block_cycle: must be 0 (off) or 3..66"),
+    ("averaging.clip_factor=0.5", "averaging.clip_factor: must be >= 1"),
+    ("rounds.sample_cap_vs_others=0.5", "rounds.sample_cap_vs_others: must be >= 1"),
+    ("dht.members='m.txt'", "dht.members: a closed swarm needs dht.identity_path"),
 ])
 def test_bad_values_are_one_line_errors_naming_the_key(override, needle):
     with pytest.raises(ConfigError) as e:

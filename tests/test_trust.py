@@ -252,7 +252,7 @@ def rec(peer_id: str, **changes) -> ProgressRecord:
     return ProgressRecord(**make_record(peer_id, **{**base, **changes}))
 
 
-def progress(records, my_samples: int, cap: float = 4.0) -> float:
+def progress(records, my_samples: int, cap: float = 1.0) -> float:
     return round_progress(
         records,
         me="me",
@@ -261,7 +261,7 @@ def progress(records, my_samples: int, cap: float = 4.0) -> float:
         fingerprint=FP,
         now=NOW,
         seq_len=SEQ,
-        cap_vs_median=cap,
+        cap_vs_others=cap,
     )
 
 
@@ -278,22 +278,27 @@ def test_round_progress_hand_computed():
         rec("gone", samples=500, state="done"),
         rec("other-run", samples=500, fingerprint="ffff"),
     ]
-    assert progress(records, my_samples=120) == 120 + 150 + 200 + 150 + 70
+    # with cap 1, each peer counts at most as much as the largest of the rest: p2's 200 counts as 150
+    assert progress(records, my_samples=120) == 120 + 150 + 150 + 150 + 70
+    assert progress(records, my_samples=120, cap=2.0) == 120 + 150 + 200 + 150 + 70
     assert progress([], my_samples=7) == 7.0
+    # p2 (200) against a cap of 1 x max(120, 150, 150, 70) = 150
+    assert progress(records[:3], my_samples=120) == 120 + 150 + 150
 
 
 @pytest.mark.timeout(10)
 def test_one_peer_claiming_100x_cannot_end_the_round():
     target, honest = 1000, 100
     liar = [rec("honest", samples=honest), rec("liar", samples=100 * honest)]
-    # median_low of (100, 100, 10000) = 100, so the liar counts 4 x 100: 100 + 100 + 400 < 1000
-    assert progress(liar, my_samples=honest) == 600 < target
+    # the liar counts at most as much as the largest of the rest (100): 100 + 100 + 100 = the true total
+    assert progress(liar, my_samples=honest) == 300 < target
     fast = [
         rec("honest", samples=honest),
         rec("liar", samples=honest, state="training", tokens_per_s=1e12, time=NOW - 5),
     ]
-    assert progress(fast, my_samples=honest) == 600 < target  # an absurd rate is capped the same way
-    assert progress([rec("liar", samples=100 * honest)], my_samples=honest) == 500  # of two, the lower counts
+    assert progress(fast, my_samples=honest) == 300 < target  # an absurd rate is capped the same way
+    assert progress([rec("liar", samples=100 * honest)], my_samples=honest) == 200  # of two, mine bounds it
+    assert progress(liar, my_samples=honest, cap=2.0) == 400
     assert progress(liar, my_samples=honest, cap=1e9) > target  # without the cap it would end the round
     everyone = [rec(f"p{i}", samples=honest) for i in range(9)]
     assert progress(everyone, my_samples=honest) == 10 * honest  # honest peers are not capped
