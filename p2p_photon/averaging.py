@@ -33,9 +33,9 @@ import os
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, AsyncIterator  # noqa: UP035 (hivemind reads a handler's hint by typing's _name)
 
 import torch
 from hivemind import DecentralizedAverager
@@ -444,6 +444,15 @@ class _Averager(DecentralizedAverager):
             logger.warning("refused state to non-member %s", context.remote_id.to_base58()[-8:])
             return
         async for message in super().rpc_download_state(request, context):
+            yield message
+
+    async def rpc_join_group(self, request: averaging_pb2.JoinRequest, context: P2PContext
+                             ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
+        """Non-members and banned peers are not let into a group we lead."""
+        if not self._is_welcome(context.remote_id):
+            yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
+        async for message in super().rpc_join_group(request, context):
             yield message
 
     # -- state download with donor exclusion (the caller verifies what it got and retries without it)

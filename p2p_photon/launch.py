@@ -46,17 +46,19 @@ class LocalSwarm:
 
     # ------------------------------------------------------------------ processes
 
-    def _env(self, name: str) -> dict[str, str]:
-        env = dict(os.environ, PYTHONUNBUFFERED="1", P2P_PHOTON_LOG_PREFIX=f"{name} ")
+    def _env(self, name: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+        env = dict(os.environ, PYTHONUNBUFFERED="1", P2P_PHOTON_LOG_PREFIX=f"{name} ", **(extra or {}))
         env.update(OMP_NUM_THREADS=str(self.threads_per_peer), MKL_NUM_THREADS=str(self.threads_per_peer))
         return env
 
-    def spawn(self, name: str, args: list[str]) -> Proc:
-        cmd = [sys.executable, "-m", "p2p_photon.cli", *args]
+    def spawn(self, name: str, args: list[str], script: str | None = None,
+              extra_env: dict[str, str] | None = None) -> Proc:
+        """Run `p2p-photon ARGS` (or `python SCRIPT ARGS`, e.g. a test's hostile peer) as a child process."""
+        cmd = [sys.executable, *([script] if script else ["-m", "p2p_photon.cli"]), *args]
         log = self.workdir / f"{name}.log" if self.capture else None
         out = open(log, "w") if log else None
         popen = subprocess.Popen(cmd, stdout=out or None, stderr=subprocess.STDOUT if out else None,
-                                 env=self._env(name), cwd=self.workdir, stdin=subprocess.DEVNULL)
+                                 env=self._env(name, extra_env), cwd=self.workdir, stdin=subprocess.DEVNULL)
         if out:
             out.close()
         proc = Proc(name, popen, log)
@@ -79,7 +81,7 @@ class LocalSwarm:
         return self.maddrs
 
     def start_peer(self, index: int, overrides: list[str] = (), extra_args: list[str] = (),
-                   name: str | None = None) -> Proc:
+                   name: str | None = None, script: str | None = None, env: dict[str, str] | None = None) -> Proc:
         name = name or f"peer{index}"
         args = ["peer", "--initial-peers", *self.maddrs, "--summary-out", str(self.summary_path(name))]
         if self.config:
@@ -88,7 +90,8 @@ class LocalSwarm:
                 *overrides]
         for s in sets:
             args += ["--set", s]
-        return self.spawn(name, [*args, *extra_args])
+        proc = self.spawn(name, [*args, *extra_args], script=script, extra_env=env)
+        return proc
 
     def summary_path(self, name: str) -> Path:
         return self.workdir / f"{name}.summary.json"

@@ -92,6 +92,13 @@ class SwarmView(threading.Thread):
         self.join(timeout=5)
 
 
+def majority_round(rounds: list[int]) -> int:
+    """The highest round that a strict majority of these peers has reached (-1 if none)."""
+    if not rounds:
+        return -1
+    return sorted(rounds, reverse=True)[len(rounds) // 2]
+
+
 class FingerprintMismatch(Exception):
     """The swarm of this run_id trains something else (model, tokenizer, seed or outer optimizer)."""
 
@@ -226,7 +233,7 @@ class Peer:
         if foreign:
             logger.warning("ignoring %d peer(s) of run %s with another fingerprint (%s): they are not averaged with",
                            len(foreign), self.cfg.dht.run_id, foreign[0].fingerprint)
-        ahead = max((r.round for r in ours), default=0)
+        ahead = majority_round([r.round for r in ours])
         if ahead > self.counters.round:
             logger.info("swarm is at round %d, we are at %d: downloading state from peers", ahead, self.counters.round)
             if not self.sync_from_peers():
@@ -298,7 +305,7 @@ class Peer:
         """Progress-based end: the swarm's samples for this round (each peer's extrapolated by its
         reported throughput for a few seconds, and capped relative to the median peer, see
         trust.round_progress) reach the target, or a majority of the other peers already moved on."""
-        records = self.view.records()
+        records = self._records(self.view.records())
         ahead, _ = self._majority_ahead(records)
         if ahead is not None:
             return True
@@ -327,7 +334,7 @@ class Peer:
     def average_and_step(self, st: RoundStats) -> dict:
         self._publish(st, "averaging")
         r = self.counters.round
-        records = self.view.refresh()
+        records = self._records(self.view.refresh())
         ahead, mates_here = self._majority_ahead(records)
         if ahead is not None and not mates_here:
             return self._on_failed_round(st, f"missed round {r}: the swarm is already at round {ahead}")
@@ -390,18 +397,19 @@ class Peer:
         del hist[:-8]
 
     def _weight_caps(self, records: list[ProgressRecord]) -> dict[str, float]:
-        """The most weight (samples) a group member may claim: what its latest record says it trained,
-        plus what its reported throughput (capped relative to the median peer) allows since then."""
+        """The most weight (samples) a group member may claim before its contribution is refused: 8x
+        what its latest record allows (its samples plus its throughput, capped at 4x the median peer's,
+        since then), and never less than 8x the round's target, so an honest peer with a stale record
+        or carried-over work is never refused while a forged 10^6 is."""
         now, seq = get_dht_time(), self.cfg.model.seq_len
-        mates = [x for x in records if x.fingerprint == self.fp and x.round == self.counters.round
-                 and x.peer_id != self.peer_id]
+        mates = [x for x in records if x.fingerprint == self.fp and x.peer_id != self.peer_id]
         if not mates:
             return {}
         rates = [x.tokens_per_s / seq for x in mates] + [self.last_rate / seq]
         max_rate = 4.0 * statistics.median_low(rates)
-        slack = self.cfg.inner.batch_size * self.cfg.inner.grad_accum
-        return {x.peer_id: 1.5 * (x.samples + min(x.tokens_per_s / seq, max_rate) * min(30.0, max(0.0, now - x.time) + 5))
-                + 2 * slack for x in mates}
+        floor = self.cfg.rounds.target_samples_per_round + self.cfg.inner.batch_size * self.cfg.inner.grad_accum
+        return {x.peer_id: 8.0 * max(floor, x.samples + min(x.tokens_per_s / seq, max_rate)
+                                     * min(60.0, max(0.0, now - x.time) + 5)) for x in mates}
 
     def _apply(self, res) -> None:
         c = self.counters
@@ -440,15 +448,18 @@ class Peer:
     def _catch_up(self) -> bool:
         """If a majority of the other peers finished our round without us, download the swarm's state
         instead of averaging a stale Δ (a lone peer far ahead is not enough)."""
-        records = self.view.refresh()
-        mates = [x.round for x in records if x.fingerprint == self.fp and x.peer_id != self.peer_id
-                 and x.state != "done"]
-        ahead = sorted((x for x in mates if x > self.counters.round), reverse=True)
-        if not mates or len(ahead) <= len(mates) // 2:
+        records = self._records(self.view.refresh())
+        ahead = majority_round([x.round for x in records if x.fingerprint == self.fp and x.peer_id != self.peer_id
+                                and x.state != "done"])
+        if ahead <= self.counters.round:
             return False
-        logger.info("the swarm is at round %d, we are at %d: downloading its state", ahead[len(mates) // 2],
-                    self.counters.round)
+        logger.info("the swarm is at round %d, we are at %d: downloading its state", ahead, self.counters.round)
         return self.sync_from_peers()
+
+    def _records(self, records: list[ProgressRecord]) -> list[ProgressRecord]:
+        """The swarm's records without those of peers our averager banned for sending bad data."""
+        banned = self.averager.banned if self.averager is not None else {}
+        return [x for x in records if x.peer_id not in banned] if banned else records
 
     # ------------------------------------------------------------------ state sharing
 
