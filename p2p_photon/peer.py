@@ -215,6 +215,11 @@ class Peer:
             if report["ok"] and cfg.logging.eval_every_rounds and self.counters.round % cfg.logging.eval_every_rounds == 0:
                 report["eval_loss"] = evaluate(self.model, self.heldout, cfg.inner, self.device)
             self.log_round(report)
+            if not report["ok"] and cfg.rounds.num_rounds and self.failed_here >= 2 and self._swarm_finished():
+                logger.warning("every other peer of run %s has finished and left: stopping at round %d "
+                               "(rounds.num_rounds = %d not reached)", cfg.dht.run_id, self.counters.round,
+                               cfg.rounds.num_rounds)
+                break
             every = cfg.checkpoint.every_rounds
             if report["ok"] and every and self.counters.round % every == 0:
                 self.save_checkpoint()
@@ -455,6 +460,11 @@ class Peer:
             return False
         logger.info("the swarm is at round %d, we are at %d: downloading its state", ahead, self.counters.round)
         return self.sync_from_peers()
+
+    def _swarm_finished(self) -> bool:
+        """All other peers of this run we know of have published 'done' (a bounded run is over)."""
+        mates = [x for x in self.view.records() if x.fingerprint == self.fp and x.peer_id != self.peer_id]
+        return bool(mates) and all(x.state == "done" for x in mates)
 
     def _records(self, records: list[ProgressRecord]) -> list[ProgressRecord]:
         """The swarm's records without those of peers our averager banned for sending bad data."""
