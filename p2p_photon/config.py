@@ -184,6 +184,10 @@ class AveragingConfig:
     """Pseudo-gradient compression on the wire: 'int8' = bitsandbytes blockwise 8-bit, 'int4' =
     blockwise 4-bit absmax, 'fp16', 'none' = fp32. Lossy modes keep what quantization cut off and add
     it to the next round's pseudo-gradient (error feedback)."""
+    overlap: bool = False
+    """Overlapped ("eager") rounds: round r's all-reduce runs in the background while round r+1
+    already trains, and its update is applied one round late (the local model keeps its progress).
+    Training never waits for matchmaking; the price is a one-round-stale global update."""
     error_feedback: bool = True
     """Carry the quantization error of this peer's pseudo-gradient into its next round."""
     aggregator: Literal["mean", "clip", "centered_clip"] = "clip"
@@ -309,6 +313,8 @@ class Config:
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section):
                 section.validate()
+        _check(not (self.averaging.overlap and self.outer.block_cycle), "averaging.overlap",
+               "overlapped rounds do not combine with outer.block_cycle yet; turn one of them off")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -38,6 +38,7 @@ from .watchdog import stop_on_signals
 
 logger = logging.getLogger(__name__)
 
+UNCONFIRMED = "unconfirmed"
 STUCK_AFTER = 3  # consecutive failed attempts at one round before re-downloading the swarm's state
 EXTRAPOLATE_MAX_S = 10.0  # trust a peer's reported throughput for at most this long after its record
 
@@ -142,6 +143,7 @@ class Peer:
         self.peak_opt_bytes = 0
         self._ignored_claims: set[str] = set()
         self._trained_group: int | None = None  # FedCyBGD: the group the inner optimizer currently holds
+        self.inflight: dict | None = None  # overlapped mode: the all-reduce running while the next round trains
         self.pending: RoundStats | None = None  # work of a failed attempt, carried into the retry
         self.failed_at, self.failed_here = -1, 0  # consecutive failed attempts at one round
         self.last_rate, self.last_wait_s = 0.0, 0.0  # tokens/s of the last round; its averaging/sync seconds
@@ -206,12 +208,20 @@ class Peer:
         while not self.stop.is_set():
             if cfg.rounds.num_rounds and self.counters.round >= cfg.rounds.num_rounds:
                 break
-            stats = self.train_until_round_ends()
-            if stats.stopped:
-                break
-            t0 = time.perf_counter()
-            report = self.average_and_step(stats)
-            self.last_wait_s = time.perf_counter() - t0
+            if cfg.averaging.overlap and (not cfg.rounds.num_rounds
+                                          or self.counters.round + 1 < cfg.rounds.num_rounds or self.inflight):
+                report = self._overlapped_round()
+                if report is None:
+                    break
+                if not report:
+                    continue
+            else:
+                stats = self.train_until_round_ends()
+                if stats.stopped:
+                    break
+                t0 = time.perf_counter()
+                report = self.average_and_step(stats)
+                self.last_wait_s = time.perf_counter() - t0
             if report["ok"] and cfg.logging.eval_every_rounds and self.counters.round % cfg.logging.eval_every_rounds == 0:
                 report["eval_loss"] = evaluate(self.model, self.heldout, cfg.inner, self.device)
             self.log_round(report)
@@ -314,16 +324,21 @@ class Peer:
         ahead, _ = self._majority_ahead(records)
         if ahead is not None:
             return True
-        total = trust.round_progress(records, me=self.peer_id, my_round=self.counters.round, my_samples=st.samples,
+        total = trust.round_progress(records, me=self.peer_id, my_round=self.train_round, my_samples=st.samples,
                                      fingerprint=self.fp, now=get_dht_time(), seq_len=self.cfg.model.seq_len,
                                      cap_vs_others=self.cfg.rounds.sample_cap_vs_others,
                                      extrapolate_max_s=EXTRAPOLATE_MAX_S)
         return total >= self.cfg.rounds.target_samples_per_round
 
-    def _majority_ahead(self, records: list[ProgressRecord]) -> tuple[int | None, bool]:
+    @property
+    def train_round(self) -> int:
+        """The round being trained: in overlapped mode, one past the round whose all-reduce is in flight."""
+        return self.counters.round + (1 if self.inflight is not None else 0)
+
+    def _majority_ahead(self, records: list[ProgressRecord], r: int | None = None) -> tuple[int | None, bool]:
         """(round a majority of the other peers has reached beyond ours or None, whether any other peer
         is still in our round). Claims more than rounds.max_rounds_ahead ahead are ignored."""
-        r = self.counters.round
+        r = self.train_round if r is None else r
         ahead, ignored = trust.swarm_ahead(records, me=self.peer_id, my_round=r, fingerprint=self.fp,
                                            max_rounds_ahead=self.cfg.rounds.max_rounds_ahead)
         for why in ignored:
@@ -360,6 +375,90 @@ class Peer:
             return self._on_failed_round(st, str(e))
         self._remember_norm(deltas, active)
         self._apply(res)
+        return dict(ok=True, round=r, stats=st, group=res.group_size, seconds=res.seconds,
+                    sent=res.bytes_sent, received=res.bytes_received, residual=res.residual_norm)
+
+    # ------------------------------------------------------------------ overlapped ("eager") mode
+
+    def _overlapped_round(self) -> dict | None:
+        """Overlapped ("eager") mode: round T's all-reduce runs in a background thread while round T+1
+        trains; its update is applied one round late. Each round's Δ is the local progress during that
+        round (snapshot at its start − local at its end), so round T+1's all-reduce starts as soon as
+        its training ends, before round T's result is applied. Landing round T: θ ← OuterOpt(θ, Δ̄_T),
+        and the local model swaps its own Δ_T for the group's step (local += θ_new − θ_old + Δ_T),
+        which keeps local = θ − (progress of the round in flight).
+        Returns the landed round's report, {} if nothing landed yet, None to stop."""
+        n = self.cfg.rounds.num_rounds
+        last = bool(n and self.inflight is not None and self.inflight["round"] + 1 >= n)  # nothing to train after it
+        st = RoundStats()
+        if not last:
+            with self.lock:
+                snapshot = [p.detach().clone() for p in self.model.parameters()]
+            st = self.train_until_round_ends()
+        if st.stopped and self.inflight is None:
+            return None
+        t0 = time.perf_counter()
+        launched = None
+        if not last and not st.stopped and not (n and self.train_round >= n):
+            launched = self._launch(st, self.train_round, snapshot)
+        landing, self.inflight = self.inflight, launched
+        report = self._land(landing) if landing is not None else {}
+        self.last_wait_s = time.perf_counter() - t0
+        if st.stopped:
+            self.stop.set()
+        return report
+
+    def _launch(self, st: RoundStats, r: int, snapshot: list[torch.Tensor]) -> dict | None:
+        self._publish(st, "averaging")
+        with self.lock, torch.no_grad():
+            deltas = self._contribution([s - p.detach() for s, p in zip(snapshot, self.model.parameters())])
+        problem = self._self_check(deltas, None)
+        if problem:
+            logger.warning("round %d: not contributing: %s; local work discarded", r, problem)
+            with self.lock, torch.no_grad():
+                for p, s in zip(self.model.parameters(), snapshot):
+                    p.copy_(s)
+            return None
+        meta = dict(fingerprint=self.fp, samples=st.samples, steps=st.steps, theta=self.theta_hash_cached)
+        records = self._records(self.view.refresh())
+        kwargs = dict(round_no=r, weight=self._weight(st), meta=meta, weight_caps=self._weight_caps(records),
+                      timeout=min(self.cfg.averaging.round_timeout, 4 * self.cfg.averaging.matchmaking_time))
+        box: dict = dict(round=r, stats=st, deltas=deltas, done=threading.Event(), reset=False)
+
+        def run():
+            try:
+                box["result"] = self.averager.average(deltas, **kwargs)
+            except AveragingFailed as e:
+                box["error"] = str(e)
+            except Exception as e:  # never let the thread die silently
+                box["error"] = f"{type(e).__name__}: {e}"
+            finally:
+                box["done"].set()
+
+        threading.Thread(target=run, name=f"allreduce-{r}", daemon=True).start()
+        return box
+
+    def _land(self, box: dict) -> dict:
+        r, st = box["round"], box["stats"]
+        box["done"].wait(self.cfg.averaging.round_timeout + self.cfg.averaging.allreduce_timeout + 30)
+        why = box.get("error") if box["done"].is_set() else "the all-reduce did not finish"
+        if why is None and self.counters.round != r:
+            why = f"our global model is at round {self.counters.round}, the group averaged round {r}"
+        if why is not None:
+            # this round's work is lost; the local model goes back to θ (or the swarm's state)
+            if self.inflight is not None:
+                self.inflight["reset"] = True
+            return self._on_failed_round(st, why, keep_work=False)
+        res = box["result"]
+        self._remember_norm(box["deltas"], None)
+        with self.lock:
+            old = [t.clone() for t in self.theta]
+            local = [p.detach().clone() for p in self.model.parameters()]
+        self._apply(res)  # θ ← OuterOpt(θ, Δ̄); also resets the local model to θ
+        own = box["deltas"] if not box["reset"] else [torch.zeros_like(t) for t in old]
+        with self.lock, torch.no_grad():
+            for p, loc, new, prev, d in zip(self.model.parameters(), local, self.theta, old, own):
+                p.copy_(loc + (new - prev) + d)  # keep the local progress, swap our Δ for the group's step
         return dict(ok=True, round=r, stats=st, group=res.group_size, seconds=res.seconds,
                     sent=res.bytes_sent, received=res.bytes_received, residual=res.residual_norm)
 
@@ -456,9 +555,9 @@ class Peer:
         records = self._records(self.view.refresh())
         ahead = majority_round([x.round for x in records if x.fingerprint == self.fp and x.peer_id != self.peer_id
                                 and x.state != "done"])
-        if ahead <= self.counters.round:
+        if ahead <= self.train_round:
             return False
-        logger.info("the swarm is at round %d, we are at %d: downloading its state", ahead, self.counters.round)
+        logger.info("the swarm is at round %d, we are at %d: downloading its state", ahead, self.train_round)
         return self.sync_from_peers()
 
     def _swarm_finished(self) -> bool:
@@ -496,9 +595,12 @@ class Peer:
                 if problem is None:
                     self._load_state(meta, tensors, donor)
                     return True
-                logger.warning("rejected the state served by peer %s: %s; trying another donor", donor[-8:], problem)
-                refused.append(donor)
-                continue
+                if not problem.startswith(UNCONFIRMED):
+                    logger.warning("rejected the state served by peer %s: %s; trying another donor", donor[-8:],
+                                   problem)
+                    refused.append(donor)
+                    continue
+                logger.info("state of peer %s not used yet: %s", donor[-8:], problem)  # retried after a pause
             attempt += 1
             if attempt < attempts:
                 logger.info("no usable state from peers (attempt %d/%d), retrying in %.0fs", attempt, attempts, delay)
@@ -525,22 +627,16 @@ class Peer:
         return self._check_swarm_agrees(int(meta["round"]), claimed, donor)
 
     def _check_swarm_agrees(self, round_no: int, claimed: str, donor: str) -> str | None:
-        """The donor's (round, θ hash) must be what most other live peers of the run publish: a
-        lying donor cannot make up a model, because it does not write the others' records."""
+        """The donor's θ hash must also be published by another live peer of the run (each record
+        carries the hash of the global θ its peer holds): a lying donor cannot make up a model,
+        because it does not write the others' records. Hashes, not rounds, are compared (a peer in
+        overlapped mode trains round r+1 while it holds θ of round r)."""
         records = self.view.refresh() if self.view.is_alive() else fetch_progress(
             self.dht, self.cfg.dht.run_id, members=self.members, bind_peer_id=True)[0]
-        others = [(x.round, x.theta_hash) for x in records if x.fingerprint == self.fp and x.state != "done"
-                  and x.peer_id not in (self.peer_id, donor)]
-        if not others:
-            return None  # the donor is the only other peer: nothing to compare with
-        counts: dict[tuple[int, str], int] = {}
-        for pair in others:
-            counts[pair] = counts.get(pair, 0) + 1
-        best = max(counts.values())
-        if counts.get((round_no, claimed), 0) < best:
-            top = max(counts, key=counts.get)
-            return (f"its round {round_no} / θ {claimed[:8]} is not what most peers publish "
-                    f"(round {top[0]} / θ {top[1][:8]}, {best} of {len(others)} peers)")
+        others = {x.theta_hash for x in records if x.fingerprint == self.fp and x.state != "done"
+                  and x.peer_id not in (self.peer_id, donor)}
+        if others and claimed not in others:
+            return f"{UNCONFIRMED}: no other peer publishes its θ {claimed[:8]} (round {round_no})"
         return None
 
     def _load_state(self, meta: dict, tensors: list[torch.Tensor], donor: str = "") -> None:
@@ -575,7 +671,7 @@ class Peer:
             self.last_rate = st.tokens / st.train_s
         busy = st.wall_s + self.last_wait_s  # this round's training plus the last round's averaging/sync
         rec = ProgressRecord(
-            peer_id=self.peer_id, round=c.round, samples=st.samples, steps=st.steps,
+            peer_id=self.peer_id, round=self.train_round, samples=st.samples, steps=st.steps,
             total_samples=c.total_samples + st.samples, loss=st.loss if st.steps and st.loss == st.loss else 0.0,
             tokens_per_s=self.last_rate, fingerprint=self.fp, theta_hash=self.theta_hash_cached,
             failed_rounds=c.failed_rounds, bytes_sent=c.bytes_sent, bytes_received=c.bytes_received,

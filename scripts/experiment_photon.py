@@ -50,7 +50,8 @@ from p2p_photon import data  # noqa: E402
 from p2p_photon.config import load_config  # noqa: E402
 from p2p_photon.launch import LocalSwarm, Proc  # noqa: E402
 
-RUNS = ("centralized", "photon_iid", "photon_noniid", "diloco_iid", "diloco_noniid")
+RUNS = ("centralized", "photon_iid", "photon_noniid", "diloco_iid", "diloco_noniid", "photon_noniid_overlap")
+DEFAULT_RUNS = RUNS[:5]  # photon_noniid_overlap: averaging.overlap = true (the outer step one round late)
 TAG_VAR = "P2P_PHOTON_EXPERIMENT_TAG"  # inherited by every process we start, p2pd included
 DILOCO_TO_PHOTON_LR = 4e-4 / 6e-4  # DiLoCo's inner AdamW lr : Photon's 125M client lr
 TARGET_FACTOR = 1.1
@@ -61,7 +62,8 @@ logger = logging.getLogger("experiment_photon")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="CI smoke run: 2 peers, 2 rounds of 8 steps, tiny data")
-    p.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS), help="which runs (default: all five)")
+    p.add_argument("--runs", nargs="+", choices=RUNS, default=list(DEFAULT_RUNS),
+                   help="which runs (default: the first five; photon_noniid_overlap = overlapped rounds)")
     p.add_argument("--peers", type=int, default=None, help="N peers (default 4; --quick 2)")
     p.add_argument("--model", choices=["nano", "tiny"], default="nano", help="model preset (default nano)")
     p.add_argument("--tokens", type=float, default=None,
@@ -148,7 +150,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
     diloco_lr = args.diloco_lr or float(f"{photon_lr * DILOCO_TO_PHOTON_LR:.3g}")
     central_lrs = args.central_lrs or [float(f"{photon_lr * f:.3g}") for f in (0.5, 1, 2)]
     averaging = [f"averaging.target_group_size={n}", "averaging.matchmaking_time=2.0",
-                 "averaging.allreduce_timeout=30", "averaging.round_timeout=60"]
+                 "averaging.allreduce_timeout=30", "averaging.round_timeout=60",
+                 "averaging.compression='none'"]  # the algorithms side by side; bench_comm.py measures codecs
     return Plan(mode="quick" if quick else "full", peers=n, model=args.model, seq_len=args.seq_len,
                 batch=args.local_batch, local_steps=h, rounds=rounds, photon_lr=photon_lr, diloco_lr=diloco_lr,
                 central_lrs=central_lrs, sweep_fraction=args.sweep_fraction, optimizer=args.optimizer,
@@ -217,10 +220,11 @@ def centralized(plan: Plan) -> dict:
 
 def run_federated(swarm: LocalSwarm, plan: Plan, name: str) -> dict:
     """N peer processes of one run (its own run_id) on the shared bootstrap; only peer 0 evaluates every round."""
-    preset, split = name.split("_")
+    preset, split, *mode = name.split("_")
     lr = plan.photon_lr if preset == "photon" else plan.diloco_lr
     run_id = f"exp-{preset}-{split}-{uuid.uuid4().hex[:6]}"
-    overrides = [*peer_overrides(plan, preset, split, lr), f"dht.run_id={run_id}"]
+    overrides = [*peer_overrides(plan, preset, split, lr), f"dht.run_id={run_id}",
+                 f"averaging.overlap={'true' if 'overlap' in mode else 'false'}"]
     t0 = time.perf_counter()
     procs = [swarm.start_peer(i, name=f"{name}-peer{i}",
                               overrides=[*overrides, f"logging.eval_every_rounds={1 if i == 0 else 0}"])
@@ -234,7 +238,8 @@ def run_federated(swarm: LocalSwarm, plan: Plan, name: str) -> dict:
         raise RuntimeError(f"{name}: peer exit codes {codes}\n" + "\n".join(swarm.tail(p, 15) for p in procs))
     summaries = [swarm.summary(p.name) for p in procs]
     out = summarize_federated(summaries, plan)
-    return dict(out, lr=lr, outer=preset, split=split, run_id=run_id, process_wall_s=time.perf_counter() - t0)
+    return dict(out, lr=lr, outer=preset, split=split, overlap="overlap" in mode, run_id=run_id,
+                process_wall_s=time.perf_counter() - t0)
 
 
 def stop_procs(swarm: LocalSwarm, procs: list[Proc], grace: float = 20.0) -> None:
@@ -396,7 +401,8 @@ def plot(runs: dict[str, dict], target: float | None, budget: int, path: Path, t
 
     fig, ax = plt.subplots(figsize=(8, 5))
     styles = {"centralized": ("k", "-"), "photon_iid": ("tab:blue", "-"), "photon_noniid": ("tab:blue", "--"),
-              "diloco_iid": ("tab:orange", "-"), "diloco_noniid": ("tab:orange", "--")}
+              "diloco_iid": ("tab:orange", "-"), "diloco_noniid": ("tab:orange", "--"),
+              "photon_noniid_overlap": ("tab:green", ":")}
     for name, r in runs.items():
         if "error" in r:
             continue

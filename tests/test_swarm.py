@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from p2p_photon.launch import LocalSwarm
 
@@ -13,9 +14,14 @@ def _rounds_by_peer(swarm, names):
     return {n: {h["round"]: h for h in swarm.summary(n)["history"] if h["ok"]} for n in names}
 
 
-def test_three_peers_share_one_model_and_learn(tmp_path, swarm_overrides):
+@pytest.mark.parametrize("mode", ["int8", "overlap", "block_cycle"])
+def test_three_peers_share_one_model_and_learn(tmp_path, swarm_overrides, mode):
+    """int8 (the default wire format), overlapped rounds (outer step one round late) and FedCyBGD block
+    cycling: θ is bit-identical on every peer after every round, and the model learns."""
     names = ["peer0", "peer1", "peer2"]
-    with LocalSwarm(tmp_path, overrides=[*swarm_overrides, "rounds.num_rounds=3"]) as swarm:
+    extra = {"int8": [], "overlap": ["averaging.overlap=true"],
+             "block_cycle": ["outer.block_cycle=3", "checkpoint.every_rounds=1", "checkpoint.keep=5"]}[mode]
+    with LocalSwarm(tmp_path, overrides=[*swarm_overrides, "rounds.num_rounds=3", *extra]) as swarm:
         swarm.start_bootstrap()
         procs = [swarm.start_peer(i) for i in range(3)]
         codes = swarm.wait(procs, timeout=300)
@@ -31,6 +37,25 @@ def test_three_peers_share_one_model_and_learn(tmp_path, swarm_overrides):
         assert s["rounds"] == 3
         assert s["final_loss"] < s["initial_loss"], s
         assert s["bytes_sent"] > 0
+    if mode == "block_cycle":
+        _check_block_cycle(tmp_path / "ckpt-peer0")
+
+
+def _check_block_cycle(ckpt_dir):
+    """Between the checkpoints after rounds r and r+1 only group (r+1) mod 3's tensors changed, and over
+    the three rounds every parameter changed once (from the seeded init)."""
+    from p2p_photon.outer import active_group, block_groups
+    from p2p_photon.state import list_checkpoints, load_checkpoint
+
+    ckpts = {load_checkpoint(p).meta["round"]: load_checkpoint(p) for p in list_checkpoints(ckpt_dir)}
+    assert {1, 2, 3} <= set(ckpts), sorted(ckpts)
+    names = list(ckpts[1].theta)
+    groups = block_groups(names, 3)
+    for r in (1, 2):  # round r trained group active_group(r)
+        before, after = ckpts[r].theta, ckpts[r + 1].theta
+        changed = {groups[i] for i, n in enumerate(names) if not torch.equal(before[n], after[n])}
+        assert changed == {active_group(r, 3, "cyclic", 0)}, (r, changed)
+    assert sorted(active_group(r, 3, "cyclic", 0) for r in range(3)) == [0, 1, 2]
 
 
 def test_a_peer_with_another_fingerprint_is_refused(tmp_path, swarm_overrides):
