@@ -82,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 128; --quick 64)")
     p.add_argument("--target-samples", type=int, default=None,
                    help="rounds.target_samples_per_round (default N x batch x 128 = 3072, Photon's H = 128 "
-                        "local steps per peer; --quick N x batch x 32)")
+                        "local steps per peer; --quick N x batch x 12)")
     p.add_argument("--rounds", type=int, default=None, help="rounds.num_rounds (default 4; --quick 2)")
     p.add_argument("--lr", type=float, default=3e-3, help="inner peak LR (default 3e-3)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/comm.json; --quick: runs/bench_comm/quick/)")
@@ -146,7 +146,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     averaging = [f"averaging.target_group_size={n}", "averaging.matchmaking_time=2.0",
                  "averaging.allreduce_timeout=30", "averaging.round_timeout=60"]
     return Plan(mode="quick" if quick else "full", preset=args.preset, peers=n, batch=args.batch, seq_len=seq_len,
-                target_samples_per_round=args.target_samples or n * args.batch * (32 if quick else 128),
+                target_samples_per_round=args.target_samples or n * args.batch * (12 if quick else 128),
                 rounds=args.rounds or (2 if quick else 4), lr=args.lr, vocab_size=vocab,
                 eval_batches=4 if quick else 12, run_timeout=args.run_timeout or (180.0 if quick else 900.0),
                 data=data_cfg, averaging=averaging)
