@@ -42,7 +42,7 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 from hivemind.averaging.control import AveragingStage  # noqa: E402
 
-from p2p_photon.averaging import SwarmAverager, scale_for  # noqa: E402
+from p2p_photon.averaging import SwarmAverager  # noqa: E402
 from p2p_photon.config import AveragingConfig, DHTConfig  # noqa: E402
 from p2p_photon.network import shutdown_dht, start_dht, visible_maddrs  # noqa: E402
 from p2p_photon.watchdog import OWNER_ENV, owner_tag  # noqa: E402
@@ -65,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tcp-chunk-mb", type=float, default=1.0, help="send() chunk size in MB (default 1)")
     p.add_argument("--tcp-trials", type=int, default=3, help="raw TCP trials before and after (default 3)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (default: all)")
+    p.add_argument("--compression", choices=["none", "fp16", "int8", "int4"], default="none",
+                   help="averaging.compression (default none: fp32 on the wire, the raw throughput)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "allreduce.json"), help="JSON output path")
     args = p.parse_args(argv)
     args.sizes = [int(s) for s in (args.sizes or ([1e6, 5e6] if args.quick else [1e6, 5e6, 2e7, 5e7]))]
@@ -183,9 +185,8 @@ def bench_case(dhts: list, size: int, n: int, args) -> tuple[list[list[PeerRound
     """Rounds of n averagers on `size` parameters: per-round, per-peer timings of the timed rounds, and
     the cores that other programs kept busy meanwhile."""
     shapes, deltas = make_deltas(size, n, seed=size + n)
-    scales = [scale_for(float(max(t.abs().max() for t in d))) for d in zip(*deltas, strict=True)]
     cfg = AveragingConfig(matchmaking_time=args.matchmaking_time, allreduce_timeout=args.allreduce_timeout,
-                          min_group_size=n, target_group_size=n)
+                          min_group_size=n, target_group_size=n, compression=args.compression)
     prefix = f"bench-{uuid.uuid4().hex[:8]}"  # fresh key space: no stale averagers of earlier cases
     avgs = []
     try:
@@ -195,7 +196,7 @@ def bench_case(dhts: list, size: int, n: int, args) -> tuple[list[list[PeerRound
         rounds, cpu0 = [], cpu_seconds()
         with cf.ThreadPoolExecutor(n) as ex:
             for r in range(args.warmup_rounds + args.rounds):
-                res = run_round(ex, avgs, clocks, deltas, scales, r, args)
+                res = run_round(ex, avgs, clocks, deltas, r, args)
                 if r >= args.warmup_rounds:
                     rounds.append(res)
         return rounds, other_cores(cpu0, cpu_seconds())
@@ -204,11 +205,11 @@ def bench_case(dhts: list, size: int, n: int, args) -> tuple[list[list[PeerRound
             a.shutdown()
 
 
-def run_round(ex, avgs, clocks, deltas, scales, round_no: int, args) -> list[PeerRound]:
+def run_round(ex, avgs, clocks, deltas, round_no: int, args) -> list[PeerRound]:
     def one(i: int) -> PeerRound:
         t0 = time.perf_counter()
         res = avgs[i].average(deltas[i], round_no=round_no, weight=1.0 + i, meta=dict(fingerprint="bench"),
-                              scales=scales, timeout=args.matchmaking_time * 5)
+                              timeout=args.matchmaking_time * 5)
         total = time.perf_counter() - t0
         c = clocks[i]
         return PeerRound(total, c.t_allreduce - c.t_call, c.t_done - c.t_allreduce, res.bytes_sent,
