@@ -336,6 +336,7 @@ class _Averager(DecentralizedAverager):
                  residuals: list[torch.Tensor] | None = None, wire: torch.Tensor | None = None, **kwargs):
         self._state_fn, self._codec_name, self._aggregator, self._clip_factor = state_fn, codec_name, aggregator, clip_factor
         self._error_feedback, self._members = error_feedback, members
+        self._min_group = int(kwargs.get("min_group_size") or 1)
         self._residuals, self._wire = residuals, wire
         self._policy: dict[str, Any] = dict(active=None, weight_caps={}, banned=frozenset(), max_output_ratio=0.0)
         self._rejected: dict[str, str] = {}
@@ -384,6 +385,9 @@ class _Averager(DecentralizedAverager):
                 group_info = GroupInfo(group_info.group_id, tuple(group_info.peer_ids[i] for i in keep),
                                        tuple(group_info.gathered[i] for i in keep))
                 decoded = [decoded[i] for i in keep]
+            if len(decoded) < self._min_group:
+                raise AllreduceException(f"only {len(decoded)} of the group may average with us "
+                                         f"(averaging.min_group_size = {self._min_group})")
             bandwidths, mode_ids, user_bytes = zip(*decoded)
             user_gathered = dict(zip(group_info.peer_ids, map(self.serializer.loads, user_bytes)))
             modes = tuple(map(AveragingMode, mode_ids))

@@ -48,7 +48,8 @@ def test_bench_allreduce_quick_writes_throughput(tmp_path):
     assert r["p2pd_leaked"] == []
     [run] = r["runs"]
     assert run["params"] == 100_000 and run["peers"] == 2
-    assert run["bytes_sent_per_peer"] == 100_000 * 4  # 2(n-1)/n of the fp32 vector for n = 2
+    # 2(n-1)/n of the fp32 vector for n = 2, measured on the wire: protobuf framing adds well under 1%
+    assert 100_000 * 4 <= run["bytes_sent_per_peer"] <= 100_000 * 4 * 1.01
     assert run["throughput_MBps"] > 0 and run["ratio_to_tcp"] > 0
     assert 0 < run["allreduce_s"] <= run["total_s"] and run["matchmaking_s"] >= 0
     assert {"machine", "command", "config"} <= set(r)
