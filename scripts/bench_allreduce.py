@@ -338,11 +338,12 @@ def main(argv=None) -> int:
         runs=runs,
         config=dict(sizes=args.sizes, peers=args.peers, rounds=args.rounds, warmup_rounds=args.warmup_rounds,
                     matchmaking_time=args.matchmaking_time, allreduce_timeout=args.allreduce_timeout,
-                    tensor_numel=TENSOR_NUMEL, quick=args.quick, encoding="fp32 offset encoding (exact)"),
+                    tensor_numel=TENSOR_NUMEL, quick=args.quick,
+                    encoding=f"{args.compression} on the wire (our all-reduce: each owner sends one encoded result)"),
         notes=("allreduce_s: from the StepControl stage RUNNING_ALLREDUCE to the step's result, per peer "
                "(median over peers and rounds); matchmaking_s: from step() to RUNNING_ALLREDUCE; "
                "total_s: SwarmAverager.average wall time, incl. encode/decode; throughput_MBps = "
-               "bytes_sent_per_peer / allreduce_s (bytes_sent as the averager reports it, 2(n-1)/n x 4 B x params); "
+               "bytes_sent_per_peer / allreduce_s (bytes_sent measured on the wire by the averager, ~2(n-1)/n x 4 B x params); "
                "aggregate_MBps = n x bytes_sent_per_peer / group all-reduce time (first start to last finish); "
                "all peers, their p2pd daemons and the TCP pair share this machine's cores; other_busy_cores: "
                "average cores other programs on the machine used during the case (noise indicator)."),
