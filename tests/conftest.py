@@ -28,7 +28,7 @@ def swarm_overrides(data_cache):
     """Settings for a fast nano swarm on 127.0.0.1 (a fresh run_id per test)."""
     return [*SMALL_DATA, f"data.cache_dir={data_cache}", "model.seq_len=64", "inner.batch_size=8",
             "inner.warmup_steps=5", "inner.total_steps=400", "rounds.target_samples_per_round=96",
-            "averaging.matchmaking_time=2.0", "averaging.allreduce_timeout=20", "averaging.round_timeout=30",
+            "averaging.matchmaking_time=1.5", "averaging.allreduce_timeout=20", "averaging.round_timeout=30",
             "logging.progress_interval=0.5", "logging.progress_bar=false", "logging.eval_batches=4",
             "checkpoint.every_rounds=0", "dht.startup_timeout=60", f"dht.run_id=test-{uuid.uuid4().hex[:8]}"]
 

@@ -82,7 +82,7 @@ def dhts():
 
 
 def _averagers(dhts, n=3, members=None, shapes=SHAPES, **cfg_kw):
-    cfg = AveragingConfig(matchmaking_time=2.0, allreduce_timeout=30.0, min_group_size=2, target_group_size=n,
+    cfg = AveragingConfig(matchmaking_time=1.0, allreduce_timeout=30.0, min_group_size=2, target_group_size=n,
                           **{"aggregator": "mean", **cfg_kw})
     prefix = f"t{next(_prefixes)}-fp"
     return [SwarmAverager(d, shapes, prefix=prefix, cfg=cfg, members=members) for d in dhts[:n]]

@@ -21,7 +21,7 @@ def _ok_rounds(summary):
     return {h["round"]: h for h in summary["history"] if h.get("ok")}
 
 
-def _run(tmp_path, overrides, names, attack=None, rounds=4):
+def _run(tmp_path, overrides, names, attack=None, rounds=3):
     """Bootstrap + honest peers (+ one attacker); returns the honest peers' summaries."""
     run = [*overrides, f"rounds.num_rounds={rounds}"]
     with LocalSwarm(tmp_path, overrides=run) as swarm:
@@ -49,7 +49,7 @@ def test_poisoned_pseudo_gradients_leave_honest_peers_finite_and_close_to_a_clea
         for name, s in got.items():
             assert math.isfinite(s["final_loss"]), f"{attack}: {name} ended with a non-finite model"
             assert s["final_loss"] <= baseline * 1.05, (attack, s["final_loss"], baseline)
-            assert len(_ok_rounds(s)) == 4
+            assert len(_ok_rounds(s)) == 3
         if attack == "nan":  # refused and banned by the honest owners; later rounds go on without it
             logs = "".join((swarm.workdir / f"{n}.log").read_text() for n in names)
             assert "sent non-finite values" in logs and "left out of this run's all-reduces" in logs
@@ -89,8 +89,8 @@ def test_a_lying_donor_is_rejected_and_the_joiner_loads_from_an_honest_one(tmp_p
         donor = swarm.start_peer(2, name="donor", script=ATTACKER, env={"P2P_PHOTON_ATTACK": "donor"})
         assert wait_until(lambda: "round 1 |" in _log(swarm, "honest0"), timeout=240), swarm.tail(honest[0])
         joiner = swarm.start_peer(0, name="joiner")
-        # the joiner downloads, then takes part in two rounds with the swarm
-        assert wait_until(lambda: _log(swarm, "joiner").count("| peers ") >= 2, timeout=300), swarm.tail(joiner)
+        # the joiner downloads, then takes part in a round with the swarm
+        assert wait_until(lambda: _log(swarm, "joiner").count("| peers ") >= 1, timeout=300), swarm.tail(joiner)
         for p in (*honest, donor, joiner):
             swarm.signal(p)
         assert swarm.wait([*honest, joiner], timeout=120) == [0, 0, 0], [swarm.tail(p) for p in (*honest, joiner)]
@@ -104,7 +104,7 @@ def test_a_lying_donor_is_rejected_and_the_joiner_loads_from_an_honest_one(tmp_p
     after = {h["round"] + 1: h["theta"] for h in reference["history"] if h.get("ok")}
     assert syncs[0]["theta"] == after[syncs[0]["round"]]
     ref_ok, joined_ok = _ok_rounds(reference), _ok_rounds(joined)
-    assert len(joined_ok) >= 2 and all(joined_ok[r]["theta"] == ref_ok[r]["theta"] for r in joined_ok if r in ref_ok)
+    assert len(joined_ok) >= 1 and all(joined_ok[r]["theta"] == ref_ok[r]["theta"] for r in joined_ok if r in ref_ok)
     assert math.isfinite(joined["final_loss"])
 
 
