@@ -14,7 +14,7 @@ def _rounds_by_peer(swarm, names):
     return {n: {h["round"]: h for h in swarm.summary(n)["history"] if h["ok"]} for n in names}
 
 
-@pytest.mark.parametrize("mode", ["int8", "overlap", "block_cycle"])  # int8: the default wire format
+@pytest.mark.parametrize("mode", ["overlap", "block_cycle"])  # blocking int8 (the default): every other swarm test
 def test_three_peers_share_one_model_and_learn(tmp_path, swarm_overrides, mode):
     """int8 (the default wire format), overlapped rounds (outer step one round late) and FedCyBGD block
     cycling: θ is bit-identical on every peer after every round, and the model learns."""
