@@ -34,7 +34,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AsyncIterator  # noqa: UP035 (hivemind reads a handler's hint by typing's _name)
 
 import torch
@@ -43,7 +43,7 @@ from hivemind.averaging.allreduce import AllreduceException, AllReduceRunner, Av
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.load_balancing import load_balance_peers
 from hivemind.averaging.matchmaking import MatchmakingException
-from hivemind.averaging.partition import TensorPartContainer, TensorPartReducer
+from hivemind.averaging.partition import BannedException, TensorPartContainer, TensorPartReducer
 from hivemind.compression import CompressionInfo
 from hivemind.p2p import P2PContext
 from hivemind.proto import averaging_pb2
@@ -74,7 +74,6 @@ class RoundResult:
     bytes_received: int
     seconds: float
     residual_norm: float = 0.0  # norm of the quantization error carried to the next round
-    rejected: list[str] = field(default_factory=list)
 
 
 def banned_message(rejected: dict[str, str]) -> str:
@@ -145,8 +144,6 @@ class _Reducer(TensorPartReducer):
         super().reset_accumulators()
 
     async def accumulate_part(self, sender_index, part_index, tensor_part, weight=1.0):
-        from hivemind.averaging.partition import BannedException
-
         assert 0 <= sender_index < self.num_senders and 0 <= part_index < self.num_parts
         self.num_parts_received[sender_index] += 1
         while part_index > self.current_part_index:
@@ -180,7 +177,8 @@ class _Runner(AllReduceRunner):
     def __init__(self, *, codec: Codec, residuals, out_residuals: dict[int, torch.Tensor] | None,
                  aggregator: str, clip_factor: float, weight_caps: dict[str, float], tensor_infos,
                  part_size_bytes: int, max_output_ratio: float = 0.0, **kwargs):
-        super().__init__(**kwargs)
+        tensors = kwargs.pop("tensors")
+        super().__init__(tensors=(), **kwargs)  # the base class's container and reducer are replaced below
         self.codec, self.aggregator, self.clip_factor, self.weight_caps = codec, aggregator, clip_factor, weight_caps
         self.max_output_ratio = max_output_ratio
         self.out_residuals, self.staged_out_residuals = out_residuals, {}
@@ -189,11 +187,7 @@ class _Runner(AllReduceRunner):
         self.rejected: dict[str, str] = {}  # peer id -> why its data was refused
         self.outputs: dict[int, Any] = {}
         me = self.ordered_peer_ids.index(self.peer_id)
-        unused = self.tensor_part_reducer  # the base class's; replaced below (finalize it quietly)
-        unused.num_parts = 0
-        unused.finalize()
-        self.tensor_part_container.finalize()
-        self.tensor_part_container = _Container(kwargs["tensors"], self.peer_fractions, codec=codec,
+        self.tensor_part_container = _Container(tensors, self.peer_fractions, codec=codec,
                                                 residuals=residuals, tensor_infos=tensor_infos,
                                                 part_size_bytes=part_size_bytes)
         self.parts_for_local_averaging = self.tensor_part_container.get_raw_input_parts(me)
@@ -248,12 +242,8 @@ class _Runner(AllReduceRunner):
                 part = part.reshape(self.parts_for_local_averaging[part_index].shape)
                 try:
                     await self.tensor_part_reducer.accumulate_part(sender_index, part_index, part, weight=msg.weight)
-                except Exception as e:
-                    from hivemind.averaging.partition import BannedException
-
-                    if isinstance(e, BannedException):
-                        break
-                    raise
+                except BannedException:
+                    break
                 out = averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=self.outputs[part_index])
                 self.bytes_sent += out.ByteSize()
                 part_index += 1
@@ -554,9 +544,6 @@ class SwarmAverager:
         self.peer_id = str(self._averager.peer_id)
         self.dht, self.prefix = dht, prefix
         self.banned: dict[str, str] = {}
-
-    def wire_bytes_per_value(self) -> float:
-        return self.codec.bytes_per_value
 
     def average(self, deltas: Sequence[torch.Tensor | None], *, round_no: int, weight: float, meta: dict[str, Any],
                 active: Sequence[int] | None = None, weight_caps: dict[str, float] | None = None,

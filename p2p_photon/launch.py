@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -139,3 +140,41 @@ class LocalSwarm:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+# ----------------------------------------------------------------------------- benchmark scripts
+
+
+def machine_info() -> dict:
+    """What a benchmark's JSON records about the machine it ran on."""
+    import hivemind
+    import psutil
+    import torch
+
+    cpu = platform.processor()
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                   if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return dict(cpu=cpu, cpu_count=os.cpu_count(), memory_gb=round(psutil.virtual_memory().total / 2**30, 1),
+                python=platform.python_version(), platform=platform.platform(), torch=torch.__version__,
+                hivemind=hivemind.__version__)
+
+
+def reap_tagged_p2pd(var: str, tag: str, timeout: float = 15.0) -> list[int]:
+    """PIDs of the p2pd daemons started with var=tag still alive `timeout` s after a swarm stopped
+    (killed, and returned as a finding)."""
+    import psutil
+
+    from .network import tagged_processes
+
+    deadline = time.monotonic() + timeout
+    while (left := tagged_processes(var, tag, "p2pd")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for p in left:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    return [p.pid for p in left]

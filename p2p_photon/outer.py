@@ -37,10 +37,11 @@ class OuterOptimizer:
         self.buffers = [torch.zeros_like(p) for p in self.params] if self.momentum > 0 else []
 
     @torch.no_grad()
-    def step(self, deltas: Sequence[torch.Tensor], mask: Sequence[bool] | None = None) -> None:
-        """Apply the averaged pseudo-gradient; mask[i] False leaves tensor i (and its momentum) untouched."""
+    def step(self, deltas: Sequence[torch.Tensor | None]) -> None:
+        """Apply the averaged pseudo-gradient; a None leaves that tensor (and its momentum) untouched
+        (FedCyBGD: the groups not trained this round)."""
         for i, (p, d) in enumerate(zip(self.params, deltas)):
-            if mask is not None and not mask[i]:
+            if d is None:
                 continue
             update = d
             if self.momentum > 0:

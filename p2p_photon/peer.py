@@ -93,13 +93,6 @@ class SwarmView(threading.Thread):
         self.join(timeout=5)
 
 
-def majority_round(rounds: list[int]) -> int:
-    """The highest round that a strict majority of these peers has reached (-1 if none)."""
-    if not rounds:
-        return -1
-    return sorted(rounds, reverse=True)[len(rounds) // 2]
-
-
 class FingerprintMismatch(Exception):
     """The swarm of this run_id trains something else (model, tokenizer, seed or outer optimizer)."""
 
@@ -248,7 +241,7 @@ class Peer:
         if foreign:
             logger.warning("ignoring %d peer(s) of run %s with another fingerprint (%s): they are not averaged with",
                            len(foreign), self.cfg.dht.run_id, foreign[0].fingerprint)
-        ahead = majority_round([r.round for r in ours])
+        ahead = trust.majority_round([r.round for r in ours])
         if ahead > self.counters.round:
             logger.info("swarm is at round %d, we are at %d: downloading state from peers", ahead, self.counters.round)
             if not self.sync_from_peers():
@@ -360,23 +353,28 @@ class Peer:
             return self._on_failed_round(st, f"missed round {r}: the swarm is already at round {ahead}")
         active = self._active_indices()
         with self.lock:
-            deltas = pseudo_gradient(self.theta, self.model)
-        deltas = self._contribution(deltas)
-        problem = self._self_check(deltas, active)
+            deltas = self._contribution(pseudo_gradient(self.theta, self.model))
+        norm, problem = self._self_check(deltas, active)
         if problem:
             return self._on_failed_round(st, f"not contributing: {problem}; local work discarded", keep_work=False)
-        meta = dict(fingerprint=self.fp, samples=st.samples, steps=st.steps, theta=self.theta_hash_cached)
         try:
-            res = self.averager.average(deltas, round_no=r, weight=self._weight(st), meta=meta, active=active,
-                                        weight_caps=self._weight_caps(records),
-                                        timeout=min(self.cfg.averaging.round_timeout,
-                                                    4 * self.cfg.averaging.matchmaking_time))
+            res = self.averager.average(deltas, active=active, **self._request(st, r, records))
         except AveragingFailed as e:
             return self._on_failed_round(st, str(e))
-        self._remember_norm(deltas, active)
+        self._remember_norm(norm, active)
         self._apply(res)
+        return self._report(r, st, res)
+
+    def _request(self, st: RoundStats, r: int, records: list[ProgressRecord]) -> dict:
+        """What SwarmAverager.average needs besides the tensors (blocking and overlapped rounds alike)."""
+        meta = dict(fingerprint=self.fp, samples=st.samples, steps=st.steps, theta=self.theta_hash_cached)
+        return dict(round_no=r, weight=self._weight(st), meta=meta, weight_caps=self._weight_caps(records),
+                    timeout=min(self.cfg.averaging.round_timeout, 4 * self.cfg.averaging.matchmaking_time))
+
+    @staticmethod
+    def _report(r: int, st: RoundStats, res) -> dict:
         return dict(ok=True, round=r, stats=st, group=res.group_size, seconds=res.seconds,
-                    sent=res.bytes_sent, received=res.bytes_received, residual=res.residual_norm)
+                    sent=res.bytes_sent, received=res.bytes_received)
 
     # ------------------------------------------------------------------ overlapped ("eager") mode
 
@@ -412,18 +410,15 @@ class Peer:
         self._publish(st, "averaging")
         with self.lock, torch.no_grad():
             deltas = self._contribution([s - p.detach() for s, p in zip(snapshot, self.model.parameters())])
-        problem = self._self_check(deltas, None)
+        norm, problem = self._self_check(deltas, None)
         if problem:
             logger.warning("round %d: not contributing: %s; local work discarded", r, problem)
             with self.lock, torch.no_grad():
                 for p, s in zip(self.model.parameters(), snapshot):
                     p.copy_(s)
             return None
-        meta = dict(fingerprint=self.fp, samples=st.samples, steps=st.steps, theta=self.theta_hash_cached)
-        records = self._records(self.view.refresh())
-        kwargs = dict(round_no=r, weight=self._weight(st), meta=meta, weight_caps=self._weight_caps(records),
-                      timeout=min(self.cfg.averaging.round_timeout, 4 * self.cfg.averaging.matchmaking_time))
-        box: dict = dict(round=r, stats=st, deltas=deltas, done=threading.Event(), reset=False)
+        kwargs = self._request(st, r, self._records(self.view.refresh()))
+        box: dict = dict(round=r, stats=st, deltas=deltas, norm=norm, done=threading.Event(), reset=False)
 
         def run():
             try:
@@ -450,17 +445,16 @@ class Peer:
                 self.inflight["reset"] = True
             return self._on_failed_round(st, why, keep_work=False)
         res = box["result"]
-        self._remember_norm(box["deltas"], None)
+        self._remember_norm(box["norm"], None)
         with self.lock:
             old = [t.clone() for t in self.theta]
-            local = [p.detach().clone() for p in self.model.parameters()]
-        self._apply(res)  # θ ← OuterOpt(θ, Δ̄); also resets the local model to θ
-        own = box["deltas"] if not box["reset"] else [torch.zeros_like(t) for t in old]
+        self._apply(res, reset_local=False)  # θ ← OuterOpt(θ, Δ̄); the local model keeps its progress
         with self.lock, torch.no_grad():
-            for p, loc, new, prev, d in zip(self.model.parameters(), local, self.theta, old, own):
-                p.copy_(loc + (new - prev) + d)  # keep the local progress, swap our Δ for the group's step
-        return dict(ok=True, round=r, stats=st, group=res.group_size, seconds=res.seconds,
-                    sent=res.bytes_sent, received=res.bytes_received, residual=res.residual_norm)
+            for p, new, prev, d in zip(self.model.parameters(), self.theta, old, box["deltas"]):
+                p.add_(new - prev)  # the group's step ...
+                if not box["reset"]:
+                    p.add_(d)  # ... instead of our own Δ (unless a re-sync already dropped it)
+        return self._report(r, st, res)
 
     # hooks (tests/attackers.py overrides them to play a hostile peer)
     def _contribution(self, deltas: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -476,26 +470,25 @@ class Peer:
         g = active_group(self.counters.round, self.cfg.outer.block_cycle, self.cfg.outer.block_order, self.cfg.seed)
         return [i for i, x in enumerate(self.groups) if x == g]
 
-    def _self_check(self, deltas: list[torch.Tensor], active: list[int] | None) -> str | None:
-        """Before sending: a non-finite Δ, or one far larger than this peer's recent rounds, is not sent."""
+    def _self_check(self, deltas: list[torch.Tensor], active: list[int] | None) -> tuple[float, str | None]:
+        """(‖Δ‖ of the tensors sent, why it must not be sent or None): a non-finite Δ, or one far larger
+        than this peer's recent rounds, is not sent."""
         idx = range(len(deltas)) if active is None else active
-        norm = math.sqrt(sum(float(deltas[i].double().pow(2).sum()) for i in idx))
+        norm = math.sqrt(sum(float(torch.linalg.vector_norm(deltas[i])) ** 2 for i in idx))
         if not math.isfinite(norm):
-            return "the pseudo-gradient has non-finite values"
+            return norm, "the pseudo-gradient has non-finite values"
         history = self.delta_norms.get(self._group_key(active), [])
         ratio = self.cfg.averaging.max_delta_norm_ratio
         if len(history) >= 3 and norm > ratio * statistics.median(history):
-            return (f"the pseudo-gradient norm {norm:.3g} is more than {ratio:g}x the median of this peer's "
-                    f"recent rounds ({statistics.median(history):.3g})")
-        return None
+            return norm, (f"the pseudo-gradient norm {norm:.3g} is more than {ratio:g}x the median of this "
+                          f"peer's recent rounds ({statistics.median(history):.3g})")
+        return norm, None
 
     @staticmethod
     def _group_key(active: list[int] | None) -> int:
         return -1 if active is None else active[0]
 
-    def _remember_norm(self, deltas: list[torch.Tensor], active: list[int] | None) -> None:
-        idx = range(len(deltas)) if active is None else active
-        norm = math.sqrt(sum(float(deltas[i].double().pow(2).sum()) for i in idx))
+    def _remember_norm(self, norm: float, active: list[int] | None) -> None:
         hist = self.delta_norms.setdefault(self._group_key(active), [])
         hist.append(norm)
         del hist[:-8]
@@ -515,12 +508,12 @@ class Peer:
         return {x.peer_id: 8.0 * max(floor, x.samples + min(x.tokens_per_s / seq, max_rate)
                                      * min(60.0, max(0.0, now - x.time) + 5)) for x in mates}
 
-    def _apply(self, res) -> None:
+    def _apply(self, res, reset_local: bool = True) -> None:
         c = self.counters
         with self.lock:
-            mask = [d is not None for d in res.deltas]
-            self.outer.step([d if d is not None else t for d, t in zip(res.deltas, self.theta)], mask=mask)
-            load_into_model(self.theta, self.model)
+            self.outer.step(res.deltas)  # tensors not averaged this round (None) stay as they are
+            if reset_local:
+                load_into_model(self.theta, self.model)
             c.round += 1
             c.global_step += sum(int(m.get("steps", 0)) for m in res.gathered.values())
             c.total_samples += sum(int(m.get("samples", 0)) for m in res.gathered.values())
@@ -553,7 +546,7 @@ class Peer:
         """If a majority of the other peers finished our round without us, download the swarm's state
         instead of averaging a stale Δ (a lone peer far ahead is not enough)."""
         records = self._records(self.view.refresh())
-        ahead = majority_round([x.round for x in records if x.fingerprint == self.fp and x.peer_id != self.peer_id
+        ahead = trust.majority_round([x.round for x in records if x.fingerprint == self.fp and x.peer_id != self.peer_id
                                 and x.state != "done"])
         if ahead <= self.train_round:
             return False
@@ -696,7 +689,7 @@ class Peer:
                         report["why"], self.counters.failed_rounds)
         self.counters.history.append(dict(round=report["round"], ok=report["ok"], loss=st.loss, steps=st.steps,
                                           samples=st.samples, tokens=st.tokens, group=report.get("group", 0),
-                                          theta=self.theta_hash_cached, sent=report.get("sent", 0),
+                                          theta=self.theta_hash_cached, sent=report.get("sent", 0), why=report.get("why"),
                                           eval_loss=report.get("eval_loss"), wall_s=st.wall_s, train_s=st.train_s,
                                           allreduce_s=report.get("seconds", 0.0), time=time.time(),
                                           global_step=self.counters.global_step,

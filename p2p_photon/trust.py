@@ -204,11 +204,18 @@ def round_progress(
             continue
         rate = r.tokens_per_s / seq_len if r.state == "training" else 0.0
         estimates.append(r.samples + rate * min(max(0.0, now - r.time), extrapolate_max_s))
-    total = float(my_samples)
-    for i, e in enumerate(estimates):
-        others = [float(my_samples), *estimates[:i], *estimates[i + 1:]]
-        total += min(e, cap_vs_others * max(others))
-    return total
+    # the largest count among "the rest" is the overall largest, except for the peer holding it (runs
+    # in the training loop every 0.2 s: two maxima instead of one max per peer)
+    pool = [float(my_samples), *estimates]
+    top = max(range(len(pool)), key=pool.__getitem__)
+    first, second = pool[top], max((x for i, x in enumerate(pool) if i != top), default=0.0)
+    return pool[0] + sum(min(e, cap_vs_others * (second if i == top else first))
+                         for i, e in enumerate(pool) if i > 0)
+
+
+def majority_round(rounds: list[int]) -> int:
+    """The highest round that a strict majority of these peers has reached (-1 if there are none)."""
+    return sorted(rounds, reverse=True)[len(rounds) // 2] if rounds else -1
 
 
 def swarm_ahead(
@@ -231,6 +238,5 @@ def swarm_ahead(
             )
         else:
             rounds.append(r.round)
-    majority = len(rounds) // 2 + 1
-    ahead = sorted((x for x in rounds if x > my_round), reverse=True)
-    return (ahead[majority - 1] if len(ahead) >= majority else None), ignored
+    reached = majority_round(rounds)
+    return (reached if reached > my_round else None), ignored

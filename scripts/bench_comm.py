@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -44,11 +42,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import psutil  # noqa: E402
 
 from p2p_photon import data  # noqa: E402
+from p2p_photon.bootstrap import write_json_atomic  # noqa: E402
 from p2p_photon.config import AveragingConfig, load_config  # noqa: E402
-from p2p_photon.launch import LocalSwarm, Proc  # noqa: E402
+from p2p_photon.launch import LocalSwarm, Proc, machine_info, reap_tagged_p2pd  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -424,18 +422,6 @@ def plot(runs: list[dict], default: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def machine_info() -> dict:
-    import hivemind
-    import torch
-
-    cpu = platform.processor()
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                   if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return dict(cpu=cpu, cpu_count=os.cpu_count(), memory_gb=round(psutil.virtual_memory().total / 2**30, 1),
-                python=platform.python_version(), torch=torch.__version__, hivemind=hivemind.__version__)
 
 
 def setup_record(plan: Plan, params: int, command: str) -> dict:
@@ -451,40 +437,13 @@ def setup_record(plan: Plan, params: int, command: str) -> dict:
         run_overrides_example=run_overrides(plan, SETTINGS[DEFAULT]))
 
 
-def write_json(path: Path, result: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(path)
 
 
 # ----------------------------------------------------------------------------- processes
 
 
-def tagged_p2pd(tag: str) -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter(["name"]):
-        if p.info["name"] != "p2pd":
-            continue
-        try:
-            if p.environ().get(TAG_VAR) == tag and p.status() != psutil.STATUS_ZOMBIE:
-                found.append(p)
-        except (psutil.Error, OSError):
-            continue
-    return found
 
 
-def reap_leftovers(tag: str, timeout: float = 15.0) -> list[int]:
-    """Our p2pd processes still alive `timeout` s after the swarm stopped (killed, and returned as a finding)."""
-    deadline = time.monotonic() + timeout
-    while (left := tagged_p2pd(tag)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    for p in left:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    return [p.pid for p in left]
 
 
 # ----------------------------------------------------------------------------- main
@@ -519,7 +478,7 @@ def main(argv=None) -> int:
     def save(complete: bool) -> dict:
         default = default_record(runs)
         result.update(default=default, runs=runs, complete=complete)
-        write_json(out, result)
+        write_json_atomic(out, result)
         return default
 
     with LocalSwarm(workdir, threads_per_peer=1) as swarm:
@@ -527,7 +486,7 @@ def main(argv=None) -> int:
         for name in args.names:
             runs.append(attempt(swarm, plan, SETTINGS[name], params))
             save(complete=False)
-    leaked = reap_leftovers(tag)
+    leaked = reap_tagged_p2pd(TAG_VAR, tag)
     fill_optimizer_state(runs, plan)
     check_codecs(runs)
     result["machine"].update(loadavg_before=list(load_before), loadavg_after=list(os.getloadavg()))

@@ -27,11 +27,9 @@ tokens); this equals the final global step x batch x seq_len, which is checked.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -44,11 +42,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import psutil  # noqa: E402
 
 from p2p_photon import data  # noqa: E402
+from p2p_photon.bootstrap import write_json_atomic  # noqa: E402
 from p2p_photon.config import load_config  # noqa: E402
-from p2p_photon.launch import LocalSwarm, Proc  # noqa: E402
+from p2p_photon.launch import LocalSwarm, Proc, machine_info, reap_tagged_p2pd  # noqa: E402
 
 RUNS = ("centralized", "photon_iid", "photon_noniid", "diloco_iid", "diloco_noniid", "photon_noniid_overlap")
 DEFAULT_RUNS = RUNS[:5]  # photon_noniid_overlap: averaging.overlap = true (the outer step one round late)
@@ -424,19 +422,6 @@ def plot(runs: dict[str, dict], target: float | None, budget: int, path: Path, t
     plt.close(fig)
 
 
-def machine_info() -> dict:
-    import hivemind
-    import torch
-
-    cpu = platform.processor()
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                   if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return dict(cpu=cpu, cpu_count=os.cpu_count(), memory_gb=round(psutil.virtual_memory().total / 2**30, 1),
-                python=platform.python_version(), platform=platform.platform(), torch=torch.__version__,
-                hivemind=hivemind.__version__)
 
 
 def config_record(plan: Plan, params: int) -> dict:
@@ -459,44 +444,17 @@ def config_record(plan: Plan, params: int) -> dict:
               f"{plan.central_batch} centralized); only peer 0 evaluates every round"),
         schedule=("warmup + cosine on the global step; federated: total = rounds x N x H global steps, warmup = "
                   "N x the centralized warmup (same tokens)"),
-        bytes_note=("bytes_sent_per_peer is hivemind's butterfly all-reduce volume of the fp32 pseudo-gradient, "
-                    "2 (n-1)/n x 4 P per successful round (computed by averaging.py, not measured on the wire)"))
+        bytes_note=("bytes_sent_per_peer: bytes our all-reduce put on the wire (protobuf payloads, measured), "
+                    "summed over successful rounds; uncompressed here, ~2 (n-1)/n x 4 P per round"))
 
 
-def write_json(path: Path, result: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(path)
 
 
 # ----------------------------------------------------------------------------- processes
 
 
-def tagged_p2pd(tag: str) -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter(["name"]):
-        if p.info["name"] != "p2pd":
-            continue
-        try:
-            if p.environ().get(TAG_VAR) == tag and p.status() != psutil.STATUS_ZOMBIE:
-                found.append(p)
-        except (psutil.Error, OSError):
-            continue
-    return found
 
 
-def reap_leftovers(tag: str, timeout: float = 15.0) -> list[int]:
-    """Our p2pd processes still alive `timeout` s after the swarm stopped (killed, and returned as a finding)."""
-    deadline = time.monotonic() + timeout
-    while (left := tagged_p2pd(tag)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    for p in left:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    return [p.pid for p in left]
 
 
 # ----------------------------------------------------------------------------- main
@@ -558,15 +516,15 @@ def main(argv=None) -> int:
     def save(runs: dict[str, dict]) -> None:
         target = add_derived(runs, plan, params)
         result.update(runs=runs, target_ppl=target, complete=False)
-        write_json(out, result)
+        write_json_atomic(out, result)
 
     runs = run_all(plan, args.runs, workdir, save)
-    leaked = reap_leftovers(tag)
+    leaked = reap_tagged_p2pd(TAG_VAR, tag)
     target = add_derived(runs, plan, params)
     result["machine"].update(loadavg_before=list(load_before), loadavg_after=list(os.getloadavg()))
     result.update(runs=runs, target_ppl=target, complete=True, p2pd_leaked=leaked,
                   total_wall_s=time.perf_counter() - t_start, timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    write_json(out, result)
+    write_json_atomic(out, result)
     plot(runs, target, plan.tokens, png, f"{plan.model}, {plan.peers} peers, H={plan.local_steps}, {plan.mode} mode")
     print_table(runs, target)
     print(f"[experiment] wrote {out} and {png} in {result['total_wall_s']:.0f}s; leaked p2pd: {leaked or 'none'}")

@@ -34,7 +34,8 @@ class Attacker(peer.Peer):
         return deltas
 
     def _self_check(self, deltas, active):
-        return None if KIND in ("scale", "nan") else super()._self_check(deltas, active)
+        norm, problem = super()._self_check(deltas, active)
+        return norm, None if KIND in ("scale", "nan") else problem
 
     def _weight(self, st):
         return float(ARG) if KIND == "weight" else super()._weight(st)

@@ -4,6 +4,7 @@ The pure parts (codecs, robust.aggregate, block groups) are checked against hand
 
 import concurrent.futures as cf
 import itertools
+import math
 
 import pytest
 import torch
@@ -65,6 +66,24 @@ def test_block_groups_cover_the_model_and_every_group_is_visited_over_a_cycle():
             seen = [active_group(r, 4, order, seed=7) for r in range(4 * cycle, 4 * cycle + 4)]
             assert sorted(seen) == [0, 1, 2, 3], (order, seen)
     assert [active_group(r, 4, "descending", 0) for r in range(4)] == [3, 2, 1, 0]
+
+
+def test_self_check_refuses_non_finite_or_outsized_pseudo_gradients():
+    """Before sending, a peer refuses its own Δ if it is not finite or over max_delta_norm_ratio (10) x the
+    median of its recent rounds (once it has 3 of them)."""
+    from p2p_photon.config import Config
+    from p2p_photon.peer import Peer
+
+    peer = Peer(Config())  # no network: only the self-check's bookkeeping is used
+    deltas = [torch.ones(10), torch.ones(5)]
+    norm, problem = peer._self_check(deltas, None)
+    assert problem is None and norm == pytest.approx(math.sqrt(15))
+    assert peer._self_check([x * 100 for x in deltas], None)[1] is None  # no history yet: only finiteness
+    for _ in range(3):
+        peer._remember_norm(norm, None)
+    assert "more than 10x the median" in peer._self_check([x * 11 for x in deltas], None)[1]
+    assert peer._self_check([x * 9 for x in deltas], None)[1] is None
+    assert "non-finite" in peer._self_check([torch.full((3,), float("nan"))], None)[1]
 
 
 # ----------------------------------------------------------------------------- real averagers

@@ -33,6 +33,7 @@ from p2p_photon.trust import (
     identity_new,
     identity_show,
     load_members,
+    majority_round,
     owner_peer_id,
     round_progress,
     signing_key_from_identity,
@@ -331,6 +332,9 @@ def test_swarm_ahead_needs_a_majority():
     assert ahead([r], extra=not_counted) == (None, [])
     round_, reasons = ahead([r + 3, r + 3, r + 3])  # everybody far ahead: a state sync, not a jump
     assert round_ is None and len(reasons) == 3
+    # the join / catch-up rule (no far-ahead filter): the highest round a strict majority has reached
+    assert majority_round([5, 5, 10**6]) == 5 and majority_round([3, 9]) == 3
+    assert majority_round([1, 2, 3, 4]) == 2 and majority_round([]) == -1
 
 
 # ----------------------------------------------------------------------------- command line

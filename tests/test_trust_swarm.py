@@ -5,6 +5,7 @@ and an outsider in a closed swarm."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -21,20 +22,21 @@ def _ok_rounds(summary):
     return {h["round"]: h for h in summary["history"] if h.get("ok")}
 
 
-def _run(tmp_path, overrides, names, attack=None, rounds=3):
-    """Bootstrap + honest peers (+ one attacker); returns the honest peers' summaries."""
-    run = [*overrides, f"rounds.num_rounds={rounds}"]
-    with LocalSwarm(tmp_path, overrides=run) as swarm:
+def _run(tmp_path, overrides, attackers=()):
+    """Bootstrap, honest0 and honest1, and the attackers ((name, silo, P2P_PHOTON_ATTACK), ...) until the honest
+    peers finish; returns every peer's summary and the honest peers' logs joined."""
+    names = ["honest0", "honest1"]
+    with LocalSwarm(tmp_path, overrides=overrides) as swarm:
         swarm.start_bootstrap()
-        procs = [swarm.start_peer(i, name=n) for i, n in enumerate(names)]
-        if attack:
-            bad = swarm.start_peer(2, name="attacker", script=ATTACKER, env={"P2P_PHOTON_ATTACK": attack})
-        codes = swarm.wait(procs, timeout=400)
-        assert codes == [0] * len(names), [swarm.tail(p) for p in procs]
-        if attack:
-            swarm.signal(bad)
-            swarm.wait([bad], timeout=60)
-        return {n: swarm.summary(n) for n in names}, swarm
+        honest = [swarm.start_peer(i, name=n) for i, n in enumerate(names)]
+        bad = [swarm.start_peer(silo, name=n, script=ATTACKER, env={"P2P_PHOTON_ATTACK": attack})
+               for n, silo, attack in attackers]
+        assert swarm.wait(honest, timeout=400) == [0, 0], [swarm.tail(p) for p in honest]
+        for p in bad:
+            swarm.signal(p)
+        swarm.wait(bad, timeout=60)
+        summaries = {p.name: swarm.summary(p.name) for p in (*honest, *bad) if swarm.summary_path(p.name).exists()}
+        return summaries, "".join(_log(swarm, n) for n in names)
 
 
 def test_poisoned_pseudo_gradients_leave_honest_peers_finite_and_close_to_a_clean_run(tmp_path, swarm_overrides):
@@ -43,24 +45,18 @@ def test_poisoned_pseudo_gradients_leave_honest_peers_finite_and_close_to_a_clea
     refused and banned; the honest peers' θ stays finite and their held-out loss within 5%."""
     names = ["honest0", "honest1"]
     run = [*swarm_overrides, "averaging.compression='none'", "rounds.num_rounds=3"]
-    clean, _ = _run(tmp_path / "clean", run, names, rounds=3)
+    clean, _ = _run(tmp_path / "clean", run)
     baseline = clean["honest0"]["final_loss"]
-    with LocalSwarm(tmp_path / "attacked", overrides=run) as swarm:
-        swarm.start_bootstrap()
-        procs = [swarm.start_peer(i, name=n) for i, n in enumerate(names)]
-        bad = [swarm.start_peer(2, name="scaler", script=ATTACKER, env={"P2P_PHOTON_ATTACK": "scale=1e6"}),
-               swarm.start_peer(1, name="nan", script=ATTACKER, env={"P2P_PHOTON_ATTACK": "nan"})]
-        assert swarm.wait(procs, timeout=400) == [0, 0], [swarm.tail(p) for p in procs]
-        for p in bad:
-            swarm.signal(p)
-        swarm.wait(bad, timeout=60)
-        got = {n: swarm.summary(n) for n in names}
-        logs = "".join((swarm.workdir / f"{n}.log").read_text() for n in names)
+    summaries, logs = _run(tmp_path / "attacked", run, [("scaler", 2, "scale=1e6"), ("nan", 1, "nan")])
+    got = {n: summaries[n] for n in names}
     assert len({s["theta"] for s in got.values()}) == 1, "honest peers disagree"
     for name, s in got.items():
         assert math.isfinite(s["final_loss"]), f"{name} ended with a non-finite model"
         assert s["final_loss"] <= baseline * 1.05, (s["final_loss"], baseline)
-        assert len(_ok_rounds(s)) == 3
+        # the round in which the NaN is refused fails for its whole group (by design: nothing from a round with
+        # a detected attacker is applied); the peer retries it or catches up, and the rounds after it succeed
+        ok = _ok_rounds(s)
+        assert 2 in ok and len(ok) >= 2, (name, sorted(ok), [h.get("why") for h in s["history"] if not h.get("ok")])
     assert "sent non-finite values" in logs and "left out of this run's all-reduces" in logs
 
 
@@ -69,25 +65,16 @@ def test_inflated_claims_neither_end_rounds_early_nor_move_the_round(tmp_path, s
     rounds still hold (at least) the target's worth of real samples and advance one by one."""
     target = 192
     run = [*swarm_overrides, f"rounds.target_samples_per_round={target}", "rounds.num_rounds=3"]
-    with LocalSwarm(tmp_path, overrides=run) as swarm:
-        swarm.start_bootstrap()
-        honest = [swarm.start_peer(i, name=f"honest{i}") for i in range(2)]
-        liars = [swarm.start_peer(2, name="samples_liar", script=ATTACKER, env={"P2P_PHOTON_ATTACK": "samples=100"}),
-                 swarm.start_peer(1, name="round_liar", script=ATTACKER, env={"P2P_PHOTON_ATTACK": "round=1000000"})]
-        assert swarm.wait(honest, timeout=400) == [0, 0], [swarm.tail(p) for p in honest]
-        for p in liars:
-            swarm.signal(p)
-        swarm.wait(liars, timeout=60)
-        summaries = {n: swarm.summary(n) for n in ("honest0", "honest1", "samples_liar")}
-        logs = (swarm.workdir / "honest0.log").read_text()
-    assert "claims round 1000000" in logs or "claims round 100000" in logs  # ignored, and said so
+    summaries, logs = _run(tmp_path, run, [("samples_liar", 2, "samples=100"), ("round_liar", 1, "round=1000000")])
+    assert re.search(r"claims round 1000\d{3}, more than 2 past ours", logs)  # ignored, and said so
+    counted = ("honest0", "honest1", "samples_liar")
     for n in ("honest0", "honest1"):
         ok = _ok_rounds(summaries[n])
         assert sorted(ok) == [0, 1, 2], (n, sorted(ok))  # one round at a time, no jump
     for r in range(1, 3):  # round 0 includes start-up; from round 1 on, every peer trains from the start
-        real = sum(_ok_rounds(summaries[n]).get(r, {}).get("samples", 0) for n in summaries)
+        real = sum(_ok_rounds(summaries[n]).get(r, {}).get("samples", 0) for n in counted)
         # the liar's 100x claim counts no more than the busiest honest peer's: real samples reach the target
-        assert real >= 0.8 * target, (r, real, {n: _ok_rounds(s).get(r) for n, s in summaries.items()})
+        assert real >= 0.8 * target, (r, real, {n: _ok_rounds(summaries[n]).get(r) for n in counted})
 
 
 def test_a_lying_donor_is_rejected_and_the_joiner_loads_from_an_honest_one(tmp_path, swarm_overrides):
