@@ -365,6 +365,25 @@ class _Averager(DecentralizedAverager):
     def _is_welcome(self, peer_id) -> bool:
         return self._is_member(peer_id) and peer_id.to_base58() not in self._policy["banned"]
 
+    @property
+    def _matchmaking(self):
+        return self.__dict__["_matchmaking_"]
+
+    @_matchmaking.setter
+    def _matchmaking(self, matchmaking) -> None:
+        """hivemind builds its Matchmaking inside the averager process; ours never asks a non-member or
+        banned peer to lead its group (followers of an outsider's group would be left alone in it)."""
+        request_join_group = matchmaking._request_join_group
+
+        async def request_join_welcome_group(leader):
+            if not self._is_welcome(leader):
+                logger.debug("not joining the group of non-member or banned peer %s", leader.to_base58()[-8:])
+                return None
+            return await request_join_group(leader)
+
+        matchmaking._request_join_group = request_join_welcome_group  # redirects to another leader come here too
+        self.__dict__["_matchmaking_"] = matchmaking
+
     async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs):
         try:
             decoded = [self.serializer.loads(g) for g in group_info.gathered]
