@@ -69,8 +69,10 @@ def test_inflated_claims_neither_end_rounds_early_nor_move_the_round(tmp_path, s
     assert re.search(r"claims round 1000\d{3}, more than 2 past ours", logs)  # ignored, and said so
     counted = ("honest0", "honest1", "samples_liar")
     for n in ("honest0", "honest1"):
-        ok = _ok_rounds(summaries[n])
-        assert sorted(ok) == [0, 1, 2], (n, sorted(ok))  # one round at a time, no jump
+        ok, history = _ok_rounds(summaries[n]), summaries[n]["history"]
+        # the swarm's round never moved past ours: no round (or state loaded) beyond the last one, and the last
+        # round done (a peer that finished starting up late may miss round 0 and catch up: timing, not the liar)
+        assert 2 in ok and all(h["round"] <= 2 for h in history), (n, history)
     for r in range(1, 3):  # round 0 includes start-up; from round 1 on, every peer trains from the start
         real = sum(_ok_rounds(summaries[n]).get(r, {}).get("samples", 0) for n in counted)
         # the liar's 100x claim counts no more than the busiest honest peer's: real samples reach the target
