@@ -178,16 +178,19 @@ def test_int8_with_error_feedback_is_close_to_the_exact_mean_and_identical(dhts)
 
 @pytest.mark.swarm
 def test_error_feedback_carries_the_residual_into_the_next_rounds(dhts):
-    """Same Δ four rounds in a row, 4-bit: without error feedback the error of the sum grows with every
-    round; with it, what one round loses is sent in the next, so the sum stays close to 4 x the mean."""
+    """Same Δ six rounds in a row, 4-bit: without error feedback the error of the sum grows with every
+    round (6 x one round's); with it, what one round loses is sent in the next, so the error of the sum
+    stays about one round's (slices change owners between rounds, so a little more). Measured ratio at 6 rounds:
+    0.29-0.33 in 6 runs; at 4 rounds it once reached 0.51, which is why this runs 6."""
     deltas, weights = _deltas(3, seed=2), [1.0, 1.0, 1.0]
-    want = [4 * m for m in _mean(deltas, weights)]
+    rounds = 6
+    want = [rounds * m for m in _mean(deltas, weights)]
     errors = {}
     for ef in (True, False):
         avgs = _averagers(dhts, compression="int4", error_feedback=ef)
         try:
             total = [torch.zeros(s) for s in SHAPES]
-            for r in range(4):
+            for r in range(rounds):
                 results = _round(avgs, deltas, weights, round_no=10 + r)
                 assert all(not isinstance(x, Exception) for x in results), results
                 total = [t + d for t, d in zip(total, results[0].deltas)]
