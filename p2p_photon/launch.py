@@ -164,17 +164,12 @@ def machine_info() -> dict:
 
 def reap_tagged_p2pd(var: str, tag: str, timeout: float = 15.0) -> list[int]:
     """PIDs of the p2pd daemons started with var=tag still alive `timeout` s after a swarm stopped
-    (killed, and returned as a finding)."""
-    import psutil
-
+    (ended with watchdog.reap, and returned as a finding)."""
     from .network import tagged_processes
+    from .watchdog import reap
 
     deadline = time.monotonic() + timeout
     while (left := tagged_processes(var, tag, "p2pd")) and time.monotonic() < deadline:
         time.sleep(0.5)
-    for p in left:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
+    reap(left)
     return [p.pid for p in left]

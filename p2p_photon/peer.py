@@ -38,7 +38,6 @@ from .watchdog import stop_on_signals
 
 logger = logging.getLogger(__name__)
 
-UNCONFIRMED = "unconfirmed"
 STUCK_AFTER = 3  # consecutive failed attempts at one round before re-downloading the swarm's state
 EXTRAPOLATE_MAX_S = 10.0  # trust a peer's reported throughput for at most this long after its record
 
@@ -328,10 +327,10 @@ class Peer:
         """The round being trained: in overlapped mode, one past the round whose all-reduce is in flight."""
         return self.counters.round + (1 if self.inflight is not None else 0)
 
-    def _majority_ahead(self, records: list[ProgressRecord], r: int | None = None) -> tuple[int | None, bool]:
+    def _majority_ahead(self, records: list[ProgressRecord]) -> tuple[int | None, bool]:
         """(round a majority of the other peers has reached beyond ours or None, whether any other peer
         is still in our round). Claims more than rounds.max_rounds_ahead ahead are ignored."""
-        r = self.train_round if r is None else r
+        r = self.train_round
         ahead, ignored = trust.swarm_ahead(records, me=self.peer_id, my_round=r, fingerprint=self.fp,
                                            max_rounds_ahead=self.cfg.rounds.max_rounds_ahead)
         for why in ignored:
@@ -584,16 +583,17 @@ class Peer:
                                                       exclude=refused)
             if got is not None:
                 donor, meta, tensors = got
-                problem = self._check_state(meta, tensors, donor)
-                if problem is None:
-                    self._load_state(meta, tensors, donor)
-                    return True
-                if not problem.startswith(UNCONFIRMED):
+                problem = self._check_state(meta, tensors)
+                if problem is not None:
                     logger.warning("rejected the state served by peer %s: %s; trying another donor", donor[-8:],
                                    problem)
                     refused.append(donor)
                     continue
-                logger.info("state of peer %s not used yet: %s", donor[-8:], problem)  # retried after a pause
+                unconfirmed = self._check_swarm_agrees(int(meta["round"]), meta["theta"], donor)
+                if unconfirmed is None:
+                    self._load_state(meta, tensors, donor)
+                    return True
+                logger.info("state of peer %s not used yet: %s", donor[-8:], unconfirmed)  # retried after a pause
             attempt += 1
             if attempt < attempts:
                 logger.info("no usable state from peers (attempt %d/%d), retrying in %.0fs", attempt, attempts, delay)
@@ -601,7 +601,8 @@ class Peer:
                 delay *= 2
         return False
 
-    def _check_state(self, meta, tensors, donor: str = "") -> str | None:
+    def _check_state(self, meta, tensors) -> str | None:
+        """Why the served state is wrong in itself (its donor is refused), or None."""
         if not isinstance(meta, dict) or meta.get("fingerprint") != self.fp:
             return "fingerprint differs"
         if meta.get("names") != self.names:
@@ -614,10 +615,9 @@ class Peer:
             return "tensor names/shapes differ from this run's model"
         if any(t.dtype != torch.float32 or not torch.isfinite(t).all() for t in tensors):
             return "non-finite or non-fp32 values"
-        claimed = meta.get("theta")
-        if theta_hash([t for t in tensors[: len(self.theta)]]) != claimed:
+        if theta_hash(tensors[: len(self.theta)]) != meta.get("theta"):
             return "θ hash does not match the donor's claim"
-        return self._check_swarm_agrees(int(meta["round"]), claimed, donor)
+        return None
 
     def _check_swarm_agrees(self, round_no: int, claimed: str, donor: str) -> str | None:
         """The donor's θ hash must also be published by another live peer of the run (each record
@@ -629,7 +629,7 @@ class Peer:
         others = {x.theta_hash for x in records if x.fingerprint == self.fp and x.state != "done"
                   and x.peer_id not in (self.peer_id, donor)}
         if others and claimed not in others:
-            return f"{UNCONFIRMED}: no other peer publishes its θ {claimed[:8]} (round {round_no})"
+            return f"no other peer publishes its θ {claimed[:8]} (round {round_no})"
         return None
 
     def _load_state(self, meta: dict, tensors: list[torch.Tensor], donor: str = "") -> None:

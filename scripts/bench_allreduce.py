@@ -23,7 +23,6 @@ import contextlib
 import json
 import logging
 import os
-import platform
 import shlex
 import socket
 import statistics
@@ -44,6 +43,7 @@ from hivemind.averaging.control import AveragingStage  # noqa: E402
 
 from p2p_photon.averaging import SwarmAverager  # noqa: E402
 from p2p_photon.config import AveragingConfig, DHTConfig  # noqa: E402
+from p2p_photon.launch import machine_info, reap_tagged_p2pd  # noqa: E402
 from p2p_photon.network import shutdown_dht, start_dht, visible_maddrs  # noqa: E402
 from p2p_photon.watchdog import OWNER_ENV, owner_tag  # noqa: E402
 
@@ -268,35 +268,6 @@ def p2pd_pids() -> set[int]:
     return {int(x) for x in out.split()}
 
 
-def own_p2pd() -> set[int]:
-    """Live p2pd started by this process: start_dht's reaper tags them with our owner tag at exec."""
-    tag = os.environ.get(OWNER_ENV) or owner_tag()
-    found = set()
-    for p in psutil.process_iter(["name", "status"]):
-        if p.info["name"] != "p2pd" or p.info["status"] == psutil.STATUS_ZOMBIE:
-            continue
-        with contextlib.suppress(psutil.Error, OSError):
-            if p.environ().get(OWNER_ENV) == tag:
-                found.add(p.pid)
-    return found
-
-
-def machine_info(threads: int) -> dict:
-    import hivemind
-
-    cpu = next((ln.split(":", 1)[1].strip() for ln in _read("/proc/cpuinfo").splitlines()
-                if ln.startswith("model name")), platform.processor())
-    return dict(torch=torch.__version__, hivemind=hivemind.__version__, python=platform.python_version(),
-                platform=platform.platform(), cpu=cpu, cpu_count=os.cpu_count(), threads=threads)
-
-
-def _read(path: str) -> str:
-    try:
-        return Path(path).read_text()
-    except OSError:
-        return ""
-
-
 def print_table(runs: list[dict], tcp: float) -> None:
     print(f"\nraw loopback TCP: {tcp:.0f} MB/s (median)")
     head = (f"{'params':>8} {'peers':>5} {'sent/peer MB':>12} {'total s':>8} {'match s':>8} {'allred s':>8} "
@@ -329,7 +300,8 @@ def main(argv=None) -> int:
     tcp = statistics.median(tcp_before + tcp_after)
     for r in runs:  # ratios against the run's median TCP figure
         r["ratio_to_tcp"] = r["throughput_MBps"] / tcp
-    leaked = wait_no_own_p2pd()
+    # p2pd of this run still alive 15 s after shutdown (should be none; killed and reported)
+    leaked = reap_tagged_p2pd(OWNER_ENV, os.environ.get(OWNER_ENV) or owner_tag())
     after_pids = p2pd_pids()
     print_table(runs, tcp)
     result = dict(
@@ -347,7 +319,7 @@ def main(argv=None) -> int:
                "aggregate_MBps = n x bytes_sent_per_peer / group all-reduce time (first start to last finish); "
                "all peers, their p2pd daemons and the TCP pair share this machine's cores; other_busy_cores: "
                "average cores other programs on the machine used during the case (noise indicator)."),
-        machine=dict(machine_info(args.threads), loadavg_before=list(load_before), loadavg_after=list(os.getloadavg())),
+        machine=dict(machine_info(), threads=args.threads, loadavg_before=list(load_before), loadavg_after=list(os.getloadavg())),
         p2pd_leaked=sorted(leaked), pgrep_p2pd=dict(before=len(before_pids), after=len(after_pids)), wall_s=time.perf_counter() - t_start,
         command=shlex.join([Path(sys.executable).name, *sys.argv]),
         timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -380,16 +352,6 @@ def measure(args, tcp: float) -> list[dict]:
         for d in dhts:
             shutdown_dht(d)
     return runs
-
-
-def wait_no_own_p2pd(timeout: float = 15.0) -> set[int]:
-    """p2pd of this run still alive `timeout` s after shutdown (should be none)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        left = own_p2pd()
-        if not left or time.monotonic() > deadline:
-            return left
-        time.sleep(0.5)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import contextlib
 import json
 import math
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -34,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from p2p_photon import launch  # noqa: E402
 from p2p_photon.config import InnerConfig  # noqa: E402
 from p2p_photon.inner import InnerTrainer, make_optimizer, optimizer_state_bytes, resolve_device  # noqa: E402
 from p2p_photon.model import PRESETS, build_model, count_params, lm_loss  # noqa: E402
@@ -203,22 +203,10 @@ def other_cores(before: tuple[float, float, float], after: tuple[float, float, f
 def machine_info(threads: int, device: torch.device) -> dict:
     import bitsandbytes as bnb
 
-    info = dict(torch=torch.__version__, bitsandbytes=bnb.__version__, python=platform.python_version(),
-                platform=platform.platform(), cpu=_cpu_model(), cpu_count=os.cpu_count(), threads=threads,
-                device=str(device))
+    info = dict(launch.machine_info(), bitsandbytes=bnb.__version__, threads=threads, device=str(device))
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def print_table(rates: dict[str, list[float]], tokens_per_step: int, states: dict[str, int], ratio: float) -> None:
