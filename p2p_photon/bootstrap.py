@@ -8,20 +8,16 @@ SIGINT/SIGTERM or `stop_event`. Training does not depend on it once peers have m
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable
-from contextlib import suppress
-from pathlib import Path
 
 import hivemind
 from hivemind.dht import DHTNode
 
 from p2p_photon.config import DHTConfig
+from p2p_photon.files import write_json_atomic
 from p2p_photon.network import NetworkError, shutdown_dht, start_dht, visible_maddrs
 from p2p_photon.progress import progress_validators
 from p2p_photon.watchdog import stop_on_signals
@@ -78,25 +74,6 @@ def describe(dht: hivemind.DHT, run_id: str) -> dict:
     }
 
 
-def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
-    """Write JSON to a temporary file in the same directory, then rename it over `path`."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        with suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _serve(dht: hivemind.DHT, stop: threading.Event) -> int:
     started = last_beat = time.monotonic()
     while not stop.wait(timeout=1.0):
@@ -126,17 +103,3 @@ def _hms(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}h{m:02d}m{s:02d}s"
-
-
-
-
-def read_maddrs_file(path: str | os.PathLike) -> list[str]:
-    """The multiaddrs from a file written by `p2p-photon bootstrap --maddrs-file`; NetworkError if it is not one."""
-    try:
-        maddrs = json.loads(Path(path).read_text(encoding="utf-8"))["maddrs"]
-        if not isinstance(maddrs, list) or not maddrs:
-            raise ValueError("'maddrs' is not a non-empty list")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise NetworkError(f"--initial-peers-file {path}: not a bootstrap maddrs file ({e}); pass the file "
-                           "written by `p2p-photon bootstrap --maddrs-file`") from None
-    return [str(m) for m in maddrs]

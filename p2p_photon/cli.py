@@ -11,30 +11,16 @@ import json
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
-from .config import ConfigError, load_config
+from .config import load_config
+from .errors import EXIT_FAILURE, EXIT_USAGE, UserError
+
+if TYPE_CHECKING:
+    from .config import DHTConfig
+    from .monitor import MonitorOptions
 
 logger = logging.getLogger("p2p_photon")
-
-EXIT_USAGE = 2  # config and usage errors
-EXIT_FAILURE = 1  # everything else a user can fix (paths, network, data)
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types whose message is meant for the user (imported lazily: hivemind is slow to import)."""
-    from .data import DataError
-
-    errors: list[type[BaseException]] = [DataError, FileNotFoundError, PermissionError, IsADirectoryError]
-    from .network import NetworkError
-
-    errors.append(NetworkError)
-    from .monitor import MonitorError
-    from .state import CheckpointError
-    from .trust import TrustError
-
-    errors += [CheckpointError, MonitorError, TrustError]
-    return tuple(errors)
-
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--config", "-c", required=required, help="TOML config file (defaults apply when omitted)")
@@ -100,21 +86,17 @@ def _dht_overrides(args: argparse.Namespace) -> list[str]:
 def _initial_peers_from_file(args: argparse.Namespace) -> None:
     path = getattr(args, "initial_peers_file", None)
     if path:
-        from .bootstrap import read_maddrs_file
+        from .files import read_maddrs_file
 
         args.initial_peers = list(args.initial_peers or []) + read_maddrs_file(path)
 
 
 def cmd_peer(args: argparse.Namespace) -> int:
-    from .peer import FingerprintMismatch, run_peer
+    from .peer import run_peer
 
     _initial_peers_from_file(args)
     cfg = load_config(args.config, [*_dht_overrides(args), *args.overrides])
-    try:
-        return run_peer(cfg, resume=args.resume, summary_out=args.summary_out)
-    except FingerprintMismatch as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    return run_peer(cfg, resume=args.resume, summary_out=args.summary_out)
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
@@ -126,13 +108,66 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     from .monitor import host_monitor
 
     hosted = []
+
+    def on_ready(dht) -> None:  # the monitor borrows the bootstrap's DHT once it is up
+        hosted.append(host_monitor(dht, run_id=cfg.dht.run_id, http=args.monitor_http, log=args.monitor_log))
+
     try:
-        return run_bootstrap(cfg.dht, maddrs_file=args.maddrs_file, on_ready=lambda dht: hosted.append(host_monitor(
-            dht, run_id=cfg.dht.run_id, http=args.monitor_http, log=args.monitor_log,
-            target_samples=cfg.rounds.target_samples_per_round, seq_len=cfg.model.seq_len)))
+        return run_bootstrap(cfg.dht, maddrs_file=args.maddrs_file, on_ready=on_ready)
     finally:
         for m in hosted:
             m.stop()
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    """Watch a run until --duration ends or Ctrl-C; print the final swarm line."""
+    from .monitor import Monitor, TerminalView, serve_dashboard, summary_line
+    from .watchdog import stop_on_signals
+
+    opts, dht_cfg = _monitor_config(args)
+    monitor = Monitor(opts, dht_cfg=dht_cfg).start()
+    dashboard = None
+    try:
+        if args.http:
+            dashboard = serve_dashboard(monitor, args.http)
+            print(f"dashboard: {dashboard.url}", flush=True)
+        with stop_on_signals(monitor.stop_event), TerminalView(live=not args.no_live) as view:
+            monitor.run(duration=args.duration, on_poll=view.update)
+        print(summary_line(monitor.state()), flush=True)
+    finally:
+        if dashboard is not None:
+            dashboard.stop()
+        monitor.stop()
+    return 0
+
+
+def _monitor_config(args: argparse.Namespace) -> tuple[MonitorOptions, DHTConfig]:
+    """MonitorOptions and the client-mode DHT config (flags first, then --set overrides).
+
+    Only the DHT settings are read from the config: the round target and seq_len come from the
+    swarm's own progress records, so a monitor cannot show a target that is not the run's.
+    """
+    from .monitor import MonitorError, MonitorOptions
+
+    _initial_peers_from_file(args)
+    if not args.initial_peers:
+        raise MonitorError("monitor: give --initial-peers MADDR... or --initial-peers-file JSON "
+                           "(the file written by `p2p-photon bootstrap --maddrs-file`)")
+    if not (args.run_id or args.config or any(o.strip().startswith("dht.run_id") for o in args.overrides)):
+        raise MonitorError("monitor: --run-id ID is required (or a --config that sets dht.run_id)")
+    cfg = load_config(args.config, [*_dht_overrides(args), "dht.client_mode=true", *args.overrides])
+    opts = MonitorOptions(run_id=cfg.dht.run_id, interval=args.interval, gone_after=args.gone_after,
+                          log_path=args.log)
+    return opts, cfg.dht
+
+
+def cmd_monitor_plot(args: argparse.Namespace) -> int:
+    from .monitor import plot_log
+
+    out, n, bad = plot_log(args.plot_log, args.out, window=args.gone_after)
+    skipped = f", skipped {bad} corrupt line(s)" if bad else ""
+    print(f"wrote {out} ({n} observations{skipped})")
+    return 0
 
 
 def cmd_identity(args: argparse.Namespace) -> int:
@@ -142,9 +177,8 @@ def cmd_identity(args: argparse.Namespace) -> int:
 
     try:
         peer_id = identity_new(args.path) if args.identity_cmd == "new" else identity_show(args.path)
-    except (TrustError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    except OSError as e:  # the path given on the command line is unusable: a usage error
+        raise TrustError(f"{args.path}: {e.strerror or e}") from None
     if args.identity_cmd == "show":
         print(peer_id)
         return 0
@@ -158,9 +192,12 @@ def cmd_identity(args: argparse.Namespace) -> int:
 
 def _add_dht_args(p: argparse.ArgumentParser, *, initial: bool = True) -> None:
     if initial:
-        p.add_argument("--initial-peers", nargs="+", metavar="MADDR", help="multiaddrs of known peers (/ip4/../p2p/..)")
-        p.add_argument("--initial-peers-file", metavar="JSON", help="read initial peers from a bootstrap's --maddrs-file")
-    p.add_argument("--host-maddrs", nargs="+", metavar="MADDR", help="listen addresses (default /ip4/127.0.0.1/tcp/0)")
+        p.add_argument("--initial-peers", nargs="+", metavar="MADDR",
+                       help="multiaddrs of known peers (/ip4/../p2p/..)")
+        p.add_argument("--initial-peers-file", metavar="JSON",
+                       help="read initial peers from a bootstrap's --maddrs-file")
+    p.add_argument("--host-maddrs", nargs="+", metavar="MADDR",
+                   help="listen addresses (default /ip4/127.0.0.1/tcp/0)")
     p.add_argument("--announce-maddrs", nargs="+", metavar="MADDR", help="public addresses to announce")
     p.add_argument("--identity-path", help="private key file for a persistent peer ID (created if missing)")
     p.add_argument("--run-id", help="override dht.run_id")
@@ -200,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     peer = sub.add_parser("peer", help="a volunteer trainer: join, sync, train, average, checkpoint")
     _add_config_args(peer)
     _add_dht_args(peer)
-    peer.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in checkpoint.dir")
+    peer.add_argument("--resume", action="store_true",
+                      help="continue from the latest checkpoint in checkpoint.dir")
     peer.add_argument("--summary-out", help="write a JSON summary (perplexity, rounds, bytes) at exit")
     peer.set_defaults(func=cmd_peer)
 
@@ -210,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--maddrs-file", help="write the node's multiaddrs here as JSON")
     boot.add_argument("--monitor", action="store_true", help="also run the swarm monitor in this process")
     boot.add_argument("--monitor-http", metavar="HOST:PORT", help="with --monitor: serve the dashboard here")
-    boot.add_argument("--monitor-log", metavar="JSONL", help="with --monitor: append observations to this file")
+    boot.add_argument("--monitor-log", metavar="JSONL",
+                      help="with --monitor: append observations to this file")
     boot.set_defaults(func=cmd_bootstrap)
 
     p = sub.add_parser("identity", help="peer identity files (the key behind a peer ID; closed swarms)")
@@ -222,10 +261,38 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("path")
     show.set_defaults(func=cmd_identity)
 
-    from .monitor import add_monitor_commands
-
-    add_monitor_commands(sub, _add_config_args)
+    _add_monitor_parser(sub)
     return parser
+
+
+def _add_monitor_parser(sub: argparse._SubParsersAction) -> None:
+    """`monitor` (runs the monitor) and its optional sub-action `monitor plot LOG -o PNG`."""
+    from .monitor import DEFAULT_GONE_AFTER, DEFAULT_INTERVAL
+
+    mon = sub.add_parser(
+        "monitor", help="read-only DHT client: live table, metrics log, plots, HTTP dashboard",
+        description="Watch a run's progress records. "
+                    "`p2p-photon monitor plot LOG -o PNG` draws a recorded log.")
+    _add_config_args(mon)
+    mon.add_argument("--initial-peers", nargs="+", metavar="MADDR",
+                     help="multiaddrs of known peers (/ip4/../p2p/..)")
+    mon.add_argument("--initial-peers-file", metavar="JSON", help="the bootstrap's --maddrs-file")
+    mon.add_argument("--run-id", help="the run to watch (required unless --config/--set gives dht.run_id)")
+    mon.add_argument("--log", metavar="FILE", help="append every new observation to this JSONL file")
+    mon.add_argument("--http", metavar="HOST:PORT", help="serve the web dashboard (default host 127.0.0.1)")
+    mon.add_argument("--interval", type=float, default=DEFAULT_INTERVAL, help="seconds between polls")
+    mon.add_argument("--gone-after", type=float, default=DEFAULT_GONE_AFTER,
+                     help="seconds until a silent peer is gone")
+    mon.add_argument("--duration", type=float, default=0.0,
+                     help="stop after this many seconds (0 = until Ctrl-C)")
+    mon.add_argument("--no-live", action="store_true", help="log a summary line instead of the live table")
+    mon.set_defaults(func=cmd_monitor)
+    actions = mon.add_subparsers(dest="monitor_action", metavar="{plot}", required=False)
+    plot = actions.add_parser("plot", help="draw a recorded JSONL log to a PNG (1200x400 px)")
+    plot.add_argument("plot_log", metavar="LOG.jsonl")
+    plot.add_argument("-o", "--out", required=True, metavar="PNG")
+    plot.add_argument("--gone-after", type=float, default=DEFAULT_GONE_AFTER, help="window for 'peers alive'")
+    plot.set_defaults(func=cmd_monitor_plot)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,19 +305,15 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return args.func(args)
-    except ConfigError as e:
+    except UserError as e:  # every user-facing error carries its exit code (errors.py)
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return e.exit_code
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as e:  # a path the user gave
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as e:
-        if isinstance(e, _user_errors()):
-            from .state import CheckpointMismatch  # a checkpoint of another config: a config error
-
-            print(f"error: {e}", file=sys.stderr)
-            return EXIT_USAGE if isinstance(e, CheckpointMismatch) else EXIT_FAILURE
-        raise
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def _n(msg: runtime_pb2.Tensor) -> int:
 
 
 class Fp16(Codec):
-    name, bytes_per_value, lossy = "float16", 2.0, True
+    name, bytes_per_value, lossy = "fp16", 2.0, True
 
     def encode(self, x):
         x = x.detach().reshape(-1).float().clamp(-FP16_MAX, FP16_MAX).half().contiguous()
@@ -68,7 +68,7 @@ class Fp16(Codec):
 class Int8Blockwise(Codec):
     """bitsandbytes blockwise 8-bit quantization (dynamic signed map, fp32 absmax per 4096 values)."""
 
-    name, bytes_per_value, lossy = "int8-blockwise", 1.0 + 4.0 / INT8_BLOCK, True
+    name, bytes_per_value, lossy = "int8", 1.0 + 4.0 / INT8_BLOCK, True
 
     def __init__(self):
         import bitsandbytes.functional as bnbf
@@ -104,7 +104,7 @@ class Int8Blockwise(Codec):
 class Int4Blockwise(Codec):
     """Symmetric 4-bit absmax quantization: 15 levels (-7..7) per block of 128 values, two per byte."""
 
-    name, bytes_per_value, lossy = "int4-blockwise", 0.5 + 4.0 / INT4_BLOCK, True
+    name, bytes_per_value, lossy = "int4", 0.5 + 4.0 / INT4_BLOCK, True
 
     def encode(self, x):
         x = x.detach().reshape(-1).float()
@@ -138,7 +138,7 @@ class Int4Blockwise(Codec):
         return values.view(-1)[:n].clone()
 
 
-CODECS = {"none": Codec, "fp16": Fp16, "int8": Int8Blockwise, "int4": Int4Blockwise}
+CODECS = {c.name: c for c in (Codec, Fp16, Int8Blockwise, Int4Blockwise)}  # one name per codec: config, wire and logs
 
 
 def make_codec(name: str) -> Codec:

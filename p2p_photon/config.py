@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .errors import UsageError
 
-class ConfigError(ValueError):
-    """A one-line, user-facing configuration error."""
+
+class ConfigError(UsageError, ValueError):
+    """A one-line, user-facing configuration error (exit code 2)."""
 
 
 def _check(ok: bool, key: str, msg: str) -> None:
@@ -27,14 +29,23 @@ def _check(ok: bool, key: str, msg: str) -> None:
         raise ConfigError(f"config: {key}: {msg}")
 
 
+def _check_choice(value: str, registry: dict, key: str) -> None:
+    """Choices that name a registry entry (model presets, codecs) are checked against the registry
+    itself, so the two never disagree."""
+    _check(value in registry, key, f"must be one of {', '.join(map(repr, registry))} (got {value!r})")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    preset: Literal["nano", "tiny", "small", "125m", "350m", "1b", "3b", "7b"] = "nano"
-    """Model size preset (see p2p_photon.model.PRESETS)."""
+    preset: str = "nano"
+    """Model size preset: a key of p2p_photon.model.PRESETS (nano, tiny, small, 125m … 7b)."""
     seq_len: int = 128
     """Tokens per training sequence (context length)."""
 
     def validate(self) -> None:
+        from .model import PRESETS
+
+        _check_choice(self.preset, PRESETS, "model.preset")
         _check(8 <= self.seq_len <= 32768, "model.seq_len", "must be between 8 and 32768")
 
 
@@ -180,8 +191,8 @@ class RoundsConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class AveragingConfig:
-    compression: Literal["none", "fp16", "int8", "int4"] = "int8"
-    """Pseudo-gradient compression on the wire: 'int8' = bitsandbytes blockwise 8-bit, 'int4' =
+    compression: str = "int8"
+    """Pseudo-gradient compression on the wire, a key of p2p_photon.codecs.CODECS: 'int8' = bitsandbytes blockwise 8-bit, 'int4' =
     blockwise 4-bit absmax, 'fp16', 'none' = fp32. Lossy modes keep what quantization cut off and add
     it to the next round's pseudo-gradient (error feedback)."""
     overlap: bool = False
@@ -214,7 +225,36 @@ class AveragingConfig:
     consensus_timeout: float = 5.0
     """Seconds to wait for every group member's hash of the average before trusting those that answered."""
 
+    # -- timeouts derived from the ones above (one place, used by the peer and the averager)
+    @property
+    def request_timeout(self) -> float:
+        """Seconds a matchmaking request to another peer may take."""
+        return min(10.0, self.matchmaking_time / 2)
+
+    @property
+    def next_chunk_timeout(self) -> float:
+        """Seconds to wait for the next chunk of a tensor stream in the all-reduce."""
+        return min(30.0, self.allreduce_timeout / 2)
+
+    @property
+    def step_timeout(self) -> float:
+        """Seconds one averaging attempt may spend finding its group."""
+        return min(self.round_timeout, 4 * self.matchmaking_time)
+
+    @property
+    def landing_timeout(self) -> float:
+        """Seconds an overlapped round waits for its background all-reduce before it counts as failed."""
+        return self.round_timeout + self.allreduce_timeout + 30.0
+
+    @property
+    def state_download_timeout(self) -> float:
+        """Seconds a state download from one donor may take."""
+        return max(10.0, self.allreduce_timeout)
+
     def validate(self) -> None:
+        from .codecs import CODECS
+
+        _check_choice(self.compression, CODECS, "averaging.compression")
         _check(self.min_group_size >= 1, "averaging.min_group_size", "must be >= 1")
         _check(self.target_group_size >= self.min_group_size, "averaging.target_group_size",
                "must be >= averaging.min_group_size")
@@ -464,7 +504,9 @@ def _toml_value(v: Any) -> str:
 
 def fingerprint(cfg: Config, tokenizer_hash: str = "") -> str:
     """Hash of everything that must match across the peers of one run: the model, the
-    tokenizer, the seed, the sequence length, the outer optimizer and the run id."""
+    tokenizer, the seed, the sequence length, the outer optimizer, the compression, the round
+    target (peers that end rounds at different sample counts would disagree on when a round is
+    over) and the run id."""
     must_match = {
         "run_id": cfg.dht.run_id,
         "seed": cfg.seed,
@@ -474,6 +516,7 @@ def fingerprint(cfg: Config, tokenizer_hash: str = "") -> str:
         "outer": {**cfg.outer.resolved(), "block_cycle": cfg.outer.block_cycle,
                   "block_order": cfg.outer.block_order},
         "compression": cfg.averaging.compression,
+        "target_samples_per_round": cfg.rounds.target_samples_per_round,
     }
     blob = json.dumps(must_match, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

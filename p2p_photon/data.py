@@ -64,9 +64,11 @@ import torch
 from p2p_photon.config import DataConfig
 
 if TYPE_CHECKING:
-    from rich.progress import Progress
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
+
+from .errors import UserError
+from .ui import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +87,7 @@ _STDLIB_SKIP_DIRS = frozenset(
 _STDLIB_SKIP_PATHS = frozenset({"ensurepip/_bundled", "lib-dynload"})
 
 
-class DataError(Exception):
+class DataError(UserError):
     """A one-line, user-facing data error: names the problem and the fix."""
 
 
@@ -215,22 +217,22 @@ def _budgets(sizes: dict[str, int], cap: int) -> dict[str, int]:
     return out
 
 
-def _read_corpus(source: _Source, cap: int, stats: Counter, progress: Progress) -> list[_Doc]:
+def _read_corpus(source: _Source, cap: int, stats: Counter, show: bool) -> list[_Doc]:
     """All documents in corpus order (groups sorted, files sorted), within the byte cap."""
     by_group: dict[str, list[_Entry]] = {}
     for e in source.entries:
         by_group.setdefault(e.group, []).append(e)
     budgets = _budgets({g: sum(e.size for e in es) for g, es in by_group.items()}, cap)
-    task = progress.add_task("reading corpus", total=len(source.entries))
     docs: list[_Doc] = []
-    for group in sorted(by_group):
-        left = budgets[group]
-        for entry in by_group[group]:
-            progress.advance(task)
-            if left > 0:
-                new, used = _read_entry(entry, left, source.kind, stats)
-                docs += new
-                left -= used
+    with _stage("reading corpus", len(source.entries), show) as bar:
+        for group in sorted(by_group):
+            left = budgets[group]
+            for entry in by_group[group]:
+                bar.update()
+                if left > 0:
+                    new, used = _read_entry(entry, left, source.kind, stats)
+                    docs += new
+                    left -= used
     return docs
 
 
@@ -510,14 +512,15 @@ def _np_dtype(dtype: str) -> np.dtype:
     return np.dtype(dtype).newbyteorder("<")
 
 
-def _write_shards(tok: Tokenizer, split: _Split, out: Path, dtype: str, progress: Progress) -> dict[str, Any]:
+def _write_shards(tok: Tokenizer, split: _Split, out: Path, dtype: str, show: bool) -> dict[str, Any]:
     """All shards plus manifest.jsonl (one line per document: name, group, split, tokens)."""
-    task = progress.add_task("tokenizing", total=len(split.heldout) + sum(map(len, split.silos)))
     parts = [(f"silo_{i}", docs) for i, docs in enumerate(split.silos)] + [("heldout", split.heldout)]
     tokens: dict[str, int] = {}
-    with open(out / "manifest.jsonl", "w", encoding="utf-8") as manifest:
+    total = len(split.heldout) + sum(map(len, split.silos))
+    manifest_path = out / "manifest.jsonl"
+    with _stage("tokenizing", total, show) as bar, open(manifest_path, "w", encoding="utf-8") as manifest:
         for name, docs in parts:
-            counts = _write_shard(tok, docs, out / f"{name}.bin", dtype, lambda n: progress.advance(task, n))
+            counts = _write_shard(tok, docs, out / f"{name}.bin", dtype, bar.update)
             tokens[name] = sum(counts)
             for d, n in zip(docs, counts, strict=True):
                 manifest.write(
@@ -589,25 +592,10 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _progress(enabled: bool) -> Progress:
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        SpinnerColumn,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
-    columns = (
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
-    return Progress(*columns, console=Console(stderr=True), disable=not enabled)
+def _stage(description: str, total: int | None, show: bool) -> contextlib.AbstractContextManager:
+    """One stage of `prepare` as a progress bar (on a TTY when `show`), or a log line every 10 s when
+    `show` and stderr is not a TTY; silent when not `show` (tests, peers preparing in the background)."""
+    return progress_bar(description, total, enabled=show, label=description, log_every=10.0 if show else None)
 
 
 def prepare(cfg: DataConfig, seed: int, *, progress: bool = True) -> Path:
@@ -647,16 +635,15 @@ def _build_atomically(out: Path, build: Callable[[Path], None]) -> None:
 def _build(cfg: DataConfig, seed: int, source: _Source, out: Path, show: bool) -> None:
     t0, stats = time.perf_counter(), Counter()
     cap = int(cfg.max_corpus_mb * 1_000_000)
-    with _progress(show) as progress:
-        docs = _read_corpus(source, cap, stats, progress)
-        _check_corpus(docs, source, stats)
-        split = _split(docs, cfg, seed)
-        task = progress.add_task(f"training tokenizer (vocab {cfg.vocab_size})", total=None)
+    docs = _read_corpus(source, cap, stats, show)
+    _check_corpus(docs, source, stats)
+    split = _split(docs, cfg, seed)
+    with _stage(f"training tokenizer (vocab {cfg.vocab_size})", None, show) as bar:
         tok = _train_tokenizer(split.train, cfg.vocab_size)
-        progress.update(task, total=1, completed=1)
-        _save_tokenizer(tok, out)
-        dtype = _shard_dtype(cfg.vocab_size)
-        tokens = _write_shards(tok, split, out, dtype, progress)
+        bar.complete()
+    _save_tokenizer(tok, out)
+    dtype = _shard_dtype(cfg.vocab_size)
+    tokens = _write_shards(tok, split, out, dtype, show)
     _check_tokens(tokens, cfg)
     meta = _meta(cfg, seed, source, docs, split, tokens, stats, tok, out)
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")  # written last

@@ -1,8 +1,8 @@
 """Start a local swarm on 127.0.0.1: a bootstrap node and N peers as real processes.
 
-Used by the demo, the swarm tests, the benchmarks and the experiments. Every process is
-ended on exit (SIGTERM, then SIGKILL after a grace period); each has the orphan reaper, so
-no DHT child or p2pd outlives it.
+Used by the demo, the swarm tests, the benchmarks and the experiments (what only the benchmarks
+need is in scripts/benchlib.py). Every process is ended on exit (SIGTERM, then SIGKILL after a
+grace period); each has the orphan reaper, so no DHT child or p2pd outlives it.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -54,7 +53,8 @@ class LocalSwarm:
 
     def spawn(self, name: str, args: list[str], script: str | None = None,
               extra_env: dict[str, str] | None = None) -> Proc:
-        """Run `p2p-photon ARGS` (or `python SCRIPT ARGS`, e.g. a test's hostile peer) as a child process."""
+        """Run `p2p-photon ARGS` (or `python SCRIPT ARGS`, e.g. a test's hostile peer) as a child
+        process."""
         cmd = [sys.executable, *([script] if script else ["-m", "p2p_photon.cli"]), *args]
         log = self.workdir / f"{name}.log" if self.capture else None
         out = open(log, "w") if log else None
@@ -82,7 +82,8 @@ class LocalSwarm:
         return self.maddrs
 
     def start_peer(self, index: int, overrides: list[str] = (), extra_args: list[str] = (),
-                   name: str | None = None, script: str | None = None, env: dict[str, str] | None = None) -> Proc:
+                   name: str | None = None, script: str | None = None,
+                   env: dict[str, str] | None = None) -> Proc:
         name = name or f"peer{index}"
         args = ["peer", "--initial-peers", *self.maddrs, "--summary-out", str(self.summary_path(name))]
         if self.config:
@@ -118,7 +119,7 @@ class LocalSwarm:
 
     def stop(self, grace: float = 30.0) -> None:
         """SIGTERM everything (peers first, bootstrap last), SIGKILL what is left after `grace`."""
-        ordered = [p for p in self.procs if p.name != "bootstrap"] + [p for p in self.procs if p.name == "bootstrap"]
+        ordered = sorted(self.procs, key=lambda p: p.name == "bootstrap")  # stable: peers first, in order
         for p in ordered:
             self.signal(p, signal.SIGTERM)
         deadline = time.monotonic() + grace
@@ -141,35 +142,3 @@ class LocalSwarm:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-
-# ----------------------------------------------------------------------------- benchmark scripts
-
-
-def machine_info() -> dict:
-    """What a benchmark's JSON records about the machine it ran on."""
-    import hivemind
-    import psutil
-    import torch
-
-    cpu = platform.processor()
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                   if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return dict(cpu=cpu, cpu_count=os.cpu_count(), memory_gb=round(psutil.virtual_memory().total / 2**30, 1),
-                python=platform.python_version(), platform=platform.platform(), torch=torch.__version__,
-                hivemind=hivemind.__version__)
-
-
-def reap_tagged_p2pd(var: str, tag: str, timeout: float = 15.0) -> list[int]:
-    """PIDs of the p2pd daemons started with var=tag still alive `timeout` s after a swarm stopped
-    (ended with watchdog.reap, and returned as a finding)."""
-    from .network import tagged_processes
-    from .watchdog import reap
-
-    deadline = time.monotonic() + timeout
-    while (left := tagged_processes(var, tag, "p2pd")) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    reap(left)
-    return [p.pid for p in left]

@@ -6,12 +6,10 @@ preset's nominal size assumes (8192 for our own small presets, 32000 for Photon'
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +37,11 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def model_config(preset: str, vocab_size: int, seq_len: int) -> LlamaConfig:
+def model_config(preset: str, vocab_size: int, seq_len: int):
+    """The transformers LlamaConfig of a preset (transformers is imported here: config.py reads
+    PRESETS without paying for it)."""
+    from transformers import LlamaConfig
+
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}")
     p = PRESETS[preset]
@@ -63,6 +65,8 @@ def model_config(preset: str, vocab_size: int, seq_len: int) -> LlamaConfig:
 
 def build_model(preset: str, vocab_size: int, seq_len: int, seed: int, device: str | torch.device = "cpu"):
     """Same (preset, vocab, seq_len, seed) -> bit-identical initial weights on every CPU peer."""
+    from transformers import LlamaForCausalLM
+
     cfg = model_config(preset, vocab_size, seq_len)
     cfg._attn_implementation = "sdpa"
     if str(device) == "meta":
@@ -83,15 +87,3 @@ def lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
     inputs, targets = batch[:, :-1], batch[:, 1:]
     logits = model(input_ids=inputs).logits
     return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
-
-
-def theta_hash(tensors) -> str:
-    """sha256 over the raw bytes of a sequence of tensors (or a module's parameters), in order."""
-    if isinstance(tensors, torch.nn.Module):
-        tensors = [p.detach() for p in tensors.parameters()]
-    h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().to("cpu").contiguous()
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool else t.numpy().tobytes())
-    return h.hexdigest()[:16]

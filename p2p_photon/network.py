@@ -40,6 +40,8 @@ from hivemind.p2p import P2P, PeerID
 from p2p_photon.config import DHTConfig
 from p2p_photon.watchdog import notify_reaper, reap, start_orphan_reaper
 
+from .errors import UserError
+
 logger = logging.getLogger(__name__)
 
 DHT_TAG_ENV = "P2P_PHOTON_DHT"
@@ -49,7 +51,7 @@ EXAMPLE_PEER = "/ip4/127.0.0.1/tcp/31337/p2p/12D3Koo..."
 _tags: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-class NetworkError(Exception):
+class NetworkError(UserError):
     """A one-line, user-facing networking error naming the problem and the fix."""
 
 

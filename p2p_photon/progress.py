@@ -74,6 +74,11 @@ class ProgressRecord(BaseModel):
     time: Annotated[float, Field(allow_inf_nan=False)]
     """Unix seconds (hivemind.get_dht_time())."""
     state: Literal["training", "averaging", "syncing", "done"]
+    target_samples: Count = 0
+    """The run's rounds.target_samples_per_round (part of the fingerprint, so every peer of the run
+    agrees on it); the monitor reads it from here. 0 from a peer that did not say."""
+    seq_len: Count = 0
+    """The run's model.seq_len (part of the fingerprint): tokens per sample."""
 
 
 def progress_key(run_id: str) -> str:

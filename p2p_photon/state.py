@@ -19,6 +19,7 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import Config, to_toml
+from .errors import EXIT_USAGE, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -36,12 +38,14 @@ PREFIX = "ckpt-"
 MANIFEST = "MANIFEST.json"
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """One-line, user-facing checkpoint problem naming the file and the fix."""
 
 
 class CheckpointMismatch(CheckpointError):
     """The checkpoint belongs to another run fingerprint (a config error: exit code 2)."""
+
+    exit_code = EXIT_USAGE
 
 
 @dataclass
@@ -112,6 +116,19 @@ def _join_optimizer_state(tensors: dict[str, torch.Tensor], plain: Any) -> Any:
 # ----------------------------------------------------------------------------- writing
 
 
+write_hook: Callable[[str, Path], None] | None = None
+"""Test-only, off unless a test sets it: `save_checkpoint` calls `write_hook(stage, tmp)` with stage
+"theta" right after θ's tensor file is written into the temporary directory `tmp` (the other files are
+not), and "complete" once every file and the manifest are in `tmp`, just before the rename. A test's hook
+can write a marker and pause there, so that the writer is killed in the middle of a write for certain
+(tests/test_state.py)."""
+
+
+def _test_hook(stage: str, tmp: Path) -> None:
+    if write_hook is not None:
+        write_hook(stage, tmp)
+
+
 def _fsync_write(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
@@ -129,8 +146,9 @@ def _fsync_dir(path: Path) -> None:
 
 def _write_files(tmp: Path, p: CheckpointPayload) -> None:
     save_file({k: v.detach().cpu().contiguous() for k, v in p.theta.items()}, tmp / "theta.safetensors")
-    save_file({f"outer.{i}": t.detach().cpu().contiguous() for i, t in enumerate(p.outer)} or {"empty": torch.zeros(0)},
-              tmp / "outer.safetensors")
+    _test_hook("theta", tmp)
+    outer = {f"outer.{i}": t.detach().cpu().contiguous() for i, t in enumerate(p.outer)}
+    save_file(outer or {"empty": torch.zeros(0)}, tmp / "outer.safetensors")
     inner_tensors, inner_plain = _split_optimizer_state(p.inner)
     save_file(inner_tensors or {"empty": torch.zeros(0)}, tmp / "inner.safetensors")
     save_file({"torch_rng": p.rng["torch"]}, tmp / "rng.safetensors")
@@ -161,6 +179,7 @@ def save_checkpoint(directory: str | Path, payload: CheckpointPayload, *, keep: 
         tmp.mkdir()
         _write_files(tmp, payload)
         _fsync_dir(tmp)
+        _test_hook("complete", tmp)
         _replace(tmp, final)
         _fsync_dir(root)
     except (OSError, SafetensorError) as e:  # safetensors reports a full disk as SafetensorError
@@ -239,7 +258,8 @@ def check_writable(directory: str | Path, what: str = "checkpoint.dir") -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        problem = "is not a directory" if root.exists() and not root.is_dir() else f"is not writable ({e.strerror or e})"
+        not_dir = root.exists() and not root.is_dir()
+        problem = "is not a directory" if not_dir else f"is not writable ({e.strerror or e})"
         raise CheckpointError(f"{what} {root} {problem}: fix its permissions or point {what} at a writable "
                               "directory") from None
     return root
@@ -275,7 +295,8 @@ def verify(path: Path) -> None:
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, ValueError):
-        raise CheckpointError(f"checkpoint {path} has no readable {MANIFEST} (incomplete or corrupt)") from None
+        why = f"checkpoint {path} has no readable {MANIFEST} (incomplete or corrupt)"
+        raise CheckpointError(why) from None
     for name, digest in manifest.items():
         f = path / name
         if not f.is_file():
@@ -290,7 +311,8 @@ def load_checkpoint(path: str | Path) -> CheckpointPayload:
     try:
         meta = json.loads((path / "meta.json").read_text())
         outer = load_file(path / "outer.safetensors")
-        inner = _join_optimizer_state(load_file(path / "inner.safetensors"), json.loads((path / "inner.json").read_text()))
+        inner_plain = json.loads((path / "inner.json").read_text())
+        inner = _join_optimizer_state(load_file(path / "inner.safetensors"), inner_plain)
         rng = dict(meta.pop("rng"), torch=load_file(path / "rng.safetensors")["torch_rng"])
         theta = load_file(path / "theta.safetensors")
     except Exception as e:  # verified files that still do not parse: report, never crash
@@ -314,8 +336,8 @@ def load_latest(directory: str | Path, fingerprint: str | None = None) -> Checkp
             continue
         if fingerprint is not None and ckpt.meta.get("fingerprint") != fingerprint:
             raise CheckpointMismatch(
-                f"checkpoint {path} belongs to run fingerprint {ckpt.meta.get('fingerprint')}, this config has "
-                f"{fingerprint}: use the config it was written with, or another checkpoint.dir")
+                f"checkpoint {path} belongs to run fingerprint {ckpt.meta.get('fingerprint')}, this config "
+                f"has {fingerprint}: use the config it was written with, or another checkpoint.dir")
         return ckpt
     if errors:
         older = f" (and {len(errors) - 1} older checkpoint(s) too)" if len(errors) > 1 else ""

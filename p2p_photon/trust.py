@@ -1,4 +1,4 @@
-"""Closed swarms and robust round bookkeeping: who may publish, and how much one peer's claims count.
+"""Closed swarms: identities, members files, and who may publish progress records.
 
 A peer's libp2p identity file (what `network.prepare_identity` writes) holds an RSA key; the
 peer ID is the multihash of that key's public half. Signing progress records with the same
@@ -6,8 +6,8 @@ key ties every record to a peer ID that nobody else can claim: the DHT subkey
 b"[owner:<ssh-rsa public key>]" (written by hivemind's RSASignatureValidator) maps to exactly
 one peer ID (`owner_peer_id`), which a closed swarm checks against its members file.
 
-`round_progress` and `swarm_ahead` are the pure functions the peer loop calls on the records
-from `progress.fetch_progress`; they bound how far one peer's claims can move anybody else.
+How far one peer's claims can move anybody else is bounded in `peer.tracker` (round_progress,
+swarm_ahead), the pure arithmetic the peer applies to the records it reads.
 """
 
 from __future__ import annotations
@@ -15,9 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
-from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import multihash
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -28,14 +26,14 @@ from hivemind.p2p import PeerID
 from hivemind.proto import crypto_pb2
 from hivemind.utils.crypto import RSAPrivateKey
 
-if TYPE_CHECKING:
-    from p2p_photon.progress import ProgressRecord
+from .errors import UsageError
 
 _OWNER_KEY = re.compile(RSASignatureValidator.PUBLIC_KEY_REGEX)
 
 
-class TrustError(ValueError):
-    """A one-line, user-facing error about identities or members files, naming the problem and the fix."""
+class TrustError(UsageError, ValueError):
+    """A one-line, user-facing error about identities or members files, naming the problem and the fix
+    (exit code 2: the identity or members file given is unusable)."""
 
 
 # ----------------------------------------------------------------------------- members and identities
@@ -160,83 +158,3 @@ def identity_show(path: str | Path) -> str:
         return PeerID.from_identity(data).to_base58()
     except Exception:
         raise TrustError(f"{p} is not a libp2p RSA identity file: check the path") from None
-
-
-# ----------------------------------------------------------------------------- round bookkeeping
-
-
-def _others(records: Iterable[ProgressRecord], me: str, fingerprint: str) -> list[ProgressRecord]:
-    """Records of the other live peers of this run."""
-    return [r for r in records if r.peer_id != me and r.fingerprint == fingerprint and r.state != "done"]
-
-
-def round_progress(
-    records: Iterable[ProgressRecord],
-    *,
-    me: str,
-    my_round: int,
-    my_samples: int,
-    fingerprint: str,
-    now: float,
-    seq_len: int,
-    cap_vs_others: float,
-    extrapolate_max_s: float = 10.0,
-) -> float:
-    """Estimated samples the swarm has trained in `my_round`: mine plus each other live peer's.
-
-    Another peer's estimate is its reported samples plus, while it is training, what its
-    reported rate (tokens_per_s / seq_len) adds since it published, for at most
-    `extrapolate_max_s` seconds.
-
-    The cap: records are signed, not true, so one peer could claim 100x the samples it
-    trained (or an absurd rate) to end everybody's round early. Each other peer's estimate
-    therefore counts at most `cap_vs_others` times the largest estimate among all the
-    *other* counted peers, me included (my own samples count as they are). A lone liar
-    cannot raise its own cap: with cap_vs_others = 1 its claim adds no more than the
-    busiest honest peer's. A lone honest peer much faster than everybody else is
-    undercounted the same way, which only makes the round end later than its target
-    (more local steps), never earlier. The cap is applied after extrapolation, so it
-    bounds a claimed rate too.
-    """
-    estimates = []
-    for r in _others(records, me, fingerprint):
-        if r.round != my_round:
-            continue
-        rate = r.tokens_per_s / seq_len if r.state == "training" else 0.0
-        estimates.append(r.samples + rate * min(max(0.0, now - r.time), extrapolate_max_s))
-    # the largest count among "the rest" is the overall largest, except for the peer holding it (runs
-    # in the training loop every 0.2 s: two maxima instead of one max per peer)
-    pool = [float(my_samples), *estimates]
-    top = max(range(len(pool)), key=pool.__getitem__)
-    first, second = pool[top], max((x for i, x in enumerate(pool) if i != top), default=0.0)
-    return pool[0] + sum(min(e, cap_vs_others * (second if i == top else first))
-                         for i, e in enumerate(pool) if i > 0)
-
-
-def majority_round(rounds: list[int]) -> int:
-    """The highest round that a strict majority of these peers has reached (-1 if there are none)."""
-    return sorted(rounds, reverse=True)[len(rounds) // 2] if rounds else -1
-
-
-def swarm_ahead(
-    records: Iterable[ProgressRecord], *, me: str, my_round: int, fingerprint: str, max_rounds_ahead: int
-) -> tuple[int | None, list[str]]:
-    """(round to move on to, or None; reasons for the records that were ignored).
-
-    Other live peers of this run claiming a round more than `max_rounds_ahead` past mine
-    are ignored (and named in the reasons, for the log). If a strict majority of the rest
-    is past my round, the result is the highest round R that such a majority has reached
-    (more than half of them at rounds >= R); otherwise None. One peer alone cannot move a
-    swarm of three; when every other peer is ignored, this peer is far behind and needs a
-    state sync, not a round jump.
-    """
-    rounds, ignored = [], []
-    for r in _others(records, me, fingerprint):
-        if r.round > my_round + max_rounds_ahead:
-            ignored.append(
-                f"{r.peer_id[:16]} claims round {r.round}, more than {max_rounds_ahead} past ours ({my_round})"
-            )
-        else:
-            rounds.append(r.round)
-    reached = majority_round(rounds)
-    return (reached if reached > my_round else None), ignored

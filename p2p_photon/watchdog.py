@@ -102,6 +102,26 @@ def _env_with_package_on_path() -> dict[str, str]:
     return env
 
 
+@contextlib.contextmanager
+def stop_on_signals(stop: threading.Event, what: str = "shutting down") -> Iterator[None]:
+    """In the main thread, SIGINT/SIGTERM set `stop` (the caller finishes its work and leaves cleanly);
+    the previous handlers come back afterwards. Install it after forking DHT/averager children."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: object) -> None:
+        logger.info(f"received {signal.Signals(signum).name}: {what}")
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 # ----------------------------------------------------------------------------- the reaper process
 
 
@@ -182,7 +202,10 @@ def watch(
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})  # consumed by sigtimedwait below
     known: dict[int, psutil.Process] = {}
     while _is_alive(parent):
-        known = {**_still_running(known), **_snapshot(parent, me)}
+        fresh = _snapshot(parent, me)
+        if fresh.keys() - known.keys():  # in the --log-file: shows what a kill from now on is covered for
+            logger.info(f"following pid {parent_pid}: descendants {sorted(fresh)}")
+        known = {**_still_running(known), **fresh}
         signal.sigtimedwait([signal.SIGUSR1], interval)
     leftovers = _targets(known, tag, me)
     if leftovers:
@@ -218,23 +241,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-@contextlib.contextmanager
-def stop_on_signals(stop: threading.Event, what: str = "shutting down") -> Iterator[None]:
-    """In the main thread, SIGINT/SIGTERM set `stop` (the caller finishes its work and leaves cleanly);
-    the previous handlers come back afterwards. Install it after forking DHT/averager children."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, _frame: object) -> None:
-        logging.getLogger(__name__).info(f"received {signal.Signals(signum).name}: {what}")
-        stop.set()
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)

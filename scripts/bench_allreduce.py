@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import contextlib
 import json
 import logging
 import os
@@ -37,13 +36,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import psutil  # noqa: E402
 import torch  # noqa: E402
+from benchlib import cpu_seconds, machine_info, other_cores, reap_tagged_p2pd  # noqa: E402
 from hivemind.averaging.control import AveragingStage  # noqa: E402
 
 from p2p_photon.averaging import SwarmAverager  # noqa: E402
 from p2p_photon.config import AveragingConfig, DHTConfig  # noqa: E402
-from p2p_photon.launch import machine_info, reap_tagged_p2pd  # noqa: E402
 from p2p_photon.network import shutdown_dht, start_dht, visible_maddrs  # noqa: E402
 from p2p_photon.watchdog import OWNER_ENV, owner_tag  # noqa: E402
 
@@ -55,11 +53,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=float, nargs="+", default=None,
                    help="parameter counts (default 1e6 5e6 2e7 5e7; --quick: 1e6 5e6)")
-    p.add_argument("--peers", type=int, nargs="+", default=None, help="group sizes (default 2 3 4; --quick: 2 3)")
+    p.add_argument("--peers", type=int, nargs="+", default=None,
+                   help="group sizes (default 2 3 4; --quick: 2 3)")
     p.add_argument("--quick", action="store_true", help="smoke-test mode: small sizes, 2-3 peers, 2 rounds")
-    p.add_argument("--rounds", type=int, default=None, help="timed rounds per (size, peers) (default 3; --quick 2)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="timed rounds per (size, peers) (default 3; --quick 2)")
     p.add_argument("--warmup-rounds", type=int, default=1, help="untimed rounds first (default 1)")
-    p.add_argument("--matchmaking-time", type=float, default=2.0, help="averaging.matchmaking_time (default 2 s)")
+    p.add_argument("--matchmaking-time", type=float, default=2.0,
+                   help="averaging.matchmaking_time (default 2 s)")
     p.add_argument("--allreduce-timeout", type=float, default=180.0, help="averaging.allreduce_timeout (s)")
     p.add_argument("--tcp-mb", type=int, default=256, help="MB sent per raw TCP trial (default 256)")
     p.add_argument("--tcp-chunk-mb", type=float, default=1.0, help="send() chunk size in MB (default 1)")
@@ -67,7 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (default: all)")
     p.add_argument("--compression", choices=["none", "fp16", "int8", "int4"], default="none",
                    help="averaging.compression (default none: fp32 on the wire, the raw throughput)")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "allreduce.json"), help="JSON output path")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "allreduce.json"),
+                   help="JSON output path")
     args = p.parse_args(argv)
     args.sizes = [int(s) for s in (args.sizes or ([1e6, 5e6] if args.quick else [1e6, 5e6, 2e7, 5e7]))]
     args.peers = args.peers or ([2, 3] if args.quick else [2, 3, 4])
@@ -164,7 +166,8 @@ def start_dhts(n: int) -> list:
     dhts = [first]
     try:
         for _ in range(n - 1):
-            cfg = DHTConfig(host_maddrs=(LOOPBACK,), initial_peers=tuple(visible_maddrs(first)), startup_timeout=60.0)
+            cfg = DHTConfig(host_maddrs=(LOOPBACK,), initial_peers=tuple(visible_maddrs(first)),
+                            startup_timeout=60.0)
             dhts.append(start_dht(cfg))
     except BaseException:
         for d in dhts:
@@ -219,26 +222,6 @@ def run_round(ex, avgs, clocks, deltas, round_no: int, args) -> list[PeerRound]:
     return [f.result(timeout=args.matchmaking_time * 5 + args.allreduce_timeout + 60) for f in futures]
 
 
-def cpu_seconds() -> tuple[float, float, float]:
-    """(wall, core-seconds busy on the whole machine, core-seconds of this process and its live
-    descendants: DHT and averager processes, p2pd) so far."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    busy = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
-    me = psutil.Process()
-    own = 0.0
-    for p in [me, *me.children(recursive=True)]:
-        with contextlib.suppress(psutil.Error):
-            t = p.cpu_times()
-            own += t.user + t.system
-    return time.monotonic(), busy, own
-
-
-def other_cores(before: tuple[float, float, float], after: tuple[float, float, float]) -> float:
-    """Average number of cores other programs kept busy between two cpu_seconds() samples."""
-    wall, busy, own = (a - b for a, b in zip(after, before, strict=True))
-    return max(0.0, (busy - own) / wall) if wall > 0 else 0.0
-
-
 def summarize_case(size: int, n: int, rounds: list[list[PeerRound]], tcp_mbps: float) -> dict:
     flat = [p for r in rounds for p in r]
     med = lambda xs: statistics.median(xs)  # noqa: E731
@@ -254,8 +237,8 @@ def summarize_case(size: int, n: int, rounds: list[list[PeerRound]], tcp_mbps: f
         throughput_MBps=per_peer, ratio_to_tcp=per_peer / tcp_mbps,
         aggregate_MBps=n * sent / group_allreduce / 1e6,
         throughput_incl_matchmaking_MBps=sent / med([p.total_s for p in flat]) / 1e6,
-        per_round=[[dict(total_s=p.total_s, matchmaking_s=p.matchmaking_s, allreduce_s=p.allreduce_s) for p in r]
-                   for r in rounds],
+        per_round=[[dict(total_s=p.total_s, matchmaking_s=p.matchmaking_s, allreduce_s=p.allreduce_s)
+                    for p in r] for r in rounds],
     )
 
 
@@ -311,16 +294,21 @@ def main(argv=None) -> int:
         config=dict(sizes=args.sizes, peers=args.peers, rounds=args.rounds, warmup_rounds=args.warmup_rounds,
                     matchmaking_time=args.matchmaking_time, allreduce_timeout=args.allreduce_timeout,
                     tensor_numel=TENSOR_NUMEL, quick=args.quick,
-                    encoding=f"{args.compression} on the wire (our all-reduce: each owner sends one encoded result)"),
+                    encoding=f"{args.compression} on the wire "
+                             "(our all-reduce: each owner sends one encoded result)"),
         notes=("allreduce_s: from the StepControl stage RUNNING_ALLREDUCE to the step's result, per peer "
                "(median over peers and rounds); matchmaking_s: from step() to RUNNING_ALLREDUCE; "
                "total_s: SwarmAverager.average wall time, incl. encode/decode; throughput_MBps = "
-               "bytes_sent_per_peer / allreduce_s (bytes_sent measured on the wire by the averager, ~2(n-1)/n x 4 B x params); "
-               "aggregate_MBps = n x bytes_sent_per_peer / group all-reduce time (first start to last finish); "
+               "bytes_sent_per_peer / allreduce_s (bytes_sent measured on the wire by the averager, "
+               "~2(n-1)/n x 4 B x params); "
+               "aggregate_MBps = n x bytes_sent_per_peer / group all-reduce time "
+               "(first start to last finish); "
                "all peers, their p2pd daemons and the TCP pair share this machine's cores; other_busy_cores: "
                "average cores other programs on the machine used during the case (noise indicator)."),
-        machine=dict(machine_info(), threads=args.threads, loadavg_before=list(load_before), loadavg_after=list(os.getloadavg())),
-        p2pd_leaked=sorted(leaked), pgrep_p2pd=dict(before=len(before_pids), after=len(after_pids)), wall_s=time.perf_counter() - t_start,
+        machine=dict(machine_info(), threads=args.threads, loadavg_before=list(load_before),
+                     loadavg_after=list(os.getloadavg())),
+        p2pd_leaked=sorted(leaked), pgrep_p2pd=dict(before=len(before_pids), after=len(after_pids)),
+        wall_s=time.perf_counter() - t_start,
         command=shlex.join([Path(sys.executable).name, *sys.argv]),
         timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
@@ -346,7 +334,8 @@ def measure(args, tcp: float) -> list[dict]:
                 runs.append(r)
                 print(f"[allreduce] {size / 1e6:g}M x {n} peers: all-reduce {r['allreduce_s']:.2f}s "
                       f"({r['throughput_MBps']:.1f} MB/s per peer), matchmaking {r['matchmaking_s']:.2f}s, "
-                      f"total {r['total_s']:.2f}s; others busy {others:.2f} cores  [{time.perf_counter() - t0:.0f}s]",
+                      f"total {r['total_s']:.2f}s; others busy {others:.2f} cores  "
+                      f"[{time.perf_counter() - t0:.0f}s]",
                       flush=True)
     finally:
         for d in dhts:

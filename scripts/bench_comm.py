@@ -16,7 +16,7 @@ For each: bytes sent per peer per token trained, the reduction against synchrono
 batch x seq_len tokens per peer), the held-out perplexity of the final global model, and the inner
 optimizer's state bytes.
 
-    python scripts/bench_comm.py                         # 6 runs, ~2-3 min each on 2 cores; bench/results/comm.{json,png}
+    python scripts/bench_comm.py         # 6 runs, ~2-3 min each on 2 cores; bench/results/comm.{json,png}
     python scripts/bench_comm.py --quick --out /tmp/c.json   # smoke: none, int8, int8_block3, 2 tiny rounds
     python scripts/bench_comm.py --only int8,int8_block3 --rounds 8
 
@@ -32,7 +32,6 @@ import dataclasses
 import logging
 import os
 import shlex
-import subprocess
 import sys
 import time
 import uuid
@@ -43,10 +42,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+from benchlib import machine_info, reap_tagged_p2pd, stop_procs  # noqa: E402
+
 from p2p_photon import data  # noqa: E402
-from p2p_photon.bootstrap import write_json_atomic  # noqa: E402
 from p2p_photon.config import AveragingConfig, load_config  # noqa: E402
-from p2p_photon.launch import LocalSwarm, Proc, machine_info, reap_tagged_p2pd  # noqa: E402
+from p2p_photon.files import write_json_atomic  # noqa: E402
+from p2p_photon.launch import LocalSwarm, Proc  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,8 @@ class Setting:
 
 
 SETTINGS = {s.name: s for s in (
-    Setting("none", "none", 0), Setting("fp16", "fp16", 0), Setting("int8", "int8", 0), Setting("int4", "int4", 0),
-    Setting("int8_block3", "int8", 3), Setting("none_block3", "none", 3))}
+    Setting("none", "none", 0), Setting("fp16", "fp16", 0), Setting("int8", "int8", 0),
+    Setting("int4", "int4", 0), Setting("int8_block3", "int8", 3), Setting("none_block3", "none", 3))}
 DEFAULT, UNCOMPRESSED = "int8", "none"  # the default config, and the same run without compression or cycling
 QUICK_RUNS = ("none", "int8", "int8_block3")
 TAG_VAR = "P2P_PHOTON_BENCH_COMM_TAG"  # inherited by every process we start, p2pd included
@@ -71,9 +72,11 @@ logger = logging.getLogger("bench_comm")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true",
-                   help=f"CI smoke run: {', '.join(QUICK_RUNS)}; 2 rounds of ~32 local steps, seq_len 64, tiny data")
+                   help=f"CI smoke run: {', '.join(QUICK_RUNS)}; 2 rounds of ~32 local steps, seq_len 64, "
+                        "tiny data")
     p.add_argument("--only", default=None,
-                   help=f"comma-separated runs out of {','.join(SETTINGS)} (default: all; --quick: {','.join(QUICK_RUNS)})")
+                   help=f"comma-separated runs out of {','.join(SETTINGS)} "
+                        f"(default: all; --quick: {','.join(QUICK_RUNS)})")
     p.add_argument("--peers", type=int, default=3, help="N peers (default 3)")
     p.add_argument("--preset", choices=["nano", "tiny"], default="nano", help="model preset (default nano)")
     p.add_argument("--batch", type=int, default=8, help="inner batch, sequences per local step (default 8)")
@@ -83,16 +86,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "local steps per peer; --quick N x batch x 12)")
     p.add_argument("--rounds", type=int, default=None, help="rounds.num_rounds (default 4; --quick 2)")
     p.add_argument("--lr", type=float, default=3e-3, help="inner peak LR (default 3e-3)")
-    p.add_argument("--out", default=None, help="JSON path (default bench/results/comm.json; --quick: runs/bench_comm/quick/)")
+    p.add_argument("--out", default=None,
+                   help="JSON path (default bench/results/comm.json; --quick: runs/bench_comm/quick/)")
     p.add_argument("--png", default=None, help="plot path (default: the JSON path with .png)")
-    p.add_argument("--workdir", default=None, help="logs, checkpoints, summaries (default runs/bench_comm/<time>)")
+    p.add_argument("--workdir", default=None,
+                   help="logs, checkpoints, summaries (default runs/bench_comm/<time>)")
     p.add_argument("--cache-dir", default=str(ROOT / ".cache" / "p2p_photon"), help="prepared data cache")
-    p.add_argument("--run-timeout", type=float, default=None, help="seconds per run (default 900; --quick 180)")
+    p.add_argument("--run-timeout", type=float, default=None,
+                   help="seconds per run (default 900; --quick 180)")
     args = p.parse_args(argv)
     names = args.only.split(",") if args.only else list(QUICK_RUNS if args.quick else SETTINGS)
     unknown = [n for n in names if n not in SETTINGS]
     if unknown or not names:
-        p.error(f"--only: unknown run(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(SETTINGS)}")
+        p.error(f"--only: unknown run(s) {', '.join(unknown) or '(none given)'}; "
+                f"choose from {', '.join(SETTINGS)}")
     args.names = list(dict.fromkeys(names))
     if args.peers < 2 or args.batch < 1 or (args.rounds is not None and args.rounds < 1):
         p.error("--peers must be >= 2, --batch >= 1 and --rounds >= 1")
@@ -143,7 +150,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
                 "data.split=noniid", f"data.cache_dir={Path(args.cache_dir).resolve()}"]
     averaging = [f"averaging.target_group_size={n}", "averaging.matchmaking_time=2.0",
                  "averaging.allreduce_timeout=30", "averaging.round_timeout=60"]
-    return Plan(mode="quick" if quick else "full", preset=args.preset, peers=n, batch=args.batch, seq_len=seq_len,
+    return Plan(mode="quick" if quick else "full", preset=args.preset, peers=n, batch=args.batch,
+                seq_len=seq_len,
                 target_samples_per_round=args.target_samples or n * args.batch * (12 if quick else 128),
                 rounds=args.rounds or (2 if quick else 4), lr=args.lr, vocab_size=vocab,
                 eval_batches=4 if quick else 12, run_timeout=args.run_timeout or (180.0 if quick else 900.0),
@@ -157,9 +165,12 @@ def run_overrides(plan: Plan, s: Setting) -> list[str]:
         wire.append(f"averaging.error_feedback={'true' if s.compression != 'none' else 'false'}")
     return [*plan.data, f"model.preset={plan.preset}", f"model.seq_len={plan.seq_len}",
             f"inner.batch_size={plan.batch}", f"inner.lr={plan.lr}", f"inner.total_steps={plan.total_steps}",
-            f"inner.warmup_steps={max(1, round(plan.warmup_fraction * plan.total_steps))}", "outer.preset=photon",
-            f"rounds.target_samples_per_round={plan.target_samples_per_round}", f"rounds.num_rounds={plan.rounds}",
-            f"logging.eval_batches={plan.eval_batches}", "logging.eval_every_rounds=0", "logging.progress_bar=false",
+            f"inner.warmup_steps={max(1, round(plan.warmup_fraction * plan.total_steps))}",
+            "outer.preset=photon",
+            f"rounds.target_samples_per_round={plan.target_samples_per_round}",
+            f"rounds.num_rounds={plan.rounds}",
+            f"logging.eval_batches={plan.eval_batches}", "logging.eval_every_rounds=0",
+            "logging.progress_bar=false",
             "logging.progress_interval=1.0", "checkpoint.every_rounds=0", "dht.startup_timeout=90",
             *plan.averaging, *wire]
 
@@ -174,9 +185,10 @@ def ddp_bytes_per_token(plan: Plan, params: int) -> float:
 
 
 def run_setting(swarm: LocalSwarm, plan: Plan, s: Setting) -> tuple[list[dict], float]:
-    """N peer processes on the shared bootstrap under a fresh run_id; returns their summaries and the wall time."""
+    """N peer processes on the shared bootstrap under a fresh run_id; returns their summaries and the
+    wall time."""
     overrides = [*run_overrides(plan, s), f"dht.run_id=comm-{s.name}-{uuid.uuid4().hex[:6]}"]
-    load_config(None, overrides)  # a setting this checkout refuses fails here, in one line, before any process
+    load_config(None, overrides)  # a setting this checkout refuses fails here, in one line, before any peer
     t0 = time.perf_counter()
     procs = [swarm.start_peer(i, name=f"{s.name}-peer{i}", overrides=overrides) for i in range(plan.peers)]
     try:
@@ -187,7 +199,8 @@ def run_setting(swarm: LocalSwarm, plan: Plan, s: Setting) -> tuple[list[dict], 
     if any(codes):
         bad = next(p for p, c in zip(procs, codes) if c)
         last = (swarm.tail(bad, 1).strip() or "(empty log)")[-200:]
-        raise RuntimeError(f"peer exit codes {codes}; {bad.name}: {last}\n" + "\n".join(swarm.tail(p, 15) for p in procs))
+        tails = "\n".join(swarm.tail(p, 15) for p in procs)
+        raise RuntimeError(f"peer exit codes {codes}; {bad.name}: {last}\n{tails}")
     return [swarm.summary(p.name) for p in procs], time.perf_counter() - t0
 
 
@@ -203,23 +216,13 @@ def wait_together(swarm: LocalSwarm, procs: list[Proc], timeout: float) -> list[
             break
         first_exit = first_exit or (now if len(running) < len(procs) else None)
         if now > deadline or (first_exit is not None and now - first_exit > STRAGGLER_S):
-            why = f"after {timeout:.0f}s" if now > deadline else f"{STRAGGLER_S:.0f}s after another peer exited"
+            why = (f"after {timeout:.0f}s" if now > deadline
+                   else f"{STRAGGLER_S:.0f}s after another peer exited")
             last = swarm.tail(running[0], 1).strip()[-200:]
-            raise TimeoutError(f"{', '.join(p.name for p in running)} still running {why}; {running[0].name}: {last}")
+            names = ", ".join(p.name for p in running)
+            raise TimeoutError(f"{names} still running {why}; {running[0].name}: {last}")
         time.sleep(0.5)
     return [p.popen.returncode for p in procs]
-
-
-def stop_procs(swarm: LocalSwarm, procs: list[Proc], grace: float = 20.0) -> None:
-    for p in procs:
-        swarm.signal(p)
-    deadline = time.monotonic() + grace
-    for p in procs:
-        try:
-            p.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.popen.kill()
-            p.popen.wait()
 
 
 def tokens_trained(summary: dict) -> int:
@@ -261,15 +264,17 @@ def check_ran_as_asked(s: Setting, summaries: list[dict]) -> None:
 
 def summarize(s: Setting, summaries: list[dict], plan: Plan, params: int) -> dict:
     check_ran_as_asked(s, summaries)
-    peers = [dict(bytes_sent=int(x["bytes_sent"]), bytes_received=x.get("bytes_received"), tokens=tokens_trained(x),
-                  optimizer_state_bytes=x.get("optimizer_state_bytes"), final_ppl=x["final_ppl"],
+    peers = [dict(bytes_sent=int(x["bytes_sent"]), bytes_received=x.get("bytes_received"),
+                  tokens=tokens_trained(x), optimizer_state_bytes=x.get("optimizer_state_bytes"),
+                  final_ppl=x["final_ppl"],
                   rounds=x["rounds"], failed_rounds=x["failed_rounds"]) for x in summaries]
     for p in peers:
         p["bytes_per_token"] = p["bytes_sent"] / p["tokens"] if p["tokens"] else None
     bpt = mean([p["bytes_per_token"] for p in peers])
     reported = {int(x["num_params"]) for x in summaries if x.get("num_params") is not None}
     if reported and reported != {params}:
-        logger.warning("%s: peers report %s parameters, the plan counted %d", s.name, sorted(reported), params)
+        logger.warning("%s: peers report %s parameters, the plan counted %d", s.name, sorted(reported),
+                       params)
     if len(reported) == 1:
         (params,) = reported  # the peers' own count of P, where they report it
     return dict(
@@ -281,7 +286,8 @@ def summarize(s: Setting, summaries: list[dict], plan: Plan, params: int) -> dic
         bytes_per_token=bpt, tokens_per_peer=mean([p["tokens"] for p in peers]),
         ppl=summaries[0]["final_ppl"], initial_ppl=summaries[0].get("initial_ppl"),
         optimizer_state_bytes=mean([p["optimizer_state_bytes"] for p in peers]),
-        optimizer_state_source="peer summary" if any(p["optimizer_state_bytes"] is not None for p in peers) else None,
+        optimizer_state_source=(
+            "peer summary" if any(p["optimizer_state_bytes"] is not None for p in peers) else None),
         rounds=summaries[0]["rounds"], failed_rounds=sum(p["failed_rounds"] for p in peers),
         theta_identical=len({x.get("theta") for x in summaries}) == 1,
         num_params_source="peer summary" if reported else "counted from the preset",
@@ -294,7 +300,7 @@ def attempt(swarm: LocalSwarm, plan: Plan, s: Setting, params: int) -> dict:
     try:
         summaries, wall = run_setting(swarm, plan, s)
         r = dict(summarize(s, summaries, plan, params), wall_s=span_s(summaries), process_wall_s=wall)
-    except Exception as e:  # a failed run (ConfigError included) is recorded and reported; the others still run
+    except Exception as e:  # a failed run (ConfigError too) is recorded and reported; the others still run
         first = str(e).splitlines()[0] if str(e) else ""
         print(f"[comm] {s.name}: FAILED: {type(e).__name__}: {first}", flush=True)
         return dict(name=s.name, compression=s.compression, block_cycle=s.block_cycle,
@@ -310,7 +316,8 @@ def attempt(swarm: LocalSwarm, plan: Plan, s: Setting, params: int) -> dict:
 
 
 def estimate_optimizer_state(plan: Plan) -> int:
-    """Inner optimizer state of the full model after one step (peers that do not report it; no block cycling)."""
+    """Inner optimizer state of the full model after one step (for peers that do not report it; no block
+    cycling)."""
     import torch
 
     from p2p_photon.inner import InnerTrainer, optimizer_state_bytes
@@ -334,19 +341,22 @@ def fill_optimizer_state(runs: list[dict], plan: Plan) -> None:
     for r in missing:
         if r["block_cycle"] == 0:
             r["optimizer_state_bytes"] = est
-            r["optimizer_state_source"] = "estimate: the inner optimizer of the full model after one step, in this process"
+            r["optimizer_state_source"] = ("estimate: the inner optimizer of the full model after one step, "
+                                           "in this process")
 
 
 def check_codecs(runs: list[dict]) -> None:
-    """Flag a codec that did not shrink the bytes (e.g. a checkout that accepts the setting but sends fp32)."""
+    """Flag a codec that did not shrink the bytes (e.g. a checkout that accepts the setting but sends
+    fp32)."""
     ok = {r["name"]: r for r in runs if "error" not in r}
     for r in ok.values():
         base = ok.get("none" if r["block_cycle"] == 0 else f"none_block{r['block_cycle']}")
         if r["compression"] == "none" or base is None or not base["bytes_per_token"]:
             continue
         if r["bytes_per_token"] >= NO_EFFECT * base["bytes_per_token"]:
-            r["warning"] = (f"{r['compression']} sent {r['bytes_per_token'] / base['bytes_per_token']:.2f}x the bytes "
-                            f"per token of {base['name']}: the codec had no effect")
+            ratio = r["bytes_per_token"] / base["bytes_per_token"]
+            r["warning"] = (f"{r['compression']} sent {ratio:.2f}x the bytes per token of {base['name']}: "
+                            "the codec had no effect")
             print(f"[comm] WARNING {r['name']}: {r['warning']}", flush=True)
 
 
@@ -369,9 +379,11 @@ def fmt(v, spec: str) -> str:
 
 
 def print_table(runs: list[dict], plan: Plan, params: int, default: dict) -> None:
-    print(f"\n{plan.preset} ({params:,} params), {plan.peers} peers, batch {plan.batch} x seq {plan.seq_len}, "
-          f"{plan.rounds} rounds x {plan.target_samples_per_round} samples (~{plan.local_steps_per_round:.0f} local "
-          f"steps per peer per round); DDP = {ddp_bytes_per_token(plan, params):.0f} B/token per peer")
+    print(f"\n{plan.preset} ({params:,} params), {plan.peers} peers, "
+          f"batch {plan.batch} x seq {plan.seq_len}, "
+          f"{plan.rounds} rounds x {plan.target_samples_per_round} samples "
+          f"(~{plan.local_steps_per_round:.0f} local steps per peer per round); "
+          f"DDP = {ddp_bytes_per_token(plan, params):.0f} B/token per peer")
     print(f"{'run':<12} {'codec':>5} {'block':>5} {'rounds':>6} {'failed':>6} {'tok/peer':>9} {'MB/peer':>8} "
           f"{'B/token':>8} {'x<DDP':>7} {'ppl':>8} {'opt MiB':>7} {'wall s':>6}")
     for r in runs:
@@ -379,8 +391,9 @@ def print_table(runs: list[dict], plan: Plan, params: int, default: dict) -> Non
             print(f"{r['name']:<12} FAILED: {r['error'].splitlines()[0][:90]}")
             continue
         opt = r["optimizer_state_bytes"]
-        print(f"{r['name']:<12} {r['compression']:>5} {r['block_cycle']:>5} {r['rounds']:>6} {r['failed_rounds']:>6} "
-              f"{r['tokens_per_peer']:>9.0f} {r['bytes_sent_per_peer'] / 1e6:>8.3f} {fmt(r['bytes_per_token'], '8.2f')} "
+        print(f"{r['name']:<12} {r['compression']:>5} {r['block_cycle']:>5} {r['rounds']:>6} "
+              f"{r['failed_rounds']:>6} {r['tokens_per_peer']:>9.0f} {r['bytes_sent_per_peer'] / 1e6:>8.3f} "
+              f"{fmt(r['bytes_per_token'], '8.2f')} "
               f"{fmt(r['reduction_vs_ddp'], '7.1f')} {r['ppl']:>8.2f} {fmt(opt and opt / 2**20, '7.3f')} "
               f"{r['wall_s']:>6.0f}")
     print(f"default ({DEFAULT} + error feedback): {fmt(default['reduction_vs_ddp'], '.1f')}x less than DDP, "
@@ -401,7 +414,8 @@ def plot(runs: list[dict], default: dict, path: Path, title: str) -> None:
         marker = "s" if r["block_cycle"] else "o"
         color = "tab:red" if r["name"] == DEFAULT else "tab:blue"
         ax.scatter(r["reduction_vs_ddp"], r["ppl"], marker=marker, color=color, zorder=3)
-        ax.annotate(r["name"], (r["reduction_vs_ddp"], r["ppl"]), textcoords="offset points", xytext=(6, 4), fontsize=9)
+        ax.annotate(r["name"], (r["reduction_vs_ddp"], r["ppl"]), textcoords="offset points", xytext=(6, 4),
+                    fontsize=9)
     if default["ppl_uncompressed"]:
         ax.axhline(default["ppl_uncompressed"], color="grey", lw=0.8, ls=":", label="uncompressed (none)")
         ax.legend(loc="best", fontsize=8)
@@ -430,10 +444,11 @@ def setup_record(plan: Plan, params: int, command: str) -> dict:
         total_steps=plan.total_steps, local_steps_per_round=plan.local_steps_per_round,
         ddp_bytes_per_token=ddp_bytes_per_token(plan, params),
         ddp_formula="2 (N-1)/N x 4 P bytes per peer per step / (batch x seq_len tokens per peer per step)",
-        bytes_per_token_formula=("mean over peers of bytes_sent / tokens trained (summary bytes_sent; tokens of "
-                                 "its rounds' local steps, a failed attempt's work counted once); peers count the bytes of "
-                                 "successful all-reduces only"),
-        ppl_note="held-out perplexity of the final global model (peer 0's summary; θ is the same on every peer)",
+        bytes_per_token_formula=("mean over peers of bytes_sent / tokens trained (summary bytes_sent; "
+                                 "tokens of its rounds' local steps, a failed attempt's work counted once); "
+                                 "peers count the bytes of successful all-reduces only"),
+        ppl_note=("held-out perplexity of the final global model (peer 0's summary; θ is the same on every "
+                  "peer)"),
         run_overrides_example=run_overrides(plan, SETTINGS[DEFAULT]))
 
 
@@ -463,16 +478,19 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else (ROOT / "runs" / "bench_comm" / "quick" / "comm.json" if args.quick
                                            else ROOT / "bench" / "results" / "comm.json")
     png = Path(args.png) if args.png else out.with_suffix(".png")
-    workdir = Path(args.workdir) if args.workdir else ROOT / "runs" / "bench_comm" / time.strftime("%Y%m%d-%H%M%S")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    workdir = Path(args.workdir) if args.workdir else ROOT / "runs" / "bench_comm" / stamp
     tag = os.environ.setdefault(TAG_VAR, uuid.uuid4().hex)
     t_start, load_before = time.perf_counter(), os.getloadavg()
-    print(f"[comm] {plan.mode}: runs {', '.join(args.names)}; {plan.peers} peers, {plan.preset}, {plan.rounds} rounds x "
-          f"{plan.target_samples_per_round} samples x seq {plan.seq_len} = {plan.tokens_per_run} tokens per run; "
+    print(f"[comm] {plan.mode}: runs {', '.join(args.names)}; {plan.peers} peers, {plan.preset}, "
+          f"{plan.rounds} rounds x {plan.target_samples_per_round} samples x seq {plan.seq_len} = "
+          f"{plan.tokens_per_run} tokens per run; "
           f"load avg {load_before[0]:.2f}; logs in {workdir}", flush=True)
     data.prepare(load_config(None, plan.data).data, 0, progress=False)
     params = count_params(plan)
     command = shlex.join(["python", "scripts/bench_comm.py", *(sys.argv[1:] if argv is None else argv)])
-    result = dict(mode=plan.mode, command=command, setup=setup_record(plan, params, command), machine=machine_info())
+    result = dict(mode=plan.mode, command=command, setup=setup_record(plan, params, command),
+                  machine=machine_info())
     runs: list[dict] = []
 
     def save(complete: bool) -> dict:

@@ -31,9 +31,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import benchlib  # noqa: E402
 import torch  # noqa: E402
 
-from p2p_photon import launch  # noqa: E402
 from p2p_photon.config import InnerConfig  # noqa: E402
 from p2p_photon.inner import InnerTrainer, make_optimizer, optimizer_state_bytes, resolve_device  # noqa: E402
 from p2p_photon.model import PRESETS, build_model, count_params, lm_loss  # noqa: E402
@@ -49,13 +49,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=7, help="timed repeats of each variant (default 7)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps of each variant first (default 5)")
     p.add_argument("--optimizer", default="adamw8bit", choices=["adamw8bit", "adamw"], help="inner optimizer")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(),
+                   help="torch.set_num_threads (default: all cores)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
     p.add_argument("--interleave", default="auto", choices=["auto", "step", "repeat"],
                    help="alternate every step or every repeat (auto: step on CPU, repeat on CUDA)")
     p.add_argument("--seed", type=int, default=0, help="model init and batch seed")
     p.add_argument("--profile", action="store_true", help="also print a torch.profiler table of each variant")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "overhead.json"), help="JSON output path")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "overhead.json"),
+                   help="JSON output path")
     return p.parse_args(argv)
 
 
@@ -127,7 +129,8 @@ def timed(fn: Callable[[], None], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def alternate(variants: dict[str, Callable[[list, int], None]], batches, args, device) -> dict[str, list[float]]:
+def alternate(variants: dict[str, Callable[[list, int], None]], batches, args,
+              device) -> dict[str, list[float]]:
     """Warm up each variant, then time them alternately; steps/s of each variant per repeat.
 
     interleave 'step': ours and bare take turns every step (ours, bare | bare, ours | ...) and each
@@ -151,8 +154,8 @@ def alternate(variants: dict[str, Callable[[list, int], None]], batches, args, d
         step += len(batches)
         for name in names:
             rates[name].append(len(batches) / spent[name])
-        print(f"  repeat {r + 1}/{args.repeats}: " + "  ".join(f"{n} {v[-1]:.2f} steps/s" for n, v in rates.items()),
-              flush=True)
+        now = "  ".join(f"{n} {v[-1]:.2f} steps/s" for n, v in rates.items())
+        print(f"  repeat {r + 1}/{args.repeats}: {now}", flush=True)
     return rates
 
 
@@ -186,30 +189,17 @@ def profile(variants, batches, device) -> None:
 # ----------------------------------------------------------------------------- report
 
 
-def cpu_seconds() -> tuple[float, float, float]:
-    """(wall, core-seconds busy on the whole machine, core-seconds used by this process) so far."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    busy = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
-    t = os.times()
-    return time.monotonic(), busy, t.user + t.system
-
-
-def other_cores(before: tuple[float, float, float], after: tuple[float, float, float]) -> float:
-    """Average number of cores other programs kept busy between two cpu_seconds() samples."""
-    wall, busy, own = (a - b for a, b in zip(after, before, strict=True))
-    return max(0.0, (busy - own) / wall) if wall > 0 else 0.0
-
-
 def machine_info(threads: int, device: torch.device) -> dict:
     import bitsandbytes as bnb
 
-    info = dict(launch.machine_info(), bitsandbytes=bnb.__version__, threads=threads, device=str(device))
+    info = dict(benchlib.machine_info(), bitsandbytes=bnb.__version__, threads=threads, device=str(device))
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
 
 
-def print_table(rates: dict[str, list[float]], tokens_per_step: int, states: dict[str, int], ratio: float) -> None:
+def print_table(rates: dict[str, list[float]], tokens_per_step: int, states: dict[str, int],
+                ratio: float) -> None:
     print(f"\n{'variant':<8} {'median steps/s':>15} {'min':>8} {'max':>8} {'tokens/s':>10}")
     for name, v in rates.items():
         med = statistics.median(v)
@@ -225,7 +215,8 @@ def main(argv=None) -> int:
     cfg = InnerConfig(optimizer=args.optimizer, batch_size=args.batch, device=args.device)
     device = resolve_device(cfg)
     load_before = os.getloadavg()
-    batches = [b.to(device) for b in make_batches(args.steps, args.batch, args.seq_len, args.vocab, args.seed)]
+    cpu_batches = make_batches(args.steps, args.batch, args.seq_len, args.vocab, args.seed)
+    batches = [b.to(device) for b in cpu_batches]
     ours = InnerTrainer(build_model(args.preset, args.vocab, args.seq_len, args.seed, device), cfg, device)
     bare_model = build_model(args.preset, args.vocab, args.seq_len, args.seed, device).train()
     if args.interleave == "auto":
@@ -236,12 +227,13 @@ def main(argv=None) -> int:
         "bare": lambda b, s: run_bare(bare_model, bare_opt, b, s, cfg, device),
     }
     n_params = count_params(bare_model)
-    print(f"[overhead] {args.preset} ({n_params / 1e6:.2f}M params), batch {args.batch} x seq {args.seq_len}, "
+    print(f"[overhead] {args.preset} ({n_params / 1e6:.2f}M params), "
+          f"batch {args.batch} x seq {args.seq_len}, "
           f"{args.optimizer}, {args.threads} threads on {device}; {args.repeats} x {args.steps} steps, "
           f"load avg {load_before[0]:.2f}", flush=True)
-    cpu0 = cpu_seconds()
+    cpu0 = benchlib.cpu_seconds()
     rates = alternate(variants, batches, args, device)
-    others = other_cores(cpu0, cpu_seconds())
+    others = benchlib.other_cores(cpu0, benchlib.cpu_seconds())
     if args.profile:
         profile(variants, batches, device)
     states = state_bytes(args, cfg, device)
@@ -249,7 +241,8 @@ def main(argv=None) -> int:
     result["machine"]["other_busy_cores_during_timing"] = others
     print_table(rates, args.batch * args.seq_len, states, result["ratio"])
     print(f"other programs kept {others:.2f} of {os.cpu_count()} cores busy while timing"
-          + ("; the figures are noisy: rerun on a quieter machine (or with --threads 1)" if others > 0.25 else ""))
+          + ("; the figures are noisy: rerun on a quieter machine (or with --threads 1)"
+             if others > 0.25 else ""))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -271,8 +264,9 @@ def summarize(args, rates, states, n_params, device, load_before) -> dict:
         optimizer_state_bytes_fp32=states["adamw"],
         optimizer_state_ratio=states["adamw8bit"] / states["adamw"],
         repeats=dict(ours_steps_per_s=rates["ours"], bare_steps_per_s=rates["bare"], ratio=pairwise),
-        config=dict(preset=args.preset, params=n_params, vocab=args.vocab, seq_len=args.seq_len, batch=args.batch,
-                    steps=args.steps, repeats=args.repeats, warmup=args.warmup, optimizer=args.optimizer,
+        config=dict(preset=args.preset, params=n_params, vocab=args.vocab, seq_len=args.seq_len,
+                    batch=args.batch, steps=args.steps, repeats=args.repeats, warmup=args.warmup,
+                    optimizer=args.optimizer,
                     seed=args.seed, interleave=args.interleave,
                     order="alternated ABBA (ours, bare | bare, ours | ...); medians of repeats"),
         machine=dict(machine_info(args.threads, device), loadavg_before=list(load_before),

@@ -15,8 +15,8 @@ final perplexity, tokens, wall time, bytes sent per peer, tokens to reach a targ
 (1.1 x the worst final perplexity, so every run reaches it), and for the swarms the compute
 utilization of each peer and the bytes synchronous data-parallel training would have sent.
 
-    python scripts/experiment_photon.py                # full: ~20 min on 2 free cores, writes bench/results/photon.{json,png}
-    python scripts/experiment_photon.py --quick        # smoke: 2 peers, 2 rounds, tiny data; runs/ output
+    python scripts/experiment_photon.py          # full: ~20 min on 2 free cores; bench/results/photon.*
+    python scripts/experiment_photon.py --quick   # smoke: 2 peers, 2 rounds, tiny data; runs/ output
     python scripts/experiment_photon.py --runs centralized photon_iid --tokens 5e5
 
 Tokens of a federated run are the tokens of the local steps that were averaged: the sum over
@@ -31,7 +31,6 @@ import logging
 import math
 import os
 import shlex
-import subprocess
 import sys
 import time
 import uuid
@@ -43,10 +42,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+from benchlib import machine_info, reap_tagged_p2pd, stop_procs  # noqa: E402
+
 from p2p_photon import data  # noqa: E402
-from p2p_photon.bootstrap import write_json_atomic  # noqa: E402
 from p2p_photon.config import load_config  # noqa: E402
-from p2p_photon.launch import LocalSwarm, Proc, machine_info, reap_tagged_p2pd  # noqa: E402
+from p2p_photon.files import write_json_atomic  # noqa: E402
+from p2p_photon.launch import LocalSwarm  # noqa: E402
 
 RUNS = ("centralized", "photon_iid", "photon_noniid", "diloco_iid", "diloco_noniid", "photon_noniid_overlap")
 DEFAULT_RUNS = RUNS[:5]  # photon_noniid_overlap: averaging.overlap = true (the outer step one round late)
@@ -59,7 +60,8 @@ logger = logging.getLogger("experiment_photon")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="CI smoke run: 2 peers, 2 rounds of 8 steps, tiny data")
+    p.add_argument("--quick", action="store_true",
+                   help="CI smoke run: 2 peers, 2 rounds of 8 steps, tiny data")
     p.add_argument("--runs", nargs="+", choices=RUNS, default=list(DEFAULT_RUNS),
                    help="which runs (default: the first five; photon_noniid_overlap = overlapped rounds)")
     p.add_argument("--peers", type=int, default=None, help="N peers (default 4; --quick 2)")
@@ -72,18 +74,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--local-batch", type=int, default=8, help="sequences per local step (default 8)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
     p.add_argument("--photon-lr", type=float, default=3e-3, help="Photon inner peak LR (default 3e-3)")
-    p.add_argument("--diloco-lr", type=float, default=None, help="DiLoCo inner peak LR (default photon-lr x 2/3)")
+    p.add_argument("--diloco-lr", type=float, default=None,
+                   help="DiLoCo inner peak LR (default photon-lr x 2/3)")
     p.add_argument("--central-lrs", type=float, nargs="+", default=None,
                    help="centralized LR sweep; one value = no sweep (default: photon-lr x 0.5, 1, 2)")
     p.add_argument("--sweep-fraction", type=float, default=0.25, help="token budget of each sweep run (0.25)")
     p.add_argument("--optimizer", choices=["adamw8bit", "adamw"], default="adamw8bit", help="inner optimizer")
     p.add_argument("--central-threads", type=int, default=None,
                    help="torch threads of the centralized run (default min(N, cores); --quick 1)")
-    p.add_argument("--out", default=None, help="JSON path (default bench/results/photon.json; --quick: runs/...)")
+    p.add_argument("--out", default=None,
+                   help="JSON path (default bench/results/photon.json; --quick: runs/...)")
     p.add_argument("--png", default=None, help="plot path (default: the JSON path with .png)")
-    p.add_argument("--workdir", default=None, help="logs, checkpoints, summaries (default runs/experiment_photon/<time>)")
+    p.add_argument("--workdir", default=None,
+                   help="logs, checkpoints, summaries (default runs/experiment_photon/<time>)")
     p.add_argument("--cache-dir", default=str(ROOT / ".cache" / "p2p_photon"), help="prepared data cache")
-    p.add_argument("--run-timeout", type=float, default=None, help="seconds per federated run (900; --quick 240)")
+    p.add_argument("--run-timeout", type=float, default=None,
+                   help="seconds per federated run (900; --quick 240)")
     return p.parse_args(argv)
 
 
@@ -151,7 +157,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
                  "averaging.allreduce_timeout=30", "averaging.round_timeout=60",
                  "averaging.compression='none'"]  # the algorithms side by side; bench_comm.py measures codecs
     return Plan(mode="quick" if quick else "full", peers=n, model=args.model, seq_len=args.seq_len,
-                batch=args.local_batch, local_steps=h, rounds=rounds, photon_lr=photon_lr, diloco_lr=diloco_lr,
+                batch=args.local_batch, local_steps=h, rounds=rounds, photon_lr=photon_lr,
+                diloco_lr=diloco_lr,
                 central_lrs=central_lrs, sweep_fraction=args.sweep_fraction, optimizer=args.optimizer,
                 data=data_cfg, eval_batches_peer=n * k, eval_batches_central=k,
                 central_threads=args.central_threads or (1 if quick else max(1, min(n, os.cpu_count() or 1))),
@@ -167,7 +174,8 @@ def peer_overrides(plan: Plan, preset: str, split: str, lr: float) -> list[str]:
     """One federated run: the LR schedule runs on the global step (the swarm's summed local steps)."""
     total = plan.rounds * plan.peers * plan.local_steps
     return [*common_overrides(plan, split), f"inner.lr={lr}", f"inner.batch_size={plan.batch}",
-            f"inner.total_steps={total}", f"inner.warmup_steps={plan.peers * plan.central_warmup(plan.central_steps)}",
+            f"inner.total_steps={total}",
+            f"inner.warmup_steps={plan.peers * plan.central_warmup(plan.central_steps)}",
             f"outer.preset={preset}", f"rounds.target_samples_per_round={plan.samples_per_round}",
             f"rounds.num_rounds={plan.rounds}", f"logging.eval_batches={plan.eval_batches_peer}",
             "logging.progress_interval=1.0", "dht.startup_timeout=90", *plan.averaging]
@@ -198,13 +206,15 @@ def run_centralized(plan: Plan, lr: float, steps: int, eval_every: int) -> dict:
 
 
 def centralized(plan: Plan) -> dict:
-    """LR sweep on a short budget (each with its own full cosine schedule), then the full run at the best LR."""
+    """LR sweep on a short budget (each with its own full cosine schedule), then the full run at the
+    best LR."""
     sweep = []
     if len(plan.central_lrs) > 1:
         steps = max(2, round(plan.sweep_fraction * plan.central_steps))
         for lr in plan.central_lrs:
             r = run_centralized(plan, lr, steps, eval_every=0)
-            sweep.append(dict(lr=lr, steps=steps, tokens=r["tokens"], final_ppl=r["final_ppl"], wall_s=r["wall_s"]))
+            sweep.append(dict(lr=lr, steps=steps, tokens=r["tokens"], final_ppl=r["final_ppl"],
+                              wall_s=r["wall_s"]))
             print(f"[experiment] centralized LR sweep: lr {lr:.2e} -> ppl {r['final_ppl']:.2f} "
                   f"({r['tokens']} tokens, {r['wall_s']:.0f}s)", flush=True)
     best = min(sweep, key=lambda s: s["final_ppl"])["lr"] if sweep else plan.central_lrs[0]
@@ -217,7 +227,8 @@ def centralized(plan: Plan) -> dict:
 
 
 def run_federated(swarm: LocalSwarm, plan: Plan, name: str) -> dict:
-    """N peer processes of one run (its own run_id) on the shared bootstrap; only peer 0 evaluates every round."""
+    """N peer processes of one run (its own run_id) on the shared bootstrap; only peer 0 evaluates every
+    round."""
     preset, split, *mode = name.split("_")
     lr = plan.photon_lr if preset == "photon" else plan.diloco_lr
     run_id = f"exp-{preset}-{split}-{uuid.uuid4().hex[:6]}"
@@ -240,18 +251,6 @@ def run_federated(swarm: LocalSwarm, plan: Plan, name: str) -> dict:
                 process_wall_s=time.perf_counter() - t0)
 
 
-def stop_procs(swarm: LocalSwarm, procs: list[Proc], grace: float = 20.0) -> None:
-    for p in procs:
-        swarm.signal(p)
-    deadline = time.monotonic() + grace
-    for p in procs:
-        try:
-            p.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.popen.kill()
-            p.popen.wait()
-
-
 def averaged_tokens(summaries: list[dict]) -> dict[int, int]:
     """round -> tokens of the local steps averaged in it (sum over the peers' successful rounds)."""
     per_round: dict[int, int] = defaultdict(int)
@@ -263,7 +262,8 @@ def averaged_tokens(summaries: list[dict]) -> dict[int, int]:
 
 
 def federated_curve(s0: dict, per_round: dict[int, int]) -> list[list[float]]:
-    """[tokens averaged so far, held-out ppl of the global model after that round], from peer 0's evaluations."""
+    """[tokens averaged so far, held-out ppl of the global model after that round], from peer 0's
+    evaluations."""
     cum, total = {}, 0
     for r in sorted(per_round):
         total += per_round[r]
@@ -278,7 +278,8 @@ def federated_curve(s0: dict, per_round: dict[int, int]) -> list[list[float]]:
 
 
 def peer_timing(s: dict) -> dict:
-    """Compute utilization of one peer: training-step time over round time (and over all time between rounds)."""
+    """Compute utilization of one peer: training-step time over round time (and over all time between
+    rounds)."""
     rounds = [h for h in s["history"] if "wall_s" in h]
     ok = [h for h in rounds if h["ok"]]
     train = sum(h["train_s"] for h in ok)
@@ -288,7 +289,8 @@ def peer_timing(s: dict) -> dict:
     return dict(utilization=train / in_rounds if in_rounds else 0.0,
                 utilization_wall=train / span if span else 0.0,
                 allreduce_s_mean=sum(h["allreduce_s"] for h in ok) / max(1, len(ok)),
-                train_s=train, round_s=in_rounds, span_s=span, start=start, end=rounds[-1]["time"] if rounds else 0.0,
+                train_s=train, round_s=in_rounds, span_s=span, start=start,
+                end=rounds[-1]["time"] if rounds else 0.0,
                 ok_rounds=len(ok), failed_rounds=s["failed_rounds"], bytes_sent=s["bytes_sent"],
                 steps=sum(h["steps"] for h in ok))
 
@@ -355,7 +357,8 @@ def add_derived(runs: dict[str, dict], plan: Plan, params: int) -> float | None:
         r["tokens_per_s"] = r["tokens"] / r["wall_s"] if r["wall_s"] else None
         if name != "centralized":
             r["ddp_bytes_per_peer"] = ddp_bytes(r["tokens"], plan, params)
-            r["comm_reduction"] = r["ddp_bytes_per_peer"] / r["bytes_sent_per_peer"] if r["bytes_sent_per_peer"] else None
+            sent = r["bytes_sent_per_peer"]
+            r["comm_reduction"] = r["ddp_bytes_per_peer"] / sent if sent else None
     return target
 
 
@@ -371,23 +374,27 @@ def count_params(plan: Plan) -> int:
 
 
 def print_table(runs: dict[str, dict], target: float | None) -> None:
-    head = (f"{'run':<14} {'final ppl':>9} {'ppl@budget':>10} {'tokens':>9} {'tok->target':>11} {'wall s':>7} {'rounds':>6} "
-            f"{'MB/peer':>8} {'DDP MB':>8} {'x less':>7} {'util':>5} {'util*':>5} {'avg s':>6}")
-    print(f"\nheld-out perplexity target {target:.2f} (= {TARGET_FACTOR} x the worst final ppl)" if target else "")
+    head = (f"{'run':<14} {'final ppl':>9} {'ppl@budget':>10} {'tokens':>9} {'tok->target':>11} "
+            f"{'wall s':>7} {'rounds':>6} {'MB/peer':>8} {'DDP MB':>8} {'x less':>7} {'util':>5} "
+            f"{'util*':>5} {'avg s':>6}")
+    print(f"\nheld-out perplexity target {target:.2f} (= {TARGET_FACTOR} x the worst final ppl)"
+          if target else "")
     print(head)
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for name, r in runs.items():
         if "error" in r:
             print(f"{name:<14} FAILED: {r['error'].splitlines()[0]}")
             continue
-        print(f"{name:<14} {r['final_ppl']:>9.2f} {fmt(r.get('ppl_at_budget'), '10.2f')} {r['tokens']:>9d} {fmt(r.get('tokens_to_target'), '11.0f')} "
-              f"{r['wall_s']:>7.1f} {fmt(r['rounds'], '6d')} {r['bytes_sent_per_peer'] / 1e6:>8.2f} "
+        print(f"{name:<14} {r['final_ppl']:>9.2f} {fmt(r.get('ppl_at_budget'), '10.2f')} {r['tokens']:>9d} "
+              f"{fmt(r.get('tokens_to_target'), '11.0f')} {r['wall_s']:>7.1f} {fmt(r['rounds'], '6d')} "
+              f"{r['bytes_sent_per_peer'] / 1e6:>8.2f} "
               f"{fmt(r.get('ddp_bytes_per_peer') and r['ddp_bytes_per_peer'] / 1e6, '8.1f')} "
               f"{fmt(r.get('comm_reduction'), '7.1f')} {fmt(r['utilization'], '5.2f')} "
               f"{fmt(r.get('utilization_wall'), '5.2f')} {fmt(r.get('allreduce_s_mean'), '6.2f')}")
-    print("ppl@budget = held-out ppl interpolated at the planned tokens per run (progress-based rounds overshoot "
-          "a little); util = training-step time / (round training wall + averaging); util* = the same over all the time "
-          "between the start of round 0 and the end of the last round (evaluation, logging, failed rounds too); "
+    print("ppl@budget = held-out ppl interpolated at the planned tokens per run (progress-based rounds "
+          "overshoot a little); util = training-step time / (round training wall + averaging); util* = the "
+          "same over all the time between the start of round 0 and the end of the last round (evaluation, "
+          "logging, failed rounds too); "
           "avg s = mean averaging time per round\n", flush=True)
 
 
@@ -429,23 +436,27 @@ def config_record(plan: Plan, params: int) -> dict:
         asdict(plan), params=params, samples_per_round=plan.samples_per_round, tokens_per_run=plan.tokens,
         central_batch=plan.central_batch, central_steps=plan.central_steps,
         peer_overrides_photon_iid=peer_overrides(plan, "photon", "iid", plan.photon_lr),
-        lr_choice=("defaults (see the numbers above for this run) - photon: the project's Photon-recipe CPU peer LR (peers/cpu_peer.toml), not tuned; "
-                   "diloco: photon x 2/3, the ratio of DiLoCo's inner lr 4e-4 to Photon's 125M client lr 6e-4; "
-                   "centralized: best final ppl of a sweep of photon x 0.5/1/2 on sweep_fraction of the tokens, "
-                   "each with its own warmup + cosine schedule"),
-        token_counting=("federated tokens = sum over peers of `tokens` of their successful (averaged) rounds, "
-                        "= final global step x batch x seq_len (tokens_check); a curve point after round r counts "
-                        "the tokens averaged in rounds <= r; centralized tokens = steps x N x batch x seq_len"),
-        wall_counting=("federated wall_s: from the earliest peer's start of round 0 to the latest peer's end of "
-                       "the last round (process start-up and the final checkpoint excluded: process_wall_s has "
-                       "them); centralized wall_s: the training loop incl. its evaluations"),
+        lr_choice=("defaults (see the numbers above for this run) - photon: the project's Photon-recipe "
+                   "CPU peer LR (peers/cpu_peer.toml), not tuned; "
+                   "diloco: photon x 2/3, the ratio of DiLoCo's inner lr 4e-4 to Photon's 125M client "
+                   "lr 6e-4; centralized: best final ppl of a sweep of photon x 0.5/1/2 on sweep_fraction "
+                   "of the tokens, each with its own warmup + cosine schedule"),
+        token_counting=("federated tokens = sum over peers of `tokens` of their successful (averaged) "
+                        "rounds, = final global step x batch x seq_len (tokens_check); a curve point after "
+                        "round r counts the tokens averaged in rounds <= r; centralized tokens = steps x N x "
+                        "batch x seq_len"),
+        wall_counting=("federated wall_s: from the earliest peer's start of round 0 to the latest peer's "
+                       "end of the last round (process start-up and the final checkpoint excluded: "
+                       "process_wall_s has them); centralized wall_s: the training loop incl. its "
+                       "evaluations"),
         eval=("the same held-out windows for every run: 8 N k windows of seq_len+1 tokens "
               f"({plan.eval_batches_peer} batches of {plan.batch} for peers, {plan.eval_batches_central} of "
               f"{plan.central_batch} centralized); only peer 0 evaluates every round"),
-        schedule=("warmup + cosine on the global step; federated: total = rounds x N x H global steps, warmup = "
-                  "N x the centralized warmup (same tokens)"),
-        bytes_note=("bytes_sent_per_peer: bytes our all-reduce put on the wire (protobuf payloads, measured), "
-                    "summed over successful rounds; uncompressed here, ~2 (n-1)/n x 4 P per round"))
+        schedule=("warmup + cosine on the global step; federated: total = rounds x N x H global steps, "
+                  "warmup = N x the centralized warmup (same tokens)"),
+        bytes_note=("bytes_sent_per_peer: bytes our all-reduce put on the wire (protobuf payloads, "
+                    "measured), summed over successful rounds; uncompressed here, ~2 (n-1)/n x 4 P per "
+                    "round"))
 
 
 
@@ -499,19 +510,24 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname).1s %(name)s: %(message)s")
     plan = make_plan(args)
-    out = Path(args.out) if args.out else (ROOT / "runs" / "experiment_photon" / "quick" / "photon.json" if args.quick
-                                           else ROOT / "bench" / "results" / "photon.json")
+    quick_out = ROOT / "runs" / "experiment_photon" / "quick" / "photon.json"
+    full_out = ROOT / "bench" / "results" / "photon.json"
+    out = Path(args.out) if args.out else (quick_out if args.quick else full_out)
     png = Path(args.png) if args.png else out.with_suffix(".png")
-    workdir = Path(args.workdir) if args.workdir else ROOT / "runs" / "experiment_photon" / time.strftime("%Y%m%d-%H%M%S")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    workdir = Path(args.workdir) if args.workdir else ROOT / "runs" / "experiment_photon" / stamp
     tag = os.environ.setdefault(TAG_VAR, uuid.uuid4().hex)
     t_start, load_before = time.perf_counter(), os.getloadavg()
-    print(f"[experiment] {plan.mode}: {plan.peers} peers, {plan.model}, {plan.rounds} rounds x {plan.local_steps} "
-          f"local steps x batch {plan.batch} x seq {plan.seq_len} = {plan.tokens} tokens per run; load avg "
+    print(f"[experiment] {plan.mode}: {plan.peers} peers, {plan.model}, "
+          f"{plan.rounds} rounds x {plan.local_steps} local steps x batch {plan.batch} x seq {plan.seq_len} "
+          f"= {plan.tokens} tokens per run; load avg "
           f"{load_before[0]:.2f}; logs in {workdir}", flush=True)
     prepare_data(plan)
     params = count_params(plan)
-    command = shlex.join(["python", "scripts/experiment_photon.py", *(sys.argv[1:] if argv is None else argv)])
-    result = dict(mode=plan.mode, command=command, config=config_record(plan, params), machine=machine_info())
+    given = sys.argv[1:] if argv is None else argv
+    command = shlex.join(["python", "scripts/experiment_photon.py", *given])
+    result = dict(mode=plan.mode, command=command, config=config_record(plan, params),
+                  machine=machine_info())
 
     def save(runs: dict[str, dict]) -> None:
         target = add_derived(runs, plan, params)
@@ -525,9 +541,11 @@ def main(argv=None) -> int:
     result.update(runs=runs, target_ppl=target, complete=True, p2pd_leaked=leaked,
                   total_wall_s=time.perf_counter() - t_start, timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     write_json_atomic(out, result)
-    plot(runs, target, plan.tokens, png, f"{plan.model}, {plan.peers} peers, H={plan.local_steps}, {plan.mode} mode")
+    title = f"{plan.model}, {plan.peers} peers, H={plan.local_steps}, {plan.mode} mode"
+    plot(runs, target, plan.tokens, png, title)
     print_table(runs, target)
-    print(f"[experiment] wrote {out} and {png} in {result['total_wall_s']:.0f}s; leaked p2pd: {leaked or 'none'}")
+    print(f"[experiment] wrote {out} and {png} in {result['total_wall_s']:.0f}s; "
+          f"leaked p2pd: {leaked or 'none'}")
     return 1 if leaked or any("error" in r for r in runs.values()) else 0
 
 

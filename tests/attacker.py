@@ -1,6 +1,6 @@
-"""A hostile peer for the trust tests: the real peer (real DHT, real averager) with one behaviour
-replaced. Run as `python tests/attacker.py peer ARGS...` (what `p2p-photon peer` takes) with
-P2P_PHOTON_ATTACK set to one of:
+"""A hostile peer for the trust tests: the real peer (real DHT, real averager) with a hostile
+contribution policy swapped in (`run_peer(policy_class=AttackPolicy)`). Run as `python tests/attacker.py peer ARGS...` (what
+`p2p-photon peer` takes) with P2P_PHOTON_ATTACK set to one of:
 
   scale=F     send F x its pseudo-gradient (skipping its own self-check)
   nan         send a pseudo-gradient full of NaN (skipping its own self-check)
@@ -12,6 +12,7 @@ P2P_PHOTON_ATTACK set to one of:
 Never used outside tests.
 """
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -21,52 +22,46 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from p2p_photon import cli, peer  # noqa: E402
+from p2p_photon.peer import ContributionPolicy  # noqa: E402
 
 KIND, _, ARG = os.environ.get("P2P_PHOTON_ATTACK", "").partition("=")
 
 
-class Attacker(peer.Peer):
-    def _contribution(self, deltas):
+class AttackPolicy(ContributionPolicy):
+    def contribution(self, deltas):
         if KIND == "scale":
             return [d * float(ARG) for d in deltas]
         if KIND == "nan":
             return [torch.full_like(d, float("nan")) for d in deltas]
         return deltas
 
-    def _self_check(self, deltas, active):
-        norm, problem = super()._self_check(deltas, active)
+    def self_check(self, deltas, active):
+        norm, problem = super().self_check(deltas, active)
         return norm, None if KIND in ("scale", "nan") else problem
 
-    def _weight(self, st):
-        return float(ARG) if KIND == "weight" else super()._weight(st)
+    def weight(self, samples):
+        return float(ARG) if KIND == "weight" else super().weight(samples)
 
-    def _publish(self, st, phase, now=False):
+    def record(self, rec):
         if KIND == "samples":
-            st = peer.RoundStats(**{**st.__dict__, "samples": st.samples * int(ARG), "tokens": st.tokens * int(ARG)})
+            k = int(ARG)
+            return rec.model_copy(update=dict(samples=rec.samples * k, tokens_per_s=rec.tokens_per_s * k,
+                                              total_samples=rec.total_samples + rec.samples * (k - 1)))
         if KIND == "round":
-            real = self.counters.round
-            self.counters.round = real + int(ARG)
-            try:
-                return super()._publish(st, phase, now)
-            finally:
-                self.counters.round = real
-        return super()._publish(st, phase, now)
+            return rec.model_copy(update=dict(round=rec.round + int(ARG)))
+        return rec
 
-    def _share_state(self):
-        meta, tensors = super()._share_state()
+    def served_state(self, meta, tensors):
         if KIND == "donor":
             tensors = [torch.full_like(t, float("nan")) for t in tensors]
             tensors[0] = torch.zeros(3, 3)  # wrong shape too
         return meta, tensors
 
-    def _start_network(self):
-        super()._start_network()
-        if KIND == "donor":
-            real = self.averager.set_priority
-            self.averager.set_priority = lambda round_no: real(10**9)
-            real(10**9)
+    def sharing_priority(self, round_no):
+        return 1e9 if KIND == "donor" else super().sharing_priority(round_no)
 
 
 if __name__ == "__main__":
-    peer.Peer = Attacker
+    # `p2p-photon peer` calls p2p_photon.peer.run_peer: the same peer, with the hostile policy
+    peer.run_peer = functools.partial(peer.run_peer, policy_class=AttackPolicy)
     sys.exit(cli.main())

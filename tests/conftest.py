@@ -6,9 +6,7 @@ import uuid
 
 import pytest
 
-from tests.helpers import no_leaked_p2pd
-
-SMALL_DATA = ["data.max_corpus_mb=1", "data.vocab_size=1024", "data.num_silos=3"]
+from tests.helpers import SMALL_DATA, no_leaked_p2pd
 
 
 @pytest.fixture(scope="session")

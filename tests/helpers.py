@@ -1,4 +1,5 @@
-"""Shared test utilities: waiting, process trees, and the check that no p2pd outlives its test.
+"""Shared test utilities: waiting, process trees, the check that no p2pd outlives its test, and the
+factories several test modules use (a small corpus config, a progress record, a checkpoint payload).
 
 Importing this module puts a session tag in os.environ. Every p2pd started by the tests
 (in-process or from a subprocess) inherits it at exec, so a p2pd that leaked and was
@@ -14,22 +15,33 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import psutil
 
 TAG_VAR = "P2P_PHOTON_TEST_TAG"
 os.environ.setdefault(TAG_VAR, uuid.uuid4().hex)
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL_DATA = ["data.max_corpus_mb=1", "data.vocab_size=1024", "data.num_silos=3"]
+"""Overrides for the small stdlib corpus that the session's `data_cache` fixture prepares once."""
 
 
-def wait_until(pred: Callable[[], object], timeout: float, interval: float = 0.1) -> bool:
-    """Poll `pred` until it is truthy (True) or `timeout` seconds pass (False)."""
+def wait_until(pred: Callable[[], object], timeout: float, what: str | Callable[[], str] | None = None,
+               interval: float = 0.1) -> bool:
+    """Poll `pred` until it is truthy, instead of sleeping for a guessed time.
+
+    Returns True when it is; after `timeout` seconds, fails the test with "timed out after Ns waiting
+    for WHAT" when `what` is given (a string, or a function called then, e.g. for a log's tail), or
+    returns False when it is not (the caller asserts with its own message)."""
     deadline = time.monotonic() + timeout
     while True:
         if pred():
             return True
         if time.monotonic() >= deadline:
-            return False
+            if what is None:
+                return False
+            what = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(interval)
 
 
@@ -118,3 +130,57 @@ def _name(p: psutil.Process) -> str:
         return p.name()
     except psutil.Error:
         return ""
+
+
+# ----------------------------------------------------------------------------- factories
+
+
+def make_record(peer_id: str = "12D3KooWpeer", **changes: Any) -> dict:
+    """A valid progress record (the fields progress.ProgressRecord accepts), with `changes` applied."""
+    from hivemind.utils import get_dht_time
+
+    record = dict(
+        peer_id=peer_id,
+        round=3,
+        samples=64,
+        steps=8,
+        total_samples=512,
+        loss=3.25,
+        tokens_per_s=1.5e4,
+        fingerprint="ab12" * 4,
+        theta_hash="9f3a" * 16,
+        failed_rounds=0,
+        bytes_sent=1 << 20,
+        bytes_received=1 << 20,
+        utilization=0.75,
+        time=get_dht_time(),
+        state="training",
+    )
+    record.update(changes)
+    return record
+
+
+def checkpoint_payload(round_no: int, opt: str = "adamw8bit", seed: int = 0):
+    """A complete state.CheckpointPayload of a nano model after one inner step (θ, outer and inner
+    optimizer state, RNG, config), with meta round `round_no` and fingerprint "fp"."""
+    import torch
+
+    from p2p_photon import state
+    from p2p_photon.config import Config, InnerConfig
+    from p2p_photon.hashing import theta_hash
+    from p2p_photon.inner import InnerTrainer
+    from p2p_photon.model import build_model
+
+    model = build_model("nano", 256, 32, seed=seed)
+    trainer = InnerTrainer(model, InnerConfig(optimizer=opt, warmup_steps=0), torch.device("cpu"))
+
+    def batch() -> torch.Tensor:
+        return torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(round_no))
+
+    trainer.step(batch, 0)
+    theta = {n: p.detach().clone() for n, p in model.named_parameters()}
+    meta = dict(round=round_no, global_step=10 * round_no, fingerprint="fp",
+                theta=theta_hash(list(theta.values())), data_cursor=dict(epoch=1, position=7))
+    return state.CheckpointPayload(theta=theta, outer=[torch.randn(3, 3)],
+                                   inner=trainer.optimizer.state_dict(), meta=meta, rng=state.capture_rng(),
+                                   config=Config())

@@ -1,19 +1,28 @@
 """Our all-reduce on real hivemind DHTs and averagers on 127.0.0.1: the weighted mean (bit-identical on
 every peer), compression with error feedback, measured bytes, robust reduction, bans and members.
-The pure parts (codecs, robust.aggregate, block groups) are checked against hand-computed values."""
+The pure parts (codecs, robust.aggregate, block groups, the protocol's rules, the consensus check, the
+state-download helpers) are checked against hand-computed values."""
 
+import asyncio
 import concurrent.futures as cf
 import itertools
-import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 from hivemind import DHT
+from hivemind.compression import serialize_torch_tensor
+from hivemind.p2p import PeerID
+from hivemind.proto import averaging_pb2
+from hivemind.utils import MSGPackSerializer, ValueWithExpiration
+from hivemind.utils.streaming import split_for_streaming
 
-from p2p_photon.averaging import AveragingFailed, SwarmAverager, weight_problem
+from p2p_photon.averaging import AveragingFailed, SwarmAverager, banned_message, consensus, weight_problem
+from p2p_photon.averaging import protocol as proto
+from p2p_photon.averaging.state_download import donors_by_priority, read_state
 from p2p_photon.codecs import make_codec
 from p2p_photon.config import AveragingConfig
-from p2p_photon.model import theta_hash
+from p2p_photon.hashing import theta_hash
 from p2p_photon.outer import active_group, block_groups
 from p2p_photon.robust import aggregate
 
@@ -68,22 +77,137 @@ def test_block_groups_cover_the_model_and_every_group_is_visited_over_a_cycle():
     assert [active_group(r, 4, "descending", 0) for r in range(4)] == [3, 2, 1, 0]
 
 
-def test_self_check_refuses_non_finite_or_outsized_pseudo_gradients():
-    """Before sending, a peer refuses its own Δ if it is not finite or over max_delta_norm_ratio (10) x the
-    median of its recent rounds (once it has 3 of them)."""
-    from p2p_photon.config import Config
-    from p2p_photon.peer import Peer
+def test_group_bits_digest_and_gathered_metadata():
+    assert proto.group_bits(5) == "0" * 17 + "101"
+    assert proto.group_bits((1 << 20) + 5) == proto.group_bits(5)  # 20 bits: wraps after ~1M rounds
+    assert proto.digest([0, 1]) == "923682bea6d517dc"  # sha256(b"[0, 1]")[:16]
+    meta = proto.gather_metadata({"fingerprint": "fp"}, 7, [0, 1], "int8")
+    assert {k: meta[k] for k in ("fingerprint", "round", "active", "codec")} == dict(
+        fingerprint="fp", round=7, active="923682bea6d517dc", codec="int8")
+    assert len(meta["nonce"]) == 16 and meta["nonce"] != proto.gather_metadata({}, 7, [0, 1], "int8")["nonce"]
 
-    peer = Peer(Config())  # no network: only the self-check's bookkeeping is used
-    deltas = [torch.ones(10), torch.ones(5)]
-    norm, problem = peer._self_check(deltas, None)
-    assert problem is None and norm == pytest.approx(math.sqrt(15))
-    assert peer._self_check([x * 100 for x in deltas], None)[1] is None  # no history yet: only finiteness
-    for _ in range(3):
-        peer._remember_norm(norm, None)
-    assert "more than 10x the median" in peer._self_check([x * 11 for x in deltas], None)[1]
-    assert peer._self_check([x * 9 for x in deltas], None)[1] is None
-    assert "non-finite" in peer._self_check([torch.full((3,), float("nan"))], None)[1]
+
+def test_check_group_refuses_members_of_another_round_run_or_codec():
+    meta = dict(round=3, fingerprint="fp", active="a", codec="int8")
+    proto.check_group({"peerAAAAAAAA": dict(meta), "peerBBBBBBBB": dict(meta, nonce="x")}, 3, meta)
+    for bad, why in ((dict(meta, round=4), "round 4, we are in 3"), (dict(meta, codec="fp16"), "codec fp16"),
+                     (dict(meta, fingerprint="other"), "fingerprint other"), ("junk", "malformed")):
+        with pytest.raises(AveragingFailed, match=why):
+            proto.check_group({"peerAAAAAAAA": dict(meta), "peerBBBBBBBB": bad}, 3, meta)
+
+
+def test_weight_caps_and_the_ban_message():
+    caps = {"a": 10.0, "b": 30.0}
+    assert proto.weight_cap(caps, "a") == 10.0
+    assert proto.weight_cap(caps, "new") == 30.0  # not in our view yet: the largest known cap
+    assert proto.weight_cap({}, "a") is None
+    assert banned_message({"xxxxPEER0002": "nan", "xxxxPEER0001": "weight"}) == (
+        "refused the data of peer PEER0001: weight; peer PEER0002: nan; "
+        "left out of this run's all-reduces from now on")
+
+
+def test_a_sender_keeps_what_its_encoding_lost():
+    residual = torch.full((2,), 9.0)
+    msg = proto.encode_with_feedback(make_codec("int4"), torch.tensor([7.0, 0.4]), residual)
+    # one block, absmax 7: scale 7/7 = 1, so 7 -> 7 and 0.4 -> round(0.4) = 0
+    assert torch.equal(make_codec("int4").decode(msg), torch.tensor([7.0, 0.0]))
+    assert torch.allclose(residual, torch.tensor([0.0, 0.4]))
+    proto.encode_with_feedback(make_codec("none"), torch.tensor([7.0, 0.4]), residual)  # lossless: no change
+    assert torch.allclose(residual, torch.tensor([0.0, 0.4]))
+
+
+def test_an_owner_combines_the_weighted_mean_and_carries_its_output_error():
+    parts = [(torch.tensor([1.0, 0.0]), 1.0), (torch.tensor([0.0, 2.0]), 3.0)]
+    exact = proto.combine_part(parts, 2, codec=make_codec("none"), aggregator="mean", clip_factor=2.0,
+                               carried=None)
+    assert torch.equal(exact.decoded, torch.tensor([0.25, 1.5]))  # (1x1 + 3x0)/4, (1x0 + 3x2)/4
+    assert exact.residual is None and exact.dropped == []
+    # fp16 steps by 2^-12 near 0.25: 0.25 + 1e-4 (the carried error) rounds to 0.25, and 1e-4 is carried on
+    fp16 = proto.combine_part(parts, 2, codec=make_codec("fp16"), aggregator="mean", clip_factor=2.0,
+                        carried=torch.tensor([1e-4, 0.0]))
+    assert torch.equal(fp16.decoded, torch.tensor([0.25, 1.5]))
+    assert torch.allclose(fp16.residual, torch.tensor([1e-4, 0.0]), atol=1e-7)
+    assert torch.equal(make_codec("fp16").decode(fp16.message), fp16.decoded)  # the bytes every member gets
+    nothing = proto.combine_part([(torch.tensor([float("nan"), 0.0]), 1.0)], 2, codec=make_codec("none"),
+                           aggregator="clip", clip_factor=2.0, carried=None)
+    assert torch.equal(nothing.decoded, torch.zeros(2)) and nothing.dropped == [0]
+
+
+def test_a_member_refuses_an_owners_average_of_the_wrong_size_non_finite_or_outsized():
+    mine = torch.tensor([0.6, 0.8])  # norm 1
+    def problem(averaged, aggregator="clip", ratio=4.0):
+        return proto.average_problem(averaged, 2, mine, aggregator=aggregator, max_output_ratio=ratio)
+
+    assert "sent 3 values where we expect 2" in problem(torch.zeros(3))
+    assert "non-finite" in problem(torch.tensor([1.0, float("inf")]), "mean", 0.0)
+    five = torch.tensor([3.0, 4.0])  # norm 5 = 5x ours
+    assert "5x the norm of ours" in problem(five)
+    assert problem(five, "mean") is None  # an unclipped mean may be anything finite
+    assert problem(five, "clip", 6.0) is None
+
+
+class FakeDHT:
+    """dht.store/get with subkeys, as the consensus check uses them."""
+
+    def __init__(self):
+        self.data: dict[str, dict[str, object]] = {}
+
+    def store(self, key, *, subkey, value, expiration_time):
+        self.data.setdefault(key, {})[subkey] = SimpleNamespace(value=value)
+
+    def get(self, key, latest=True):
+        return SimpleNamespace(value=dict(self.data[key])) if key in self.data else None
+
+
+def test_consensus_key_and_verdict_against_hand_computed_values():
+    peers = {"a": {"nonce": "n2"}, "b": {"nonce": "n1"}}
+    assert consensus.group_key("run", 3, peers) == "run_consensus_3_6881281aabdcd38f"  # sha256(b"n1n2")[:16]
+    assert consensus.verdict("h", {"b": "h", "c": "h"}) == "agree"
+    assert consensus.verdict("h", {"b": "h", "c": None}) == "pending"
+    assert consensus.verdict("h", {"b": "x", "c": None}) == "differ"
+
+
+def test_consensus_verify_agrees_fails_on_a_different_hash_and_trusts_the_answers_after_the_timeout():
+    dht, peers = FakeDHT(), {"a": {}, "b": {}, "c": {}}
+    consensus.publish(dht, "k", "b", "h")
+    consensus.publish(dht, "k", "c", "h")
+    consensus.verify(dht, "k", peers, "a", "h", timeout=5.0)
+    consensus.publish(dht, "k", "c", "rejected:zz")
+    with pytest.raises(AveragingFailed, match="different averages"):
+        consensus.verify(dht, "k", peers, "a", "h", timeout=5.0)
+    del dht.data["k"]["c"]
+    consensus.verify(dht, "k", peers, "a", "h", timeout=0.2)  # c is silent: b's agreement is enough
+
+
+def test_state_donors_come_by_priority_without_us_the_excluded_or_outsiders():
+    ids = [PeerID(f"peer-{i}".encode()) for i in range(5)]
+    found = SimpleNamespace(value={
+        ids[0].to_bytes(): ValueWithExpiration(9.0, 0), ids[1].to_bytes(): ValueWithExpiration(3, 0),
+        ids[2].to_bytes(): ValueWithExpiration(5.0, 0), ids[3].to_bytes(): ValueWithExpiration("high", 0),
+        ids[4].to_bytes(): ValueWithExpiration(7.0, 0), b"me": ValueWithExpiration(99.0, 0)})
+    order = donors_by_priority(found, me=PeerID(b"me"), exclude=(), is_member=lambda p: True)
+    assert order == [ids[0], ids[4], ids[2], ids[1]]
+    order = donors_by_priority(found, me=PeerID(b"me"), exclude=(ids[0].to_base58(),),
+                               is_member=lambda p: p != ids[2])
+    assert order == [ids[4], ids[1]]
+    assert donors_by_priority(None, me=PeerID(b"me"), exclude=(), is_member=lambda p: True) == []
+
+
+def test_read_state_reassembles_what_a_donor_streams():
+    tensors = [torch.arange(1000.0), torch.ones(3, 2, dtype=torch.float64)]
+    messages = []
+    for t in tensors:  # as hivemind's rpc_download_state streams them: metadata once, dtype on first chunks
+        for part in split_for_streaming(serialize_torch_tensor(t), chunk_size_bytes=1024):
+            metadata = MSGPackSerializer.dumps({"round": 4}) if not messages else b""
+            messages.append(averaging_pb2.DownloadData(tensor_part=part, metadata=metadata))
+
+    async def stream():
+        for m in messages:
+            yield m
+
+    metadata, got = asyncio.run(read_state(stream(), 5.0, MSGPackSerializer.loads))
+    assert len(messages) > 2 and metadata == {"round": 4}
+    assert len(got) == 2 and all(torch.equal(g, t) for g, t in zip(got, tensors))
 
 
 # ----------------------------------------------------------------------------- real averagers
@@ -111,8 +235,8 @@ def _round(avgs, deltas, weights, round_no, caps=None):
     """All averagers average concurrently; returns results (or the AveragingFailed raised)."""
     def one(i):
         try:
-            return avgs[i].average(deltas[i], round_no=round_no, weight=weights[i], meta=dict(fingerprint="fp"),
-                                   weight_caps=caps, timeout=30)
+            return avgs[i].average(deltas[i], round_no=round_no, weight=weights[i],
+                                   meta=dict(fingerprint="fp"), weight_caps=caps, timeout=30)
         except AveragingFailed as e:
             return e
     with cf.ThreadPoolExecutor(len(avgs)) as ex:
@@ -152,7 +276,7 @@ def test_uncompressed_weighted_mean_is_bit_identical_and_bytes_are_measured(dhts
         for got, w in zip(r.deltas, want):
             assert torch.allclose(got, w, atol=1e-7, rtol=1e-6)
     assert len({theta_hash(r.deltas) for r in results}) == 1, "peers must hold bit-identical averages"
-    # butterfly: every value goes to its owner and comes back once: 2 (n-1)/n x 4 bytes x P per peer on average
+    # butterfly: every value goes to its owner and comes back once: 2 (n-1)/n x 4 bytes x P per peer
     analytic = 2 * 2 / 3 * 4 * P
     mean_sent = sum(r.bytes_sent for r in results) / 3
     mean_received = sum(r.bytes_received for r in results) / 3
@@ -286,3 +410,29 @@ def test_non_members_are_left_out_of_a_closed_swarms_average(dhts):
         for got, w in zip(r.deltas, want):
             assert torch.isfinite(got).all() and torch.allclose(got, w, atol=1e-7, rtol=1e-6)
     assert isinstance(results[3], AveragingFailed), results[3]
+
+
+@pytest.mark.swarm
+def test_state_download_through_the_averager_process_and_donor_exclusion(dhts):
+    """A joiner downloads a donor's (metadata, tensors) through SwarmAverager.load_state_from_peers, in the
+    averager process and back; an excluded donor is skipped (then nobody serves: None)."""
+    state = [torch.arange(6, dtype=torch.float32).reshape(2, 3), torch.full((4,), 0.5)]
+    cfg = AveragingConfig(matchmaking_time=1.0, allreduce_timeout=30.0)
+    prefix = f"t{next(_prefixes)}-fp"
+    donor = SwarmAverager(dhts[0], SHAPES, prefix=prefix, cfg=cfg,
+                          state_fn=lambda: (dict(round=7, theta="abc"), [t.clone() for t in state]))
+    joiner = SwarmAverager(dhts[1], SHAPES, prefix=prefix, cfg=cfg)
+    try:
+        donor.set_priority(7)
+        got = None
+        for _ in range(20):  # the donor's declaration reaches the DHT within a declare period
+            got = joiner.load_state_from_peers(timeout=10)
+            if got is not None:
+                break
+        assert got is not None, "no state downloaded"
+        peer, meta, tensors = got
+        assert peer == donor.peer_id and meta == dict(round=7, theta="abc")
+        assert len(tensors) == 2 and all(torch.equal(a, b) for a, b in zip(tensors, state))
+        assert joiner.load_state_from_peers(timeout=5, exclude=[donor.peer_id]) is None
+    finally:
+        _shutdown([donor, joiner])

@@ -21,7 +21,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -30,10 +29,18 @@ import pytest
 
 from p2p_photon import state
 from p2p_photon.config import load_config
+from p2p_photon.hashing import theta_hash
 from p2p_photon.launch import LocalSwarm
-from p2p_photon.model import build_model, theta_hash
-from tests.conftest import SMALL_DATA
-from tests.helpers import PYTHON, free_port, python_env, random_peer_id, wait_until
+from p2p_photon.model import build_model
+from tests.helpers import (
+    PYTHON,
+    SMALL_DATA,
+    checkpoint_payload,
+    free_port,
+    python_env,
+    random_peer_id,
+    wait_until,
+)
 
 FULL_DISK_BYTES = 256 * 1024  # below θ of the nano test model (~760 KB), above logs and summaries
 GOOD_ROUND = 3
@@ -72,10 +79,11 @@ def cli(*args: str, sets: list[str] = (), preexec: Callable[[], None] | None = N
                           preexec_fn=preexec, stdin=subprocess.DEVNULL, timeout=timeout)
 
 
-def spawn(log: Path, *args: str, sets: list[str] = (), preexec: Callable[[], None] | None = None) -> subprocess.Popen:
+def spawn(log: Path, *args: str, sets: list[str] = (),
+          preexec: Callable[[], None] | None = None) -> subprocess.Popen:
     with open(log, "w") as out:
-        return subprocess.Popen(_cmd(*args, sets=sets), stdout=out, stderr=subprocess.STDOUT, env=python_env(),
-                                preexec_fn=preexec, stdin=subprocess.DEVNULL)
+        return subprocess.Popen(_cmd(*args, sets=sets), stdout=out, stderr=subprocess.STDOUT,
+                                env=python_env(), preexec_fn=preexec, stdin=subprocess.DEVNULL)
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> int:
@@ -130,7 +138,8 @@ def good_ckpt(tmp_path_factory, data_cache) -> Path:
     log = root / "peer.log"
     proc = spawn(log, "peer", sets=lone_peer_sets(data_cache, ckpt))
     try:
-        wait_until(lambda: "joined run" in log.read_text() or proc.poll() is not None, 180)
+        wait_until(lambda: "joined run" in log.read_text() or proc.poll() is not None, 180,
+                   lambda: f"the lone peer to join its run:\n{log.read_text()[-3000:]}")
         proc.send_signal(signal.SIGTERM)
     finally:
         assert finish(proc, 120) == 0, log.read_text()[-3000:]
@@ -163,13 +172,12 @@ def test_initial_peer_without_a_peer_id_is_a_one_line_error(tmp_path):
 def test_unreachable_bootstrap_retries_then_gives_up_with_a_clear_message(tmp_path, data_cache):
     bootstrap = f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/{random_peer_id()}"  # nobody listens there
     ckpt = tmp_path / "ckpt"
-    t0 = time.monotonic()
-    r = cli("peer", "--initial-peers", bootstrap, sets=lone_peer_sets(data_cache, ckpt, "dht.bootstrap_timeout=5"))
+    sets = lone_peer_sets(data_cache, ckpt, "dht.bootstrap_timeout=5")
+    r = cli("peer", "--initial-peers", bootstrap, sets=sets)
     line = one_error(r.stderr, 1, r.returncode)
     assert line == ("error: could not reach any of --initial-peers within 5s: check the address and that the "
                     "bootstrap node is running")
     assert "initial peers not reachable yet, retrying in" in r.stderr  # the retries are visible
-    assert time.monotonic() - t0 < 180
     assert state.list_checkpoints(ckpt) == []  # a peer that never joined writes no checkpoint
 
 
@@ -239,7 +247,8 @@ def _flip_bytes(f: Path) -> None:
 @pytest.mark.swarm
 @pytest.mark.parametrize("damage", [_truncate, _flip_bytes], ids=["truncated", "corrupt"])
 @pytest.mark.timeout(240)
-def test_resume_skips_a_damaged_checkpoint_with_a_warning_and_goes_on(tmp_path, data_cache, good_ckpt, damage):
+def test_resume_skips_a_damaged_checkpoint_with_a_warning_and_goes_on(tmp_path, data_cache, good_ckpt,
+                                                                     damage):
     ckpt, theta = copy_good(good_ckpt, tmp_path)
     newest = Path(shutil.copytree(ckpt / f"ckpt-{GOOD_ROUND:08d}", ckpt / f"ckpt-{GOOD_ROUND + 1:08d}"))
     damage(newest / "theta.safetensors")
@@ -287,17 +296,16 @@ def test_read_only_checkpoint_dir_fails_at_start_before_any_training(tmp_path, d
     before = snapshot(ckpt)
     ckpt.chmod(0o500)
     try:
-        t0 = time.monotonic()
         r = cli("peer", "--resume", sets=lone_peer_sets(data_cache, ckpt), preexec=_obey_permissions)
         line = one_error(r.stderr, 1, r.returncode)
-        assert line == (f"error: checkpoint.dir {ckpt} is not writable (Permission denied): fix its permissions "
-                        "or point checkpoint.dir at a writable directory")
-        assert "preparing data" not in r.stderr and "DHT started" not in r.stderr
-        assert time.monotonic() - t0 < 60
+        assert line == (f"error: checkpoint.dir {ckpt} is not writable (Permission denied): fix its "
+                        "permissions or point checkpoint.dir at a writable directory")
+        assert "preparing data" not in r.stderr and "DHT started" not in r.stderr  # before any work
         # the centralized baseline checks its --save directory the same way, before training
         r = cli("train", "--steps", "1", "--save", str(ckpt / "hf"), sets=[f"data.cache_dir={data_cache}"],
                 preexec=_obey_permissions)
-        assert "--save" in one_error(r.stderr, 1, r.returncode) and "is not writable (Permission denied)" in r.stderr
+        assert "--save" in one_error(r.stderr, 1, r.returncode)
+        assert "is not writable (Permission denied)" in r.stderr
     finally:
         ckpt.chmod(0o755)
     assert snapshot(ckpt) == before and checked_theta(ckpt) == theta
@@ -310,7 +318,8 @@ def test_checkpoint_dir_turning_read_only_mid_run_fails_the_final_save_only(tmp_
     log = tmp_path / "peer.log"
     proc = spawn(log, "peer", "--resume", sets=lone_peer_sets(data_cache, ckpt), preexec=_obey_permissions)
     try:
-        assert wait_until(lambda: "joined run" in log.read_text() or proc.poll() is not None, 180), log.read_text()
+        wait_until(lambda: "joined run" in log.read_text() or proc.poll() is not None, 180,
+                   lambda: f"the peer to join its run:\n{log.read_text()[-3000:]}")
         assert proc.poll() is None, log.read_text()[-3000:]
         ckpt.chmod(0o500)
         proc.send_signal(signal.SIGTERM)
@@ -318,8 +327,8 @@ def test_checkpoint_dir_turning_read_only_mid_run_fails_the_final_save_only(tmp_
         code = finish(proc, 120)
         ckpt.chmod(0o755)
     line = one_error(log.read_text(), 1, code)
-    assert line == (f"error: could not write a checkpoint in {ckpt}: Permission denied; make it writable, or point "
-                    "checkpoint.dir at a writable directory (earlier checkpoints are untouched)")
+    assert line == (f"error: could not write a checkpoint in {ckpt}: Permission denied; make it writable, or "
+                    "point checkpoint.dir at a writable directory (earlier checkpoints are untouched)")
     assert [p.name for p in state.list_checkpoints(ckpt)] == [f"ckpt-{GOOD_ROUND:08d}"]
     assert checked_theta(ckpt) == theta and leftovers(ckpt) == []
 
@@ -329,17 +338,15 @@ def test_checkpoint_dir_turning_read_only_mid_run_fails_the_final_save_only(tmp_
 
 @pytest.mark.timeout(120)
 def test_full_disk_during_a_checkpoint_write_keeps_the_last_good_one(tmp_path):
-    from tests.test_state import _payload
-
-    good = _payload(1)
+    good = checkpoint_payload(1)
     state.save_checkpoint(tmp_path, good)
     names = list(good.theta)
     code = ("import sys\n"
             "from p2p_photon import state\n"
-            "from tests.test_state import _payload\n"
+            "from tests.helpers import checkpoint_payload\n"
             "for r in (2, 1):  # a new round, then the same round again (the replace path)\n"
             "    try:\n"
-            "        state.save_checkpoint(sys.argv[1], _payload(r))\n"
+            "        state.save_checkpoint(sys.argv[1], checkpoint_payload(r))\n"
             "        print('saved', r)\n"
             "    except state.CheckpointError as e:\n"
             "        print(e)\n")
@@ -358,23 +365,21 @@ def test_full_disk_during_a_checkpoint_write_keeps_the_last_good_one(tmp_path):
 def test_write_errors_name_the_fix():
     root = Path("/ckpt")
     full = state._write_error(root, OSError(errno.ENOSPC, "No space left on device"))
-    assert full == ("could not write a checkpoint in /ckpt: No space left on device; free some space, or point "
-                    "checkpoint.dir at a disk with room (earlier checkpoints are untouched)")
+    assert full == ("could not write a checkpoint in /ckpt: No space left on device; free some space, or "
+                    "point checkpoint.dir at a disk with room (earlier checkpoints are untouched)")
     assert "make it writable" in state._write_error(root, OSError(errno.EROFS, "Read-only file system"))
 
 
 @pytest.mark.timeout(60)
 def test_partial_copies_of_a_dead_writer_are_cleaned_up(tmp_path):
-    from tests.test_state import _payload
-
-    state.save_checkpoint(tmp_path, _payload(1))
+    state.save_checkpoint(tmp_path, checkpoint_payload(1))
     dead = subprocess.Popen(["true"])
     dead.wait()
     partial = tmp_path / f".tmp-ckpt-00000002-{dead.pid}"
     partial.mkdir()
     (partial / "theta.safetensors").write_bytes(b"\0" * 1000)
     os.rename(tmp_path / "ckpt-00000001", tmp_path / f".old-ckpt-00000001-{dead.pid}")  # died mid-replace
-    state.save_checkpoint(tmp_path, _payload(3))
+    state.save_checkpoint(tmp_path, checkpoint_payload(3))
     assert [p.name for p in state.list_checkpoints(tmp_path)] == ["ckpt-00000003", "ckpt-00000001"]
     assert leftovers(tmp_path) == []
     assert state.load_checkpoint(tmp_path / "ckpt-00000001").meta["round"] == 1
@@ -382,13 +387,14 @@ def test_partial_copies_of_a_dead_writer_are_cleaned_up(tmp_path):
 
 @pytest.mark.swarm
 @pytest.mark.timeout(240)
-def test_full_disk_at_the_final_checkpoint_exits_1_and_keeps_the_last_good_one(tmp_path, data_cache, good_ckpt):
+def test_full_disk_at_the_final_checkpoint_exits_1_and_keeps_the_last_good_one(tmp_path, data_cache,
+                                                                               good_ckpt):
     ckpt, theta = copy_good(good_ckpt, tmp_path)
     r = cli("peer", "--resume", sets=lone_peer_sets(data_cache, ckpt, f"rounds.num_rounds={GOOD_ROUND}"),
             preexec=_full_disk)
     line = one_error(r.stderr, 1, r.returncode)
-    assert line == (f"error: could not write a checkpoint in {ckpt}: File too large; free some space, or point "
-                    "checkpoint.dir at a disk with room (earlier checkpoints are untouched)")
+    assert line == (f"error: could not write a checkpoint in {ckpt}: File too large; free some space, or "
+                    "point checkpoint.dir at a disk with room (earlier checkpoints are untouched)")
     assert [p.name for p in state.list_checkpoints(ckpt)] == [f"ckpt-{GOOD_ROUND:08d}"]
     assert checked_theta(ckpt) == theta and leftovers(ckpt) == []
 
@@ -414,7 +420,8 @@ def test_full_disk_mid_run_is_a_warning_and_the_peer_keeps_training(tmp_path, sw
     assert "could not write a checkpoint" in line and "File too large; free some space" in line
     assert text.count("(earlier checkpoints are untouched); training goes on") == 2
     for r in (1, 2):
-        assert f"checkpoint of round {r} failed: could not write a checkpoint in {ckpt}: File too large" in text
+        failed = f"checkpoint of round {r} failed: could not write a checkpoint in {ckpt}: File too large"
+        assert failed in text
     done = json.loads(summary.read_text())
     assert done["rounds"] == 2 and done["theta"] == swarm.summary("peer0")["theta"]  # it took part throughout
     assert [p.name for p in state.list_checkpoints(ckpt)] == [f"ckpt-{GOOD_ROUND:08d}"]

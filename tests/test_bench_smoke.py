@@ -17,7 +17,8 @@ from tests.helpers import PYTHON, REPO_ROOT, python_env
 def run_script(name: str, *args: str, timeout: float) -> None:
     proc = subprocess.run([PYTHON, f"scripts/{name}", *args], cwd=REPO_ROOT, env=python_env(),
                           capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{name} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, (f"{name} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n"
+                                  f"{proc.stderr[-3000:]}")
 
 
 @pytest.mark.timeout(120)
@@ -53,3 +54,23 @@ def test_bench_allreduce_quick_writes_throughput(tmp_path):
     assert run["throughput_MBps"] > 0 and run["ratio_to_tcp"] > 0
     assert 0 < run["allreduce_s"] <= run["total_s"] and run["matchmaking_s"] >= 0
     assert {"machine", "command", "config"} <= set(r)
+
+
+@pytest.mark.timeout(60)
+def test_bench_reaper_writes_its_cpu_share(tmp_path):
+    out = tmp_path / "reaper.json"
+    run_script("bench_reaper.py", "--seconds", "1", "--settle", "1", "--children", "2", "--out", str(out),
+               timeout=50)
+    r = json.loads(out.read_text())
+    assert r["cpu_percent"] >= 0 and r["window_s"] >= 1 and r["rss_mb"] > 0 and r["followed"] == 2
+    assert {"machine", "command", "poll_interval_s"} <= set(r)
+
+
+@pytest.mark.timeout(120)
+def test_bench_data_writes_cold_and_cache_hit_times(tmp_path):
+    out = tmp_path / "data.json"
+    run_script("bench_data.py", "--max-corpus-mb", "0.3", "--vocab-size", "512", "--hits", "2",
+               "--out", str(out), timeout=100)
+    r = json.loads(out.read_text())
+    assert r["cold_s"] > 0 and len(r["cache_hits_s"]) == 2 and r["tokens"] > 0
+    assert {"machine", "command", "cache_hit_s"} <= set(r)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SMALL_DATA
+from tests.helpers import SMALL_DATA
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +30,8 @@ def _one_line_error(r, code=1):
 def test_train_lowers_perplexity_and_saves_a_loadable_hf_model(tmp_path, data_cache):
     sets = [*SMALL_DATA, f"data.cache_dir={data_cache}", "model.seq_len=64", "inner.warmup_steps=5",
             "inner.total_steps=60", "logging.progress_bar=false", "logging.eval_batches=4"]
-    args = ["train", "--steps", "60", "--save", str(tmp_path / "hf"), "--metrics-out", str(tmp_path / "m.json")]
+    args = ["train", "--steps", "60", "--save", str(tmp_path / "hf"),
+            "--metrics-out", str(tmp_path / "m.json")]
     for s in sets:
         args += ["--set", s]
     r = cli(*args)
@@ -76,7 +77,8 @@ def test_data_prepare_bad_corpora_are_one_line_errors(tmp_path, setup, needle):
 
 def test_peer_with_malformed_initial_peer_is_a_one_line_error(tmp_path):
     r = cli("peer", "--initial-peers", "/ip4/1.2.3/tcp/x", "--set", "data.max_corpus_mb=0.3",
-            "--set", "data.vocab_size=512", "--set", f"data.cache_dir={tmp_path}", "--set", "logging.progress_bar=false")
+            "--set", "data.vocab_size=512", "--set", f"data.cache_dir={tmp_path}",
+            "--set", "logging.progress_bar=false")
     line = _one_line_error(r, 1)
     assert "not a valid multiaddr" in line
 
@@ -87,5 +89,6 @@ def test_bootstrap_with_malformed_host_maddr_is_a_one_line_error():
 
 
 def test_run_peer_script_without_arguments_prints_usage():
-    r = subprocess.run(["bash", str(ROOT / "peers" / "run_peer.sh")], capture_output=True, text=True, timeout=30)
+    r = subprocess.run(["bash", str(ROOT / "peers" / "run_peer.sh")], capture_output=True, text=True,
+                       timeout=30)
     assert r.returncode == 2 and "BOOTSTRAP_MADDR" in r.stderr

@@ -15,8 +15,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from p2p_photon.dashboard import Dashboard, parse_http_address, serve_dashboard
-from p2p_photon.monitor import Monitor, MonitorError, MonitorOptions
+from p2p_photon.monitor import (
+    Dashboard,
+    Monitor,
+    MonitorError,
+    MonitorOptions,
+    parse_http_address,
+    serve_dashboard,
+)
 from tests.helpers import REPO_ROOT, free_port, wait_until
 
 RUN = "dashboard-test"
@@ -34,7 +40,7 @@ def _get(url: str) -> tuple[str, bytes]:
 
 @pytest.fixture(scope="module")
 def fed_monitor():
-    """Two in-process DHT peers publish a few rounds of signed records; a client-mode Monitor has seen them all."""
+    """Two in-process DHT peers publish a few rounds of signed records; a client-mode Monitor saw them all."""
     from hivemind.utils.crypto import RSAPrivateKey
 
     from p2p_photon.config import DHTConfig
@@ -51,9 +57,10 @@ def fed_monitor():
                 cfg = DHTConfig(run_id=RUN, host_maddrs=LOCAL, initial_peers=initial)
                 dhts.append((start_dht(cfg, record_validators=v, reaper=False), v))
             cfg = DHTConfig(run_id=RUN, initial_peers=tuple(visible_maddrs(dhts[0][0])))
-            monitor = Monitor(MonitorOptions(run_id=RUN, target_samples=96, seq_len=64), dht_cfg=cfg)
+            monitor = Monitor(MonitorOptions(run_id=RUN), dht_cfg=cfg)
             monitor.start(reaper=False)
-            _publish_rounds(monitor, [(dht, ProgressPublisher(dht, RUN, v, expiration=600)) for dht, v in dhts])
+            publishers = [(dht, ProgressPublisher(dht, RUN, v, expiration=600)) for dht, v in dhts]
+            _publish_rounds(monitor, publishers)
             yield monitor
         finally:
             if monitor is not None:
@@ -66,7 +73,7 @@ def _publish_rounds(monitor: Monitor, publishers: list, steps: int = 5) -> None:
     from hivemind.utils import get_dht_time
 
     from p2p_photon.progress import ProgressRecord
-    from tests.test_progress import make_record
+    from tests.helpers import make_record
 
     for step in range(steps):
         for i, (dht, pub) in enumerate(publishers):
@@ -74,12 +81,14 @@ def _publish_rounds(monitor: Monitor, publishers: list, steps: int = 5) -> None:
             rec = ProgressRecord(**make_record(pid, round=step // 2, samples=16 * (step % 2 + 1), steps=step,
                                                total_samples=96 * (step // 2) + 32 * (step % 2 + 1),
                                                loss=5.0 - 0.4 * step - 0.1 * i, tokens_per_s=2000.0 + 300 * i,
-                                               theta_hash=f"{step // 2:064x}", time=get_dht_time()))
+                                               theta_hash=f"{step // 2:064x}", time=get_dht_time(),
+                                               target_samples=96, seq_len=64))
             assert pub.publish(rec)
 
             def seen(pid=pid, t=rec.time) -> bool:
                 monitor.poll_once()
-                return pid in monitor.peers and monitor.peers[pid].record.time == t
+                peers = monitor.swarm.peers
+                return pid in peers and peers[pid].record.time == t
 
             assert wait_until(seen, timeout=20, interval=0.2), monitor.state()
 
@@ -96,10 +105,13 @@ def test_api_metrics_and_plot_routes(fed_monitor):
         state = json.loads(body)
         assert ctype == "application/json" and len(state["peers"]) == 2 and state["invalid_records"] == 0
         assert {r["round"] for r in state["peers"]} == {2} and state["swarm"]["round"] == 2
-        assert state["swarm"]["theta_same"] is True and state["summary"].startswith("round 2 |")
+        swarm = state["swarm"]
+        assert swarm["theta_same"] is True and state["summary"].startswith("round 2 | samples 32/96 |")
+        assert (swarm["target_samples"], swarm["seq_len"]) == (96, 64), "read from the records"
         ctype, body = _get(dash.url + "metrics")
         text = body.decode()
         assert ctype.startswith("text/plain") and "p2p_photon_swarm_alive_peers 2.0" in text
+        assert "p2p_photon_swarm_target_samples 96.0" in text
         for row in state["peers"]:
             assert f'p2p_photon_peer_round{{peer="{row["peer"]}"}} 2.0' in text
             assert f'p2p_photon_peer_loss{{peer="{row["peer"]}"}}' in text
@@ -115,7 +127,7 @@ def test_api_metrics_and_plot_routes(fed_monitor):
 @pytest.mark.swarm
 @pytest.mark.timeout(60)
 def test_host_monitor_borrows_a_running_dht_and_leaves_it_running(fed_monitor, tmp_path):
-    """What `p2p-photon bootstrap --monitor` does from its on_ready hook, on a DHT started like the bootstrap's.
+    """What `p2p-photon bootstrap --monitor` does from its on_ready hook, on a DHT started like the bootstrap.
 
     run_bootstrap starts its DHT without record validators; host_monitor must add the signature
     validator, or hivemind's get of the signed records never returns.
@@ -125,15 +137,19 @@ def test_host_monitor_borrows_a_running_dht_and_leaves_it_running(fed_monitor, t
     from p2p_photon.network import shutdown_dht, start_dht
 
     log = tmp_path / "hosted.jsonl"
-    dht = start_dht(DHTConfig(run_id=RUN, host_maddrs=LOCAL, initial_peers=fed_monitor.dht_cfg.initial_peers), reaper=False)
+    cfg = DHTConfig(run_id=RUN, host_maddrs=LOCAL, initial_peers=fed_monitor.dht_cfg.initial_peers)
+    dht = start_dht(cfg, reaper=False)
     try:
         hosted = host_monitor(dht, run_id=RUN, http="127.0.0.1:0", log=str(log), interval=0.5)
         try:
-            ok = wait_until(lambda: len(json.loads(_get(hosted.dashboard.url + "api/state")[1])["peers"]) == 2, 30)
-            assert ok, hosted.state()
+            api = hosted.dashboard.url + "api/state"
+            ok = wait_until(lambda: len(json.loads(_get(api)[1])["peers"]) == 2, 30)
+            assert ok, hosted.monitor.state()
         finally:
             hosted.stop()
-        assert dht.is_alive() and not hosted._thread.is_alive()
+        assert dht.is_alive() and not hosted.monitor.polling
+        with pytest.raises(urllib.error.URLError):
+            _get(hosted.dashboard.url + "api/state")  # stopped with the monitor
     finally:
         shutdown_dht(dht)
     assert len({json.loads(line)["peer_id"] for line in log.read_text().splitlines()}) == 2
@@ -192,7 +208,6 @@ def test_dashboard_renders_peer_rows_in_headless_chromium(fed_monitor, tmp_path)
         _run_browser([f"--screenshot={shots}", "--window-size=1280,900", dash.url], tmp_path / "profile")
     finally:
         dash.stop()
-        fed_monitor.dashboard = None
     short_ids = [row["peer"] for row in fed_monitor.state()["peers"]]
     assert len(short_ids) == 2
     for short in short_ids:

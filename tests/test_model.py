@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from p2p_photon.model import PRESETS, build_model, count_params, theta_hash
+from p2p_photon.hashing import theta_hash
+from p2p_photon.model import PRESETS, build_model, count_params
 
 
 @pytest.mark.parametrize("name", list(PRESETS))

@@ -1,8 +1,10 @@
-"""Issue 5: the monitor watches a real swarm, counts hostile records, logs JSONL and plots it."""
+"""Issue 5: the monitor watches a real swarm, counts hostile records, logs JSONL and plots it.
+
+The swarm model (p2p_photon.monitor.state) is pure and tested against hand-computed values.
+"""
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
@@ -13,20 +15,21 @@ import urllib.request
 import pytest
 from PIL import Image
 
+from p2p_photon import cli
 from p2p_photon.monitor import (
     MonitorError,
     MonitorOptions,
-    add_monitor_commands,
     peer_table,
     plot_log,
     read_log,
     summary_line,
-    swarm_summary,
 )
+from p2p_photon.monitor.state import Swarm, majority, peer_row, round_eta, run_setting, swarm_summary
 from tests.helpers import PYTHON, REPO_ROOT, free_port, python_env, wait_until
 
-RECORD_FIELDS = {"peer_id", "round", "samples", "steps", "total_samples", "loss", "tokens_per_s", "fingerprint",
-                 "theta_hash", "failed_rounds", "bytes_sent", "bytes_received", "utilization", "time", "state"}
+RECORD_FIELDS = {"peer_id", "round", "samples", "steps", "total_samples", "loss", "tokens_per_s",
+                 "fingerprint", "theta_hash", "failed_rounds", "bytes_sent", "bytes_received", "utilization",
+                 "time", "state", "target_samples", "seq_len"}
 
 
 def _get_json(url: str) -> dict:
@@ -45,20 +48,22 @@ def _run_id(overrides: list[str]) -> str:
 @pytest.mark.timeout(180)
 def test_monitor_reports_two_training_peers_with_rising_rounds(tmp_path, swarm_overrides):
     from p2p_photon.config import DHTConfig
-    from p2p_photon.dashboard import serve_dashboard
     from p2p_photon.launch import LocalSwarm
-    from p2p_photon.monitor import Monitor
+    from p2p_photon.monitor import Monitor, serve_dashboard
 
     run_id, log = _run_id(swarm_overrides), tmp_path / "monitor.jsonl"
     with LocalSwarm(tmp_path / "swarm", overrides=[*swarm_overrides, "rounds.num_rounds=0"]) as swarm:
         maddrs = swarm.start_bootstrap()
         peers = [swarm.start_peer(i) for i in range(2)]
-        opts = MonitorOptions(run_id=run_id, interval=1.0, target_samples=96, seq_len=64, log_path=str(log))
+        opts = MonitorOptions(run_id=run_id, interval=1.0, log_path=str(log))
         with Monitor(opts, dht_cfg=DHTConfig(run_id=run_id, initial_peers=tuple(maddrs))) as monitor:
             monitor.start(reaper=False)
-            url = serve_dashboard(monitor, f"127.0.0.1:{free_port()}").url
-            monitor.start_background()
-            first, last = _watch_rounds(url, swarm, peers)
+            dashboard = serve_dashboard(monitor, f"127.0.0.1:{free_port()}")
+            try:
+                monitor.start_background()
+                first, last = _watch_rounds(dashboard.url, swarm, peers)
+            finally:
+                dashboard.stop()
     assert set(first) == set(last) and len(last) == 2, (first, last)
     assert all(last[p] >= 2 and last[p] > first[p] for p in last), (first, last)
     _check_log(log, set(last))
@@ -80,7 +85,8 @@ def _watch_rounds(url: str, swarm, peers) -> tuple[dict[str, int], dict[str, int
         return len(alive) == 2 and all(r["round"] >= min_round for r in alive)
 
     assert wait_until(lambda: seen(0), timeout=90, interval=1.0), [swarm.tail(p) for p in peers]
-    assert wait_until(lambda: seen(2), timeout=100, interval=1.0), (first, last, [swarm.tail(p) for p in peers])
+    ok = wait_until(lambda: seen(2), timeout=100, interval=1.0)
+    assert ok, (first, last, [swarm.tail(p) for p in peers])
     return first, last
 
 
@@ -95,7 +101,7 @@ def _check_log(log, peer_ids: set[str]) -> None:
         assert max(rounds) >= 2 and rounds == sorted(rounds), rounds
 
 
-# ----------------------------------------------------------------------------- hostile records (in-process DHTs)
+# ------------------------------------------------------------------------ hostile records (in-process DHTs)
 
 HOSTILE_RUN = "monitor-hostile"
 
@@ -113,13 +119,14 @@ def hostile_dht():
     from p2p_photon.config import DHTConfig
     from p2p_photon.network import shutdown_dht, start_dht, visible_maddrs
     from p2p_photon.progress import ProgressPublisher, ProgressRecord, progress_key, progress_validators
-    from tests.helpers import no_leaked_p2pd
-    from tests.test_progress import make_record
+    from tests.helpers import make_record, no_leaked_p2pd
 
     local = ("/ip4/127.0.0.1/tcp/0",)
-    honest_v, rogue_v = progress_validators(HOSTILE_RUN, RSAPrivateKey()), [RSASignatureValidator(RSAPrivateKey())]
+    honest_v = progress_validators(HOSTILE_RUN, RSAPrivateKey())
+    rogue_v = [RSASignatureValidator(RSAPrivateKey())]
     with no_leaked_p2pd(timeout=15):
-        honest = start_dht(DHTConfig(run_id=HOSTILE_RUN, host_maddrs=local), record_validators=honest_v, reaper=False)
+        honest = start_dht(DHTConfig(run_id=HOSTILE_RUN, host_maddrs=local), record_validators=honest_v,
+                           reaper=False)
         rogue = None
         try:
             maddrs = tuple(visible_maddrs(honest))
@@ -152,7 +159,7 @@ def test_hostile_records_are_skipped_counted_and_do_not_stop_the_monitor(hostile
         assert [r["peer_id"] for r in state["peers"]] == [honest_id] and state["poll_errors"] == 0
         polls = state["polls"]
         assert wait_until(lambda: monitor.state()["polls"] >= polls + 3, 15), "the monitor stopped polling"
-        assert monitor._thread.is_alive() and monitor.state()["swarm"]["invalid_records"] >= 1
+        assert monitor.polling and monitor.state()["swarm"]["invalid_records"] >= 1
     logged = [json.loads(line)["peer_id"] for line in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert logged == [honest_id], "one observation of the honest peer, none of the rogue"
 
@@ -160,79 +167,147 @@ def test_hostile_records_are_skipped_counted_and_do_not_stop_the_monitor(hostile
 @pytest.mark.swarm
 @pytest.mark.timeout(120)
 def test_monitor_command_runs_for_its_duration_with_log_and_dashboard(hostile_dht, tmp_path, capsys):
-    """The `monitor` handler end to end (in process, through add_monitor_commands), then SIGINT-free exit."""
-    from p2p_photon import cli
-
+    """`cmd_monitor` end to end (in process, through cli's parser), then SIGINT-free exit."""
     maddrs, honest_id = hostile_dht
     (tmp_path / "boot.json").write_text(json.dumps({"maddrs": list(maddrs)}))
-    parser = argparse.ArgumentParser(prog="p2p-photon")
-    add_monitor_commands(parser.add_subparsers(dest="command", required=True), cli._add_config_args)
-    args = parser.parse_args(["monitor", "--initial-peers-file", str(tmp_path / "boot.json"), "--run-id", HOSTILE_RUN,
-                              "--log", str(tmp_path / "cli.jsonl"), "--http", f"127.0.0.1:{free_port()}",
-                              "--interval", "0.5", "--duration", "4", "--no-live"])
-    started = time.monotonic()
-    assert args.func(args) == 0
-    assert time.monotonic() - started < 60
+    args = cli.build_parser().parse_args([
+        "monitor", "--initial-peers-file", str(tmp_path / "boot.json"), "--run-id", HOSTILE_RUN,
+        "--log", str(tmp_path / "cli.jsonl"), "--http", f"127.0.0.1:{free_port()}",
+        "--interval", "0.5", "--duration", "4", "--no-live"])
+    assert args.func is cli.cmd_monitor and args.func(args) == 0
     out = capsys.readouterr().out
     assert "dashboard: http://127.0.0.1:" in out
     assert "peers 1/1" in out and "invalid 1" in out, out
-    assert [json.loads(line)["peer_id"] for line in (tmp_path / "cli.jsonl").read_text().splitlines()] == [honest_id]
+    assert "samples 64/?" in out, "make_record's peer says no target: it must show as unknown"
+    logged = (tmp_path / "cli.jsonl").read_text().splitlines()
+    assert [json.loads(line)["peer_id"] for line in logged] == [honest_id]
 
 
-# ----------------------------------------------------------------------------- swarm line (pure)
+# ----------------------------------------------------------------------------- swarm model (pure)
 
 
 def _row(pid: str, **kw) -> dict:
     row = dict(peer_id=pid, peer=pid[-8:], alive=True, round=3, samples=40, tokens_per_s=640.0,
-               fingerprint="fp", theta_hash="h1")
+               fingerprint="fp", theta_hash="h1", target_samples=96, seq_len=64)
     row.update(kw)
     return row
+
+
+def _record(pid: str, **kw):
+    from p2p_photon.progress import ProgressRecord
+    from tests.helpers import make_record
+
+    return ProgressRecord(**make_record(pid, **kw))
 
 
 @pytest.mark.timeout(10)
 def test_swarm_line_uses_the_majority_fingerprint_and_the_global_round():
     rows = [_row("a"), _row("b", samples=24), _row("c", round=2, theta_hash="h0"),
             _row("x", fingerprint="other", round=9), _row("g", alive=False, round=7)]
-    s = swarm_summary(rows, target_samples=96, seq_len=64)
+    s = swarm_summary(rows)
     assert (s["round"], s["samples"], s["alive_peers"], s["known_peers"]) == (3, 64, 4, 5)
+    assert (s["target_samples"], s["seq_len"]) == (96, 64)
     assert s["other_fingerprint_peers"] == 1 and s["theta_same"] is True
-    assert s["eta_s"] == pytest.approx((96 - 64) / (2 * 640 / 64))
+    assert s["eta_s"] == pytest.approx((96 - 64) / (2 * 640 / 64))  # 32 samples at 20 samples/s: 1.6 s
     assert s["tokens_per_s"] == pytest.approx(4 * 640.0)
-    s = swarm_summary([*rows, _row("d", theta_hash="h2")], target_samples=96, seq_len=64)
+    s = swarm_summary([*rows, _row("d", theta_hash="h2")])
     assert s["theta_same"] is False and s["theta_hashes"] == ["h1", "h2"]
-    s = swarm_summary([], target_samples=96, seq_len=64)
-    assert (s["round"], s["eta_s"], s["theta_same"], s["alive_peers"]) == (None, None, None, 0)
+    s = swarm_summary([])
+    empty = (s["round"], s["eta_s"], s["theta_same"], s["alive_peers"], s["target_samples"])
+    assert empty == (None, None, None, 0, None)
+
+
+@pytest.mark.timeout(10)
+def test_round_target_and_seq_len_are_read_from_the_records_ignoring_zero():
+    # 0 means "did not say": two peers say 96, one 128, one nothing -> 96
+    rows = [_row("a"), _row("b"), _row("c", target_samples=128), _row("d", target_samples=0, seq_len=0)]
+    assert (swarm_summary(rows)["target_samples"], swarm_summary(rows)["seq_len"]) == (96, 64)
+    assert run_setting([0, 128, 96]) == 96, "a tie goes to the smallest value, the same on every monitor"
+    assert run_setting([True, -5, "96", 64.0, 0, 32]) == 32, "only positive ints count"
+    assert run_setting([0, 0]) is None and majority([]) is None
+    # peers of another fingerprint (a minority) cannot set the majority's target
+    assert swarm_summary([_row("a", target_samples=0), _row("b", target_samples=0),
+                          _row("x", fingerprint="zz", target_samples=999)])["target_samples"] is None
+
+
+@pytest.mark.timeout(10)
+def test_unknown_target_or_seq_len_shows_as_unknown_not_as_a_default():
+    rows = [_row("a", target_samples=0), _row("b", samples=24, target_samples=0)]
+    s = swarm_summary(rows)
+    assert (s["target_samples"], s["eta_s"], s["samples"]) == (None, None, 64)
+    line = summary_line(dict(swarm=dict(s, invalid_records=0)))
+    assert line == "round 3 | samples 64/? | eta - | peers 2/2 | tok/s 1,280 | θ same | invalid 0"
+    assert swarm_summary([_row("a", seq_len=0)])["eta_s"] is None, "no seq_len: samples/s is unknown"
+
+
+@pytest.mark.timeout(10)
+def test_round_eta_by_hand():
+    current = [dict(tokens_per_s=640.0, samples=40), dict(tokens_per_s=1280.0, samples=8)]
+    assert round_eta(current, 96, 64) == pytest.approx((96 - 48) / (1920 / 64))  # 48 left at 30/s: 1.6 s
+    assert round_eta(current, 32, 64) == 0.0, "past the target: the round ends now"
+    assert round_eta([dict(tokens_per_s=0.0, samples=8)], 96, 64) is None, "nobody is training"
+    assert round_eta([], 96, 64) is None and round_eta(current, None, 64) is None
+
+
+@pytest.mark.timeout(60)
+def test_swarm_keeps_each_peers_newest_record_and_dates_it_by_the_earlier_clock():
+    swarm = Swarm()
+    old, future = _record("p1", time=100.0), _record("p2", time=205.0)
+    assert swarm.observe([old, future], now=200.0) == [old, future]
+    assert swarm.peers["p2"].seen_at == 200.0, "a record stamped in the future counts from when it was seen"
+    assert swarm.observe([old, future], now=201.0) == [], "the same (peer, time) twice is one observation"
+    newer = _record("p1", time=150.0, round=4)
+    assert swarm.observe([newer, old], now=210.0) == [newer]
+    p1, p2 = swarm.peers["p1"], swarm.peers["p2"]
+    assert (p1.record.round, p1.observations, p2.observations) == (4, 2, 1)
+    rows = swarm.rows(now=185.0, gone_after=30.0)  # p1 last seen 35 s ago, p2 0 s
+    assert [(r["peer_id"], r["alive"], r["state"], r["last_seen_s"]) for r in rows] == [
+        ("p2", True, "training", 0.0), ("p1", False, "gone", 35.0)]
+    swarm.observe([_record("p2", time=206.0, state="done")], now=206.0)
+    row = peer_row(swarm.peers["p2"], now=206.0, gone_after=30.0)
+    assert (row["alive"], row["gone"], row["state"]) == (False, False, "done")
 
 
 @pytest.mark.timeout(10)
 def test_terminal_table_and_summary_line_render_every_peer():
     from rich.console import Console
 
-    rows = [dict(_row("12D3KooWaaaaBBBB1111", loss=3.2, steps=5, last_seen_s=1.0, failed_rounds=0, bytes_sent=2_500_000,
-                      state="training")),
-            dict(_row("12D3KooWccccDDDD2222", alive=False, loss=0.0, steps=0, last_seen_s=45.0, failed_rounds=1,
-                      bytes_sent=0, state="gone"))]
-    swarm = swarm_summary(rows, target_samples=96, seq_len=64)
-    state = dict(run_id="r", peers=rows, swarm=dict(swarm, invalid_records=2))
+    rows = [_row("12D3KooWaaaaBBBB1111", loss=3.2, steps=5, last_seen_s=1.0, failed_rounds=0,
+                 bytes_sent=2_500_000, state="training"),
+            _row("12D3KooWccccDDDD2222", alive=False, loss=0.0, steps=0, last_seen_s=45.0, failed_rounds=1,
+                 bytes_sent=0, state="gone")]
+    state = dict(run_id="r", peers=rows, swarm=dict(swarm_summary(rows), invalid_records=2))
     console = Console(width=140, record=True, file=io.StringIO())
     console.print(peer_table(state))
     text = console.export_text()
     assert "aBBBB1111"[-8:] in text and "DDDD2222" in text and "2.5MB" in text and "45s ago" in text
-    assert summary_line(state) == "round 3 | samples 40/96 | eta 6s | peers 1/2 | tok/s 640 | θ same | invalid 2"
+    expected = "round 3 | samples 40/96 | eta 6s | peers 1/2 | tok/s 640 | θ same | invalid 2"
+    assert summary_line(state) == expected
 
 
 @pytest.mark.timeout(10)
 def test_bad_options_are_one_line_errors():
-    for kw in (dict(run_id=""), dict(run_id="r", interval=0), dict(run_id="r", gone_after=math.nan),
-               dict(run_id="r", seq_len=0)):
+    for kw in (dict(run_id=""), dict(run_id="r", interval=0), dict(run_id="r", gone_after=math.nan)):
         with pytest.raises(MonitorError):
             MonitorOptions(**kw)
+
+
+@pytest.mark.timeout(10)
+def test_the_monitor_takes_no_run_constants_on_its_command_line(capsys):
+    """The round target and seq_len come from the records: the old flags are refused, not ignored."""
+    parser = cli.build_parser()
+    base = ["monitor", "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/x", "--run-id", "r"]
+    for flag in ("--target-samples", "--seq-len"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([*base, f"{flag}=96"])
+        assert f"unrecognized arguments: {flag}=96" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- plots
 
 
-def write_log(path, peers: int = 3, rounds: int = 4, per_round: int = 5, t0: float = 1.7e9) -> int:
+def write_log(path, peers: int = 3, rounds: int = 4, per_round: int = 5, t0: float = 1.7e9,
+              seq_len: object = 64) -> int:
     """A synthetic monitor log: loss falls, rounds advance, one peer leaves halfway."""
     lines = []
     for step in range(rounds * per_round):
@@ -241,11 +316,12 @@ def write_log(path, peers: int = 3, rounds: int = 4, per_round: int = 5, t0: flo
                 continue
             now = t0 + 2.0 * step
             rnd = step // per_round
-            lines.append(dict(peer_id=f"12D3KooWpeer{p:04d}xyz", round=rnd, samples=8 * (step % per_round), steps=step,
-                              total_samples=8 * peers * step, loss=6.0 - 0.2 * step + 0.1 * p,
-                              tokens_per_s=1000.0 + 100 * p, fingerprint="fp", theta_hash=f"h{rnd}", failed_rounds=0,
-                              bytes_sent=1000 * rnd, bytes_received=1000 * rnd, utilization=0.9, time=now - 0.5,
-                              state="training", observed_at=now, seq_len=64))
+            lines.append(dict(peer_id=f"12D3KooWpeer{p:04d}xyz", round=rnd, samples=8 * (step % per_round),
+                              steps=step, total_samples=8 * peers * step, loss=6.0 - 0.2 * step + 0.1 * p,
+                              tokens_per_s=1000.0 + 100 * p, fingerprint="fp", theta_hash=f"h{rnd}",
+                              failed_rounds=0, bytes_sent=1000 * rnd, bytes_received=1000 * rnd,
+                              utilization=0.9, time=now - 0.5, state="training", observed_at=now,
+                              target_samples=96, seq_len=seq_len))
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return len(lines)
 
@@ -262,10 +338,21 @@ def test_plot_turns_a_log_into_a_png_of_the_expected_size(tmp_path):
     log = tmp_path / "swarm.jsonl"
     n = write_log(log)
     with log.open("a") as f:
-        f.write('{"peer_id": "broken"\n[1, 2]\n{"peer_id": "p", "loss": NaN, "observed_at": 1, "tokens_per_s": 1}\n')
+        f.write('{"peer_id": "broken"\n[1, 2]\n'
+                '{"peer_id": "p", "loss": NaN, "observed_at": 1, "tokens_per_s": 1}\n')
     out, count, bad = plot_log(log, tmp_path / "out" / "swarm.png")
     assert (count, bad) == (n, 3)
     _assert_png(out)
+
+
+@pytest.mark.timeout(60)
+def test_plot_without_a_known_seq_len_draws_loss_against_samples(tmp_path):
+    """Records that do not say their seq_len (0), or junk there, still plot, with no invented default."""
+    for i, seq_len in enumerate((0, "64", None)):
+        write_log(tmp_path / f"{i}.jsonl", seq_len=seq_len)
+        out, count, bad = plot_log(tmp_path / f"{i}.jsonl", tmp_path / f"{i}.png")
+        assert bad == 0
+        _assert_png(out)
 
 
 @pytest.mark.timeout(60)
@@ -281,11 +368,8 @@ def test_plot_errors_are_one_line(tmp_path):
 
 @pytest.mark.timeout(60)
 def test_plot_subcommand_parses_and_runs(tmp_path, capsys):
-    """`monitor plot` through add_monitor_commands on a parser like cli.py's (in process)."""
-    from p2p_photon import cli
-
-    parser = argparse.ArgumentParser(prog="p2p-photon")
-    add_monitor_commands(parser.add_subparsers(dest="command", required=True), cli._add_config_args)
+    """`monitor plot` through cli's parser (in process)."""
+    parser = cli.build_parser()
     write_log(tmp_path / "a.jsonl")
     args = parser.parse_args(["monitor", "plot", str(tmp_path / "a.jsonl"), "-o", str(tmp_path / "a.png")])
     assert args.func(args) == 0
@@ -299,11 +383,13 @@ def test_plot_subcommand_parses_and_runs(tmp_path, capsys):
 @pytest.mark.timeout(120)
 def test_cli_monitor_plot_writes_a_png_and_reports_errors_in_one_line(tmp_path):
     write_log(tmp_path / "a.jsonl")
-    cmd = [PYTHON, "-m", "p2p_photon.cli", "monitor", "plot", str(tmp_path / "a.jsonl"), "-o", str(tmp_path / "a.png")]
+    cmd = [PYTHON, "-m", "p2p_photon.cli", "monitor", "plot", str(tmp_path / "a.jsonl"),
+           "-o", str(tmp_path / "a.png")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=100, cwd=REPO_ROOT, env=python_env())
     assert done.returncode == 0, done.stderr
     _assert_png(tmp_path / "a.png")
     cmd[5] = str(tmp_path / "missing.jsonl")
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=100, cwd=REPO_ROOT, env=python_env())
     assert done.returncode == 1 and "Traceback" not in done.stderr
-    assert done.stderr.strip().startswith("error:") and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    err = done.stderr.strip()
+    assert err.startswith("error:") and len(err.splitlines()) == 1, done.stderr

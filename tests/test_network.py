@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import stat
@@ -26,7 +27,7 @@ from p2p_photon.network import (
     validate_maddrs,
     visible_maddrs,
 )
-from p2p_photon.watchdog import start_orphan_reaper
+from p2p_photon.watchdog import LOG_ENV, owner_tag, start_orphan_reaper
 from tests.helpers import (
     PYTHON,
     alive,
@@ -132,7 +133,7 @@ def test_unreachable_initial_peer_fails_within_bootstrap_timeout(caplog):
         "the bootstrap node is running"
     )
     assert "initial peers not reachable yet, retrying in" in caplog.text
-    assert 5.0 <= elapsed < 5.0 + 20.0  # the last attempt may start just before the deadline
+    assert elapsed >= 5.0  # it kept retrying until bootstrap_timeout (the test's timeout bounds the rest)
     assert not p2pd_descendants(os.getpid())
 
 
@@ -213,19 +214,38 @@ def test_bootstrap_keeps_peer_id_across_restarts(tmp_path):
     assert not [p for p in os.listdir(tmp_path / "out") if p.endswith(".tmp")]
 
 
+class _StopAtHeartbeat(logging.Handler):
+    """Sets `stop` at the bootstrap's first heartbeat line (so the test waits for it, not for a guess)."""
+
+    def __init__(self, stop: threading.Event):
+        super().__init__()
+        self.stop = stop
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("bootstrap alive"):
+            self.stop.set()
+
+
 @pytest.mark.swarm
 @pytest.mark.timeout(120)
 def test_bootstrap_in_process_stop_event_on_ready_and_heartbeat(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(bootstrap, "HEARTBEAT_SECONDS", 0.5)
     stop, seen = threading.Event(), {}
+    give_up = threading.Timer(60, stop.set)  # only if no heartbeat ever comes: the asserts below then fail
 
     def on_ready(dht):
         seen["maddrs"] = visible_maddrs(dht)
-        threading.Timer(2.5, stop.set).start()
+        give_up.start()
 
     cfg = DHTConfig(host_maddrs=LOCAL, identity_path=str(tmp_path / "id.key"))
-    with caplog.at_level(logging.INFO, logger="p2p_photon.bootstrap"):
-        assert run_bootstrap(cfg, maddrs_file=None, stop_event=stop, on_ready=on_ready) == 0
+    handler = _StopAtHeartbeat(stop)
+    logging.getLogger("p2p_photon.bootstrap").addHandler(handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="p2p_photon.bootstrap"):
+            assert run_bootstrap(cfg, maddrs_file=None, stop_event=stop, on_ready=on_ready) == 0
+    finally:
+        logging.getLogger("p2p_photon.bootstrap").removeHandler(handler)
+        give_up.cancel()
     assert seen["maddrs"][0].startswith("/ip4/127.0.0.1/")
     assert "bootstrap alive | peers 0 | up 0h00m0" in caplog.text
 
@@ -249,13 +269,16 @@ VICTIM = (
 )
 
 
-def _start_victim(reaper: bool) -> tuple[subprocess.Popen, dict]:
+def _start_victim(reaper: bool, reaper_log: str | None = None) -> tuple[subprocess.Popen, dict]:
+    env = python_env()
+    if reaper_log:
+        env[LOG_ENV] = reaper_log
     proc = subprocess.Popen(
         [PYTHON, "-c", VICTIM.format(reaper=reaper)],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
-        env=python_env(),
+        env=env,
     )
     line = proc.stdout.readline()
     assert line, "victim did not start"
@@ -272,14 +295,27 @@ def _children_of_victim(info: dict) -> tuple[list[psutil.Process], list[psutil.P
     return workers, reapers
 
 
+def _followed(reaper_log: str) -> set[int]:
+    """The pids the reaper has taken into its snapshot so far (from its --log-file lines)."""
+    try:
+        text = open(reaper_log).read()
+    except FileNotFoundError:
+        return set()
+    snapshots = re.findall(r"descendants \[([\d, ]*)\]", text)
+    return {int(pid) for pids in snapshots for pid in pids.split(", ") if pid}
+
+
 @pytest.mark.swarm
 @pytest.mark.timeout(150)
-def test_sigkill_leaves_no_orphans_thanks_to_the_reaper():
-    proc, info = _start_victim(reaper=True)
+def test_sigkill_leaves_no_orphans_thanks_to_the_reaper(tmp_path):
+    reaper_log = str(tmp_path / "reaper.log")
+    proc, info = _start_victim(reaper=True, reaper_log=reaper_log)
     try:
         workers, reapers = _children_of_victim(info)
         assert len(reapers) == 1
-        time.sleep(1.0)  # the guarantee covers processes older than one poll interval
+        # the guarantee covers the processes in the reaper's snapshot: kill once they are all in it
+        wait_until(lambda: {p.pid for p in workers} <= _followed(reaper_log), 30,
+                   lambda: f"the reaper to follow {[p.pid for p in workers]}: {_followed(reaper_log)}")
         proc.kill()  # SIGKILL; the victim stays a zombie until we wait() for it below
         assert wait_until(lambda: not alive(workers), 10), f"survivors: {alive(workers)}"
         assert wait_until(lambda: not is_alive(reapers[0]), 10), "the reaper did not exit"
@@ -298,9 +334,10 @@ def test_sigkill_without_reaper_leaves_orphans_control():
         workers, reapers = _children_of_victim(info)
         assert not reapers
         proc.kill()
-        proc.wait()
-        time.sleep(3.0)
-        assert any(p.pid == info["dht_pid"] for p in alive(workers)), "stock hivemind orphans the DHT child"
+        proc.wait()  # the kernel re-parents the victim's children as it dies: they are orphans now
+        dht_child = next(p for p in workers if p.pid == info["dht_pid"])
+        assert dht_child.ppid() != info["pid"]
+        assert is_alive(dht_child), "stock hivemind orphans the DHT child"
         assert any(p.name() == "p2pd" for p in alive(workers)), "... and its p2pd"
     finally:
         proc.kill()
@@ -310,9 +347,11 @@ def test_sigkill_without_reaper_leaves_orphans_control():
 
 @pytest.mark.timeout(30)
 def test_reaper_is_started_once_per_process():
+    """One reaper per process, following this process under its owner tag. (Its CPU use while it waits
+    is a figure, not a test: scripts/bench_reaper.py prints it.)"""
     pid = start_orphan_reaper()
     assert start_orphan_reaper() == pid
     reaper = psutil.Process(pid)
-    assert reaper.ppid() == os.getpid() and "--parent" in reaper.cmdline()
-    time.sleep(1.0)  # past its start-up
-    assert reaper.cpu_percent(interval=2.0) < 5.0  # mostly asleep
+    assert reaper.ppid() == os.getpid() and is_alive(reaper)
+    cmd = reaper.cmdline()
+    assert cmd[cmd.index("--parent") + 1] == str(os.getpid()) and cmd[cmd.index("--tag") + 1] == owner_tag()

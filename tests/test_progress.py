@@ -24,7 +24,7 @@ from p2p_photon.progress import (
     progress_key,
     progress_validators,
 )
-from tests.helpers import no_leaked_p2pd, wait_until
+from tests.helpers import make_record, no_leaked_p2pd, wait_until
 
 RUN = "prog-test"
 LOCAL = ("/ip4/127.0.0.1/tcp/0",)
@@ -34,28 +34,6 @@ LOCAL = ("/ip4/127.0.0.1/tcp/0",)
 def _no_leaked_p2pd():
     with no_leaked_p2pd():
         yield
-
-
-def make_record(peer_id: str = "12D3KooWpeer", **changes) -> dict:
-    record = dict(
-        peer_id=peer_id,
-        round=3,
-        samples=64,
-        steps=8,
-        total_samples=512,
-        loss=3.25,
-        tokens_per_s=1.5e4,
-        fingerprint="ab12" * 4,
-        theta_hash="9f3a" * 16,
-        failed_rounds=0,
-        bytes_sent=1 << 20,
-        bytes_received=1 << 20,
-        utilization=0.75,
-        time=get_dht_time(),
-        state="training",
-    )
-    record.update(changes)
-    return record
 
 
 # ----------------------------------------------------------------------------- schema and validator (no DHT)

@@ -1,32 +1,26 @@
-import json
+"""state.py: checkpoints round-trip everything, survive corruption and a writer killed mid-write."""
+
+from __future__ import annotations
+
 import os
 import subprocess
-import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
 from p2p_photon import state
-from p2p_photon.config import Config, InnerConfig
+from p2p_photon.config import InnerConfig
+from p2p_photon.hashing import theta_hash
 from p2p_photon.inner import InnerTrainer
-from p2p_photon.model import build_model, theta_hash
-
-
-def _payload(round_no: int, opt: str = "adamw8bit", seed: int = 0) -> state.CheckpointPayload:
-    model = build_model("nano", 256, 32, seed=seed)
-    trainer = InnerTrainer(model, InnerConfig(optimizer=opt, warmup_steps=0), torch.device("cpu"))
-    trainer.step(lambda: torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(round_no)), 0)
-    theta = {n: p.detach().clone() for n, p in model.named_parameters()}
-    return state.CheckpointPayload(theta=theta, outer=[torch.randn(3, 3)], inner=trainer.optimizer.state_dict(),
-                                   meta=dict(round=round_no, global_step=10 * round_no, fingerprint="fp",
-                                             theta=theta_hash(list(theta.values())), data_cursor=dict(epoch=1, position=7)),
-                                   rng=state.capture_rng(), config=Config())
+from p2p_photon.model import build_model
+from tests.helpers import PYTHON, checkpoint_payload, python_env, wait_until
 
 
 @pytest.mark.parametrize("opt", ["adamw8bit", "adamw"])
 def test_round_trip_restores_everything(tmp_path, opt):
-    p = _payload(3, opt)
+    p = checkpoint_payload(3, opt)
     path = state.save_checkpoint(tmp_path, p, keep=2)
     back = state.load_latest(tmp_path, "fp")
     assert back.path == path
@@ -53,7 +47,7 @@ def test_rng_restore_reproduces_the_stream():
 
 def test_keeps_last_two_and_falls_back_from_a_corrupt_one(tmp_path, caplog):
     for r in (1, 2, 3):
-        state.save_checkpoint(tmp_path, _payload(r), keep=2)
+        state.save_checkpoint(tmp_path, checkpoint_payload(r), keep=2)
     assert [p.name for p in state.list_checkpoints(tmp_path)] == ["ckpt-00000003", "ckpt-00000002"]
     newest = tmp_path / "ckpt-00000003" / "theta.safetensors"
     newest.write_bytes(newest.read_bytes()[:100])  # truncated
@@ -63,7 +57,7 @@ def test_keeps_last_two_and_falls_back_from_a_corrupt_one(tmp_path, caplog):
 
 
 def test_all_corrupt_is_a_clear_error_naming_the_file(tmp_path):
-    state.save_checkpoint(tmp_path, _payload(1), keep=2)
+    state.save_checkpoint(tmp_path, checkpoint_payload(1), keep=2)
     f = tmp_path / "ckpt-00000001" / "meta.json"
     f.write_text("{}")
     with pytest.raises(state.CheckpointError, match="ckpt-00000001"):
@@ -71,34 +65,66 @@ def test_all_corrupt_is_a_clear_error_naming_the_file(tmp_path):
 
 
 def test_fingerprint_mismatch_is_refused(tmp_path):
-    state.save_checkpoint(tmp_path, _payload(1), keep=2)
+    state.save_checkpoint(tmp_path, checkpoint_payload(1), keep=2)
     with pytest.raises(state.CheckpointError, match="fingerprint"):
         state.load_latest(tmp_path, "other")
 
 
-def test_kill_during_write_leaves_previous_checkpoint_loadable(tmp_path):
-    state.save_checkpoint(tmp_path, _payload(1), keep=2)
-    # a child writes checkpoints in a loop; SIGKILL it mid-write, several times
-    code = textwrap.dedent(f"""
-        import sys, torch
-        sys.path.insert(0, {os.getcwd()!r})
-        from tests.test_state import _payload
-        from p2p_photon import state
-        p = _payload(2)
-        print("ready", flush=True)
-        for i in range(1000):
-            p.meta["round"] = 2 + i
-            state.save_checkpoint({str(tmp_path)!r}, p, keep=2)
-    """)
-    for delay in (0.3, 0.55, 0.8):
-        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-        assert proc.stdout.readline().strip() == "ready"
-        import time
-        time.sleep(delay)
+WRITER = textwrap.dedent("""
+    import os, sys, threading
+    from pathlib import Path
+    from p2p_photon import state
+    from tests.helpers import checkpoint_payload
+
+    root, stage, marker = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+
+    def pause(at, tmp):
+        if at == stage:
+            Path(f"{marker}.part").write_text(str(tmp))
+            os.replace(f"{marker}.part", marker)
+            threading.Event().wait()  # paused inside save_checkpoint until the test kills us
+
+    state.write_hook = pause
+    state.save_checkpoint(root, checkpoint_payload(2), keep=2)
+""")
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+@pytest.mark.parametrize("stage", ["theta", "complete"])
+@pytest.mark.timeout(120)
+def test_kill_during_write_leaves_previous_checkpoint_loadable(tmp_path, stage):
+    """SIGKILL a writer paused inside save_checkpoint (right after θ's tensor file is written, or with
+    every file written, just before the rename): its partial copy is on disk, proving the write was under
+    way, yet only the previous checkpoint is visible and it loads byte for byte intact."""
+    root, marker, log = tmp_path / "ckpt", tmp_path / "paused", tmp_path / "writer.log"
+    first = checkpoint_payload(1)
+    state.save_checkpoint(root, first, keep=2)
+    before = _files(root / "ckpt-00000001")
+    with open(log, "w") as out:
+        proc = subprocess.Popen([PYTHON, "-c", WRITER, str(root), stage, str(marker)], env=python_env(),
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        paused = lambda: marker.exists() or proc.poll() is not None  # noqa: E731
+        wait_until(paused, 90, f"the writer to pause at {stage!r}")
+        assert proc.poll() is None, log.read_text()[-3000:]
+        partial = Path(marker.read_text())
+        assert partial.parent == root and partial.name.startswith(".tmp-ckpt-00000002-")
+        assert (partial / "theta.safetensors").is_file()
+        assert (partial / state.MANIFEST).is_file() == (stage == "complete")
+    finally:
         proc.kill()
         proc.wait()
-        back = state.load_latest(tmp_path)  # never raises: the newest complete checkpoint loads
-        assert back is not None and json.loads((back.path / "MANIFEST.json").read_text())
+    assert partial.is_dir()  # the kill interrupted the write and left its partial copy
+    assert [p.name for p in state.list_checkpoints(root)] == ["ckpt-00000001"]  # the partial one is hidden
+    back = state.load_latest(root, "fp")
+    assert back.meta["round"] == 1 and theta_hash([back.theta[n] for n in first.theta]) == first.meta["theta"]
+    assert _files(root / "ckpt-00000001") == before
+    state.save_checkpoint(root, checkpoint_payload(3), keep=2)  # removes the dead writer's partial copy
+    assert not partial.exists()
+    assert [p.name for p in state.list_checkpoints(root)] == ["ckpt-00000003", "ckpt-00000001"]
 
 
 def test_read_only_directory_is_a_clear_error(tmp_path):
@@ -110,4 +136,4 @@ def test_read_only_directory_is_a_clear_error(tmp_path):
         ro.chmod(0o500)
         target = str(ro / "ck")
     with pytest.raises(state.CheckpointError, match="could not write a checkpoint"):
-        state.save_checkpoint(target, _payload(1))
+        state.save_checkpoint(target, checkpoint_payload(1))

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from p2p_photon.launch import LocalSwarm
+from tests.helpers import wait_until
 
 pytestmark = [pytest.mark.swarm, pytest.mark.timeout(400)]
 
@@ -67,16 +68,16 @@ def test_a_peer_with_another_fingerprint_is_refused(tmp_path, swarm_overrides):
         swarm.start_bootstrap()
         good = [swarm.start_peer(i) for i in range(2)]
         # wait until the honest swarm has published progress, then bring a peer with another seed
-        import time
-
-        from tests.helpers import wait_until
         assert wait_until(lambda: "round 0 |" in (swarm.tail(good[0], 200)), timeout=120), swarm.tail(good[0])
         stranger = swarm.start_peer(2, overrides=["seed=1"], name="stranger")
         assert swarm.wait([stranger], timeout=120) == [2]
         log = swarm.tail(stranger, 5)
         assert "refusing to join" in log and "fingerprint" in log
         assert "Traceback" not in swarm.tail(stranger, 400)
-        time.sleep(0.5)
+        # the honest peers train on: a new round line after the stranger was refused
+        seen = swarm.tail(good[0], 400).count(" | peers ")
+        assert wait_until(lambda: swarm.tail(good[0], 400).count(" | peers ") > seen
+                          or not all(p.alive() for p in good), 120)
         assert all(p.alive() for p in good)
 
 

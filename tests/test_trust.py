@@ -33,14 +33,10 @@ from p2p_photon.trust import (
     identity_new,
     identity_show,
     load_members,
-    majority_round,
     owner_peer_id,
-    round_progress,
     signing_key_from_identity,
-    swarm_ahead,
 )
-from tests.helpers import no_leaked_p2pd, wait_until
-from tests.test_progress import make_record
+from tests.helpers import make_record, no_leaked_p2pd, wait_until
 
 RUN = "trust-test"
 LOCAL = ("/ip4/127.0.0.1/tcp/0",)
@@ -239,102 +235,6 @@ def test_closed_swarm_accepts_members_only(tmp_path, start_peer):
     for dht in (a, b):
         assert wait_until(lambda dht=dht: _seen(dht).get(ids["a"]) == 1.5, 20), _seen(dht)
         assert _seen(dht) == _seen(dht, **checks) == {ids["a"]: 1.5, ids["b"]: 3.0}
-
-
-# ----------------------------------------------------------------------------- round bookkeeping (pure)
-
-FP = "ab12" * 4
-NOW = 1000.0
-SEQ = 64
-
-
-def rec(peer_id: str, **changes) -> ProgressRecord:
-    base = dict(round=5, samples=0, tokens_per_s=0.0, state="averaging", time=NOW, fingerprint=FP)
-    return ProgressRecord(**make_record(peer_id, **{**base, **changes}))
-
-
-def progress(records, my_samples: int, cap: float = 1.0) -> float:
-    return round_progress(
-        records,
-        me="me",
-        my_round=5,
-        my_samples=my_samples,
-        fingerprint=FP,
-        now=NOW,
-        seq_len=SEQ,
-        cap_vs_others=cap,
-    )
-
-
-@pytest.mark.timeout(10)
-def test_round_progress_hand_computed():
-    records = [
-        rec("me", samples=999),  # my own record: my_samples counts instead
-        rec("p1", samples=100, state="training", tokens_per_s=10.0 * SEQ, time=NOW - 5),  # 100 + 10/s * 5 s
-        rec("p2", samples=200, state="averaging", tokens_per_s=640.0, time=NOW - 5),  # not training: 200
-        rec("p3", samples=50, state="training", tokens_per_s=10.0 * SEQ, time=NOW - 100),  # at most 10 s: 150
-        rec("p4", samples=70, state="training", tokens_per_s=10.0 * SEQ, time=NOW + 3),  # clock ahead: 70
-        rec("old", round=4, samples=500),
-        rec("next", round=6, samples=500),
-        rec("gone", samples=500, state="done"),
-        rec("other-run", samples=500, fingerprint="ffff"),
-    ]
-    # with cap 1, each peer counts at most as much as the largest of the rest: p2's 200 counts as 150
-    assert progress(records, my_samples=120) == 120 + 150 + 150 + 150 + 70
-    assert progress(records, my_samples=120, cap=2.0) == 120 + 150 + 200 + 150 + 70
-    assert progress([], my_samples=7) == 7.0
-    # p2 (200) against a cap of 1 x max(120, 150, 150, 70) = 150
-    assert progress(records[:3], my_samples=120) == 120 + 150 + 150
-
-
-@pytest.mark.timeout(10)
-def test_one_peer_claiming_100x_cannot_end_the_round():
-    target, honest = 1000, 100
-    liar = [rec("honest", samples=honest), rec("liar", samples=100 * honest)]
-    # the liar counts at most as much as the largest of the rest (100): 100 + 100 + 100 = the true total
-    assert progress(liar, my_samples=honest) == 300 < target
-    fast = [
-        rec("honest", samples=honest),
-        rec("liar", samples=honest, state="training", tokens_per_s=1e12, time=NOW - 5),
-    ]
-    assert progress(fast, my_samples=honest) == 300 < target  # an absurd rate is capped the same way
-    assert progress([rec("liar", samples=100 * honest)], my_samples=honest) == 200  # of two, mine bounds it
-    assert progress(liar, my_samples=honest, cap=2.0) == 400
-    assert progress(liar, my_samples=honest, cap=1e9) > target  # without the cap it would end the round
-    everyone = [rec(f"p{i}", samples=honest) for i in range(9)]
-    assert progress(everyone, my_samples=honest) == 10 * honest  # honest peers are not capped
-
-
-def ahead(rounds: list[int], my_round: int = 5, max_ahead: int = 2, extra=()):
-    records = [rec(f"p{i}", round=r) for i, r in enumerate(rounds)] + list(extra)
-    return swarm_ahead(records, me="me", my_round=my_round, fingerprint=FP, max_rounds_ahead=max_ahead)
-
-
-@pytest.mark.timeout(10)
-def test_swarm_ahead_needs_a_majority():
-    r = 5
-    assert ahead([r, r + 1]) == (None, [])  # a swarm of 3: one peer ahead moves nobody
-    round_, reasons = ahead([r, r + 10**6])
-    assert round_ is None and len(reasons) == 1 and str(r + 10**6) in reasons[0]
-    assert ahead([r, r + 2]) == (None, [])
-    assert ahead([r + 1, r + 1]) == (r + 1, [])  # two of three
-    assert ahead([r + 1, r + 2]) == (r + 1, [])  # both passed r + 1, only one reached r + 2
-    assert ahead([r + 2, r + 2, r + 2, r + 1, r]) == (r + 2, [])
-    assert ahead([r + 1, r + 1, r + 2, r, r]) == (r + 1, [])
-    assert ahead([r + 1, r + 1, r, r]) == (None, [])  # half is not a majority
-    assert ahead([r + 1]) == (r + 1, [])  # a swarm of two: the other peer finished the round
-    assert ahead([]) == (None, [])
-    not_counted = [
-        rec("me", round=r + 1),
-        rec("gone", round=r + 1, state="done"),
-        rec("other-run", round=r + 1, fingerprint="ffff"),
-    ]
-    assert ahead([r], extra=not_counted) == (None, [])
-    round_, reasons = ahead([r + 3, r + 3, r + 3])  # everybody far ahead: a state sync, not a jump
-    assert round_ is None and len(reasons) == 3
-    # the join / catch-up rule (no far-ahead filter): the highest round a strict majority has reached
-    assert majority_round([5, 5, 10**6]) == 5 and majority_round([3, 9]) == 3
-    assert majority_round([1, 2, 3, 4]) == 2 and majority_round([]) == -1
 
 
 # ----------------------------------------------------------------------------- command line

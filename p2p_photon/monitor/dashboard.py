@@ -27,12 +27,18 @@ import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from p2p_photon.monitor import PEER_COLUMNS, Monitor, MonitorError, format_cell, render_plot, summary_line
+from .options import MonitorError
+from .plots import render_plot
+from .view import PEER_COLUMNS, format_cell, summary_line
+
+if TYPE_CHECKING:
+    from .poller import Monitor
 
 logger = logging.getLogger(__name__)
 
@@ -103,10 +109,13 @@ _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>p2p-photon · {run_id}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }}
-#swarm {{ font-family: ui-monospace, monospace; background: #f3f5f7; padding: .6em .8em; border-radius: 4px; }}
+#swarm {{ font-family: ui-monospace, monospace; background: #f3f5f7; padding: .6em .8em;
+  border-radius: 4px; }}
 table {{ border-collapse: collapse; margin: 1em 0; }}
-th, td {{ padding: .25em .7em; border-bottom: 1px solid #ddd; text-align: right; font-family: ui-monospace, monospace; }}
-th {{ background: #eef; }} th:first-child, th:last-child, td:first-child, td:last-child {{ text-align: left; }}
+th, td {{ padding: .25em .7em; border-bottom: 1px solid #ddd; text-align: right;
+  font-family: ui-monospace, monospace; }}
+th {{ background: #eef; }}
+th:first-child, th:last-child, td:first-child, td:last-child {{ text-align: left; }}
 tr.gone {{ color: #999; }} #updated {{ color: #777; font-size: .85em; }}
 img {{ max-width: 100%; border: 1px solid #ddd; }}
 </style></head>
@@ -115,7 +124,8 @@ img {{ max-width: 100%; border: 1px solid #ddd; }}
 <p id="swarm">{summary}</p>
 <table><thead><tr>{headers}</tr></thead><tbody id="peers">{rows}</tbody></table>
 <p id="updated">updated {updated}</p>
-<img id="plot" src="/plot.png" alt="loss vs tokens, tokens/s and peers alive over time" width="1200" height="400">
+<img id="plot" src="/plot.png" alt="loss vs tokens, tokens/s and peers alive over time"
+  width="1200" height="400">
 <script>
 const COLS = {columns};
 function fmt(key, row) {{
@@ -135,10 +145,15 @@ function render(state) {{
     const tr = document.createElement("tr");
     tr.className = "peer-row" + (row.alive ? "" : " gone");
     tr.dataset.peer = row.peer;
-    for (const key of COLS) {{ const td = document.createElement("td"); td.textContent = fmt(key, row); tr.appendChild(td); }}
+    for (const key of COLS) {{
+      const td = document.createElement("td");
+      td.textContent = fmt(key, row);
+      tr.appendChild(td);
+    }}
     return tr;
   }}));
-  document.getElementById("updated").textContent = "updated " + new Date(state.time * 1000).toLocaleTimeString();
+  const updated = new Date(state.time * 1000).toLocaleTimeString();
+  document.getElementById("updated").textContent = "updated " + updated;
 }}
 async function refresh() {{
   try {{ render(await (await fetch("/api/state", {{cache: "no-store"}})).json()); }}
@@ -156,8 +171,8 @@ def render_page(state: dict) -> str:
     esc = html.escape
     headers = "".join(f"<th>{esc(h)}</th>" for h, _ in PEER_COLUMNS)
     rows = "".join(_row_html(row) for row in state["peers"])
-    return _PAGE.format(run_id=esc(state["run_id"]), summary=esc(summary_line(state)), headers=headers, rows=rows,
-                        updated=time.strftime("%H:%M:%S", time.localtime(state["time"])),
+    return _PAGE.format(run_id=esc(state["run_id"]), summary=esc(summary_line(state)), headers=headers,
+                        rows=rows, updated=time.strftime("%H:%M:%S", time.localtime(state["time"])),
                         columns=json.dumps([key for _, key in PEER_COLUMNS]))
 
 
@@ -186,7 +201,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(500, "text/plain; charset=utf-8", b"internal error (see the monitor's log)\n")
 
     def _page(self) -> None:
-        self._send(200, "text/html; charset=utf-8", render_page(self.server.dashboard.monitor.state()).encode())
+        page = render_page(self.server.dashboard.monitor.state())
+        self._send(200, "text/html; charset=utf-8", page.encode())
 
     def _state(self) -> None:
         state = self.server.dashboard.monitor.state()
@@ -241,7 +257,8 @@ class Dashboard:
         self._server = _bind(self.host, self.port)
         self._server.dashboard = self
         self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, name="p2p-photon-dashboard", daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="p2p-photon-dashboard",
+                                        daemon=True)
         self._thread.start()
         logger.info(f"dashboard at {self.url}")
         return self
@@ -271,17 +288,21 @@ def _bind(host: str, port: int) -> _Server:
     except OSError as e:
         where = f"--http {host}:{port}"
         if e.errno == errno.EADDRINUSE:
-            raise MonitorError(f"{where}: the port is already in use: pick another port (or 0 for any)") from None
+            busy = "the port is already in use: pick another port (or 0 for any)"
+            raise MonitorError(f"{where}: {busy}") from None
         if e.errno == errno.EADDRNOTAVAIL:
             raise MonitorError(f"{where}: not an address of this machine: use 127.0.0.1") from None
         raise MonitorError(f"{where}: cannot listen ({e.strerror or e})") from None
 
 
 def serve_dashboard(monitor: Monitor, address: str) -> Dashboard:
-    """Parse HOST:PORT, warn about non-loopback hosts, start the dashboard and attach it to `monitor`."""
+    """Parse HOST:PORT, warn about non-loopback hosts and start a dashboard of `monitor`.
+
+    The caller owns the returned dashboard and stops it (before or after the monitor: the
+    dashboard only reads the monitor's in-memory state).
+    """
     host, port = parse_http_address(address)
     if not _is_loopback(host):
         logger.warning(f"the dashboard listens on {host}: anyone who can reach this address can read the "
                        "swarm's state (use 127.0.0.1 to keep it local)")
-    monitor.dashboard = Dashboard(monitor, host, port).start()
-    return monitor.dashboard
+    return Dashboard(monitor, host, port).start()

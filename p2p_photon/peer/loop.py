@@ -1,0 +1,277 @@
+"""The peer: join, then round after round train until the swarm's round ends, average Δ, step θ.
+
+    join()                                     refuse a foreign swarm; download θ if the swarm is ahead
+    every round:
+        stats  = train_until_round_ends()      progress-based: the swarm's samples reach the target
+        report = average_and_step(stats)       Δ = θ − θ_local, weighted all-reduce, θ ← OuterOpt(θ, Δ̄)
+        after_round(report)                    evaluate, log, checkpoint
+
+The parts, one job each: `GlobalState` (θ, outer state, counters, hash), `LocalTraining` (inner
+steps, block cycling), `RoundTracker` (the swarm's records: when a round ends, who is ahead,
+weight caps), `ContributionPolicy` (what this peer sends, its self-check), `StateSync` (donor
+choice and verification), `overlap` (the round in flight), `Reporter` (records, log, summary).
+hivemind is reached through `averaging.SwarmAverager` and `progress` only.
+
+A round that cannot be averaged is a failed round: counted, published, logged, never applied
+as if it were global. A peer that finds the swarm ahead of it downloads the state instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import torch
+
+from ..averaging import AveragingFailed
+from ..config import Config
+from ..watchdog import stop_on_signals
+from .contribution import ContributionPolicy
+from .overlap import InFlight, launch, progress_since, swap_in_group_step
+from .parts import FingerprintMismatch, PeerParts
+from .reporting import RoundReport
+from .training import RoundStats
+
+logger = logging.getLogger(__name__)
+
+STUCK_AFTER = 3  # consecutive failed attempts at one round before re-downloading the swarm's state
+
+
+class Peer(PeerParts):
+    def __init__(self, cfg: Config, *, resume: bool = False, stop_event: threading.Event | None = None,
+                 summary_out: str | None = None, policy: ContributionPolicy | None = None):
+        super().__init__(cfg, resume=resume, stop_event=stop_event, summary_out=summary_out,
+                         policy=policy or ContributionPolicy(cfg.averaging.max_delta_norm_ratio))
+        self.inflight: InFlight | None = None  # overlapped mode: the all-reduce running while the next round trains
+        self.pending: RoundStats | None = None  # work of a failed attempt, carried into the retry
+        self.failed_at, self.failed_here = -1, 0  # consecutive failed attempts at one round
+
+    def run(self) -> int:
+        try:
+            self.setup()
+            self.join()
+            while not self.stop.is_set() and not self._all_rounds_done():
+                report = self.overlapped_round() if self._overlapping() else self.blocking_round()
+                if report is not None and not self.after_round(report):
+                    break
+            return 0
+        finally:
+            self.close()
+
+    @property
+    def train_round(self) -> int:
+        """The round being trained: in overlapped mode, one past the round whose all-reduce is in flight."""
+        return self.gs.counters.round + (1 if self.inflight is not None else 0)
+
+    def _all_rounds_done(self) -> bool:
+        n = self.cfg.rounds.num_rounds
+        return bool(n and self.gs.counters.round >= n)
+
+    def _overlapping(self) -> bool:
+        n = self.cfg.rounds.num_rounds
+        return self.cfg.averaging.overlap and (not n or self.gs.counters.round + 1 < n or self.inflight is not None)
+
+    # ------------------------------------------------------------------ joining
+
+    def join(self) -> None:
+        """Refuse a foreign swarm; download state if the swarm is ahead of us."""
+        records = self.tracker.records(fresh=True)
+        others = [r for r in records if r.peer_id != self.peer_id and r.state != "done"]
+        foreign = [r for r in others if r.fingerprint != self.fp]
+        ours = len(others) - len(foreign)
+        if foreign and not ours:
+            raise FingerprintMismatch(
+                f"refusing to join run '{self.cfg.dht.run_id}': its peers have run fingerprint "
+                f"{foreign[0].fingerprint}, ours is {self.fp} (different model, tokenizer, seed, outer optimizer "
+                "or round target); use the swarm's config or another dht.run_id")
+        if foreign:
+            logger.warning("ignoring %d peer(s) of run %s with another fingerprint (%s): they are not averaged with",
+                           len(foreign), self.cfg.dht.run_id, foreign[0].fingerprint)
+        ahead, start = self.tracker.swarm_round(records), "our checkpoint" if self.resume else "the seeded init"
+        if ahead > self.gs.counters.round:
+            logger.info("swarm is at round %d, we are at %d: downloading state from peers", ahead, self.gs.counters.round)
+            if not self.sync_from_peers():
+                logger.warning("no peer served its state: starting from %s at round %d", start, self.gs.counters.round)
+        elif not ours:
+            logger.info("no other peers yet: starting from %s at round %d", start, self.gs.counters.round)
+        self.publish(RoundStats(), "training", now=True)
+        self.view.start()
+        self.joined = True
+
+    # ------------------------------------------------------------------ one round, blocking
+
+    def blocking_round(self) -> RoundReport | None:
+        """Train, then average and step (None: stopped while training)."""
+        st = self.train_until_round_ends()
+        if st.stopped:
+            return None
+        t0 = time.perf_counter()
+        report = self.average_and_step(st)
+        self.reporter.last_wait_s = time.perf_counter() - t0
+        return report
+
+    def train_until_round_ends(self) -> RoundStats:
+        """Train from θ until the round ends; after a failed attempt, continue the same round's work."""
+        st, self.pending = self.pending or RoundStats(), None
+        self.publish(st, "training", now=True)  # others see at once that we are in this round
+        return self.training.train(st, round_over=lambda s: self.tracker.round_over(self.train_round, s.samples),
+                                   publish=lambda s: self.publish(s, "training"), stop=self.stop)
+
+    def average_and_step(self, st: RoundStats) -> RoundReport:
+        self.publish(st, "averaging")
+        r = self.gs.counters.round
+        records = self.tracker.records(fresh=True)
+        ahead, mates_here = self.tracker.ahead(r, records)
+        if ahead is not None and not mates_here:
+            return self.fail_round(st, f"missed round {r}: the swarm is already at round {ahead}")
+        active = self.training.active_indices(r)
+        deltas = self.policy.contribution(self.gs.pseudo_gradient(self.model))
+        norm, problem = self.policy.self_check(deltas, active)
+        if problem:
+            return self.fail_round(st, f"not contributing: {problem}; local work discarded", keep_work=False)
+        try:
+            res = self.averager.average(deltas, active=active, **self._request(st, r, records))
+        except AveragingFailed as e:
+            return self.fail_round(st, str(e))
+        self.policy.remember(norm, active)
+        self._apply(res, reset_local=True)
+        return RoundReport.averaged(r, st, res)
+
+    def _request(self, st: RoundStats, r: int, records: list) -> dict:
+        """What SwarmAverager.average needs besides the tensors (blocking and overlapped rounds alike)."""
+        meta = dict(fingerprint=self.fp, samples=st.samples, steps=st.steps, theta=self.gs.hash)
+        return dict(round_no=r, weight=self.policy.weight(st.samples), meta=meta,
+                    weight_caps=self.tracker.weight_caps(records, self.reporter.last_rate),
+                    timeout=self.cfg.averaging.step_timeout)
+
+    def _apply(self, res, reset_local: bool) -> None:
+        self.gs.apply(res, self.model if reset_local else None)
+        self.averager.set_priority(self.policy.sharing_priority(self.gs.counters.round))
+
+    # ------------------------------------------------------------------ one round, overlapped
+
+    def overlapped_round(self) -> RoundReport | None:
+        """Train round T+1 while round T's all-reduce runs (see overlap.py), then land round T.
+        Returns the landed round's report, None if nothing landed (yet, or stopped)."""
+        n = self.cfg.rounds.num_rounds
+        last = bool(n and self.inflight is not None and self.inflight.round + 1 >= n)  # nothing to train after it
+        st = RoundStats()
+        if not last:
+            with self.gs.lock:
+                snapshot = [p.detach().clone() for p in self.model.parameters()]
+            st = self.train_until_round_ends()
+        if st.stopped and self.inflight is None:
+            return None
+        t0 = time.perf_counter()
+        launched = None
+        if not last and not st.stopped and not (n and self.train_round >= n):
+            launched = self._launch(st, self.train_round, snapshot)
+        landing, self.inflight = self.inflight, launched
+        report = self._land(landing) if landing is not None else None
+        self.reporter.last_wait_s = time.perf_counter() - t0
+        return report
+
+    def _launch(self, st: RoundStats, r: int, snapshot: list[torch.Tensor]) -> InFlight | None:
+        self.publish(st, "averaging")
+        with self.gs.lock:
+            deltas = self.policy.contribution(progress_since(snapshot, self.model))
+        norm, problem = self.policy.self_check(deltas, None)
+        if problem:
+            logger.warning("round %d: not contributing: %s; local work discarded", r, problem)
+            with self.gs.lock, torch.no_grad():
+                for p, s in zip(self.model.parameters(), snapshot):
+                    p.copy_(s)
+            return None
+        kwargs = self._request(st, r, self.tracker.records(fresh=True))
+        return launch(InFlight(r, st, deltas, norm), lambda: self.averager.average(deltas, **kwargs), AveragingFailed)
+
+    def _land(self, flight: InFlight) -> RoundReport:
+        why = flight.wait(self.cfg.averaging.landing_timeout)
+        if why is None and self.gs.counters.round != flight.round:
+            why = f"our global model is at round {self.gs.counters.round}, the group averaged round {flight.round}"
+        if why is not None:  # this round's work is lost; the local model goes back to θ (or the swarm's state)
+            if self.inflight is not None:
+                self.inflight.reset = True
+            return self.fail_round(flight.stats, why, keep_work=False)
+        self.policy.remember(flight.norm, None)
+        with self.gs.lock:
+            old = [t.clone() for t in self.gs.theta]
+        self._apply(flight.result, reset_local=False)  # θ ← OuterOpt(θ, Δ̄); the local model keeps its progress
+        with self.gs.lock:
+            swap_in_group_step(self.model, self.gs.theta, old, flight)
+        return RoundReport.averaged(flight.round, flight.stats, flight.result)
+
+    # ------------------------------------------------------------------ failed rounds
+
+    def fail_round(self, st: RoundStats, why: str, keep_work: bool = True) -> RoundReport:
+        """Counted and published; the local work is kept for the next attempt unless the swarm moved on."""
+        c, r = self.gs.counters, self.gs.counters.round
+        c.failed_rounds += 1
+        logger.warning("round %d failed (%s); failed rounds so far: %d", r, why, c.failed_rounds)
+        self.publish(st, "syncing")
+        self.failed_here = self.failed_here + 1 if self.failed_at == r else 1
+        self.failed_at = r
+        report = RoundReport.failed(r, st, why)
+        if self._catch_up():
+            return report
+        if self.failed_here >= STUCK_AFTER and self.sync_from_peers(attempts=1):
+            logger.warning("%d failed attempts at round %d: re-synchronized with the swarm", self.failed_here, r)
+            return report
+        if keep_work:
+            self.pending = st  # keep the local work (Δ stays relative to the last agreed θ) and retry
+        else:
+            self.gs.reset_local(self.model)
+        return report
+
+    def _catch_up(self) -> bool:
+        """If a majority of the other peers finished our round without us, download the swarm's state
+        instead of averaging a stale Δ (a lone peer far ahead is not enough)."""
+        ahead = self.tracker.swarm_round(self.tracker.records(fresh=True))
+        if ahead <= self.train_round:
+            return False
+        logger.info("the swarm is at round %d, we are at %d: downloading its state", ahead, self.train_round)
+        return self.sync_from_peers()
+
+    def sync_from_peers(self, attempts: int = 4) -> bool:
+        """Download and load the swarm's state (see sync.py); False if no donor served a usable one."""
+        got = self.sync.download(attempts)
+        if got is None:
+            return False
+        meta, tensors, donor = got
+        self.gs.load(meta, tensors, self.model)
+        self.pending = None
+        c = self.gs.counters
+        self.averager.set_priority(self.policy.sharing_priority(c.round))
+        c.history.append(dict(round=c.round, event="sync", ok=False, theta=self.gs.hash))
+        logger.info("loaded state of round %d (global step %d, θ %s) from peer %s", c.round, c.global_step,
+                    self.gs.hash, donor[-8:])
+        return True
+
+    # ------------------------------------------------------------------ after a round
+
+    def after_round(self, report: RoundReport) -> bool:
+        """Evaluate, log, checkpoint; False when this peer should stop (a bounded run whose other
+        peers have all finished)."""
+        cfg, c = self.cfg, self.gs.counters
+        if report.ok and cfg.logging.eval_every_rounds and c.round % cfg.logging.eval_every_rounds == 0:
+            report.eval_loss = self.evaluate()
+        self.reporter.log_round(report, self.tracker.present())
+        if not report.ok and cfg.rounds.num_rounds and self.failed_here >= 2 and self.tracker.swarm_finished():
+            logger.warning("every other peer of run %s has finished and left: stopping at round %d "
+                           "(rounds.num_rounds = %d not reached)", cfg.dht.run_id, c.round, cfg.rounds.num_rounds)
+            return False
+        every = cfg.checkpoint.every_rounds
+        if report.ok and every and c.round % every == 0:
+            self.save_checkpoint()
+        return True
+
+
+def run_peer(cfg: Config, *, resume: bool = False, summary_out: str | None = None,
+             policy_class: type[ContributionPolicy] = ContributionPolicy) -> int:
+    """`p2p-photon peer`: run until stopped (SIGINT/SIGTERM finish the step, checkpoint and leave)."""
+    PeerParts.check_inputs(cfg)  # fail fast on bad addresses and paths, before minutes of data preparation
+    policy = policy_class(cfg.averaging.max_delta_norm_ratio)
+    stop = threading.Event()
+    with stop_on_signals(stop, "finishing the current step, checkpointing and leaving"):
+        return Peer(cfg, resume=resume, stop_event=stop, summary_out=summary_out, policy=policy).run()

@@ -1,0 +1,176 @@
+"""The peer's parts and their lifecycle: build them (data, model, global state, local training,
+network), checkpoint and restore them, and shut them down. `loop.Peer` adds the algorithm."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+from .. import data, state, trust
+from ..averaging import SwarmAverager
+from ..config import Config, fingerprint
+from ..errors import UsageError
+from ..inner import InnerTrainer, evaluate, optimizer_state_bytes, resolve_device
+from ..model import build_model
+from ..network import prepare_identity, shutdown_dht, start_dht, validate_maddrs
+from ..progress import ProgressPublisher, progress_validators
+from .contribution import ContributionPolicy
+from .global_state import GlobalState
+from .reporting import Reporter
+from .swarm_view import SwarmView
+from .sync import StateSync
+from .tracker import RoundTracker
+from .training import LocalTraining, RoundStats
+
+logger = logging.getLogger(__name__)
+
+
+class FingerprintMismatch(UsageError):
+    """The swarm of this run_id trains something else (model, tokenizer, seed, outer optimizer, round target)."""
+
+
+class PeerParts:
+    def __init__(self, cfg: Config, *, resume: bool, stop_event: threading.Event | None, summary_out: str | None,
+                 policy: ContributionPolicy):
+        self.cfg, self.resume, self.summary_out, self.policy = cfg, resume, summary_out, policy
+        self.stop = stop_event or threading.Event()
+        self.dht = self.averager = self.view = None
+        self._tmp_identity: str | None = None  # private dir of an ephemeral identity (no dht.identity_path)
+        self.joined = False  # checkpoints and summaries only for a peer that took part
+
+    @staticmethod
+    def check_inputs(cfg: Config) -> None:
+        """Bad addresses and an unwritable checkpoint.dir fail at once, before any data preparation."""
+        validate_maddrs(cfg.dht.initial_peers, "--initial-peers", require_peer_id=True)
+        validate_maddrs(cfg.dht.host_maddrs, "--host-maddrs")
+        validate_maddrs(cfg.dht.announce_maddrs, "--announce-maddrs")
+        state.check_writable(cfg.checkpoint.dir)
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.prep = data.load_prepared(data.prepare(cfg.data, cfg.seed, progress=cfg.logging.progress_bar))
+        self.fp = fingerprint(cfg, self.prep.tokenizer_hash)
+        self.device = resolve_device(cfg.inner)
+        self.model = build_model(cfg.model.preset, self.prep.vocab_size, cfg.model.seq_len, cfg.seed, self.device)
+        self.gs = GlobalState(self.model, cfg.outer, self.fp)
+        stream = data.open_silo_stream(self.prep, [cfg.data.silo], seq_len=cfg.model.seq_len,
+                                       batch_size=cfg.inner.batch_size, seed=cfg.seed, stream_id=cfg.data.silo)
+        trainer = InnerTrainer(self.model, cfg.inner, self.device)
+        self.training = LocalTraining(cfg, self.model, trainer, stream, self.gs.counters)
+        self.heldout = data.heldout_batches(self.prep, seq_len=cfg.model.seq_len, batch_size=cfg.inner.batch_size,
+                                            n_batches=cfg.logging.eval_batches)
+        self.initial_loss = self.evaluate()
+        if self.resume:
+            self.restore(state.load_latest(cfg.checkpoint.dir, self.fp))
+        self._start_network()
+
+    def _start_network(self) -> None:
+        """Progress records are signed with the peer's identity key (an ephemeral one in a private
+        temp dir if dht.identity_path is empty), so every record is bound to its sender's peer ID."""
+        cfg, run_id, dht_cfg = self.cfg, self.cfg.dht.run_id, self.cfg.dht
+        members = trust.load_members(dht_cfg.members) if dht_cfg.members else None
+        if not dht_cfg.identity_path:
+            self._tmp_identity = tempfile.mkdtemp(prefix="p2p-photon-id-")
+            dht_cfg = dataclasses.replace(dht_cfg, identity_path=f"{self._tmp_identity}/identity.key")
+        key = trust.signing_key_from_identity(prepare_identity(dht_cfg.identity_path)[0])
+        validators = progress_validators(run_id, key, members=members, bind_peer_id=True)
+        self.dht = start_dht(dht_cfg, record_validators=validators)
+        publisher = ProgressPublisher(self.dht, run_id, validators)
+        self.view = SwarmView(self.dht, run_id, publisher, cfg.logging.progress_interval, members)
+        self.averager = SwarmAverager(self.dht, [t.shape for t in self.gs.theta], prefix=f"{run_id}-{self.fp}",
+                                      cfg=cfg.averaging, state_fn=self._share_state, members=members)
+        self.averager.set_priority(self.policy.sharing_priority(self.gs.counters.round))
+        self.peer_id = self.averager.peer_id
+        self.tracker = RoundTracker(cfg, self.fp, self.peer_id, self.view, banned=self._banned)
+        self.reporter = Reporter(cfg, self.gs, self.policy, self.peer_id, publisher, self.view)
+        self.sync = StateSync(self.gs, self.averager, self.view.refresh, self.peer_id,
+                              cfg.averaging.state_download_timeout, self.stop)
+        logger.info("peer %s joined run %s (fingerprint %s, silo %d, model %s)", self.peer_id[-8:], run_id,
+                    self.fp, cfg.data.silo, cfg.model.preset)
+
+    def _banned(self) -> dict[str, str]:
+        """Peers our averager banned for sending bad data (their records are ignored too)."""
+        return self.averager.banned if self.averager is not None else {}
+
+    def _share_state(self):
+        """What a late joiner downloads (called by the averager's state-sharing thread)."""
+        return self.policy.served_state(*self.gs.share())
+
+    def publish(self, st: RoundStats, phase: str, now: bool = False) -> None:
+        self.reporter.publish(st, phase, self.train_round, now=now)
+
+    @property
+    def train_round(self) -> int:
+        return self.gs.counters.round
+
+    def evaluate(self) -> float:
+        """Held-out loss of the local model (= the global model right after a round)."""
+        return evaluate(self.model, self.heldout, self.cfg.inner, self.device)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, final: bool = False) -> Path | None:
+        """A periodic checkpoint that cannot be written is a warning (training goes on, the earlier
+        checkpoints stay); the final one raises CheckpointError."""
+        t = self.training
+        with self.gs.lock:
+            payload = self.gs.checkpoint(t.trainer.optimizer.state_dict(), t.stream.state_dict(), self.cfg)
+            try:
+                path = state.save_checkpoint(self.cfg.checkpoint.dir, payload, keep=self.cfg.checkpoint.keep)
+            except state.CheckpointError as e:
+                if final:
+                    raise
+                logger.warning("checkpoint of round %d failed: %s; training goes on", self.gs.counters.round, e)
+                return None
+        logger.info("checkpoint %s (round %d, θ %s)", path, self.gs.counters.round, payload.meta["theta"][:8])
+        return path
+
+    def restore(self, ckpt: state.CheckpointPayload | None) -> None:
+        if ckpt is None:
+            logger.info("no checkpoint in %s: starting from the seeded init", self.cfg.checkpoint.dir)
+            return
+        t = self.training
+        with self.gs.lock:
+            self.gs.restore(ckpt, self.model)
+            t.prepare_round(self.gs.counters.round)  # block cycling: the optimizer saved holds the round's group
+            t.trainer.optimizer.load_state_dict(ckpt.inner)
+            t.stream.load_state_dict(ckpt.meta["data_cursor"])
+            state.restore_rng(ckpt.rng)
+        logger.info("resumed from %s: round %d, global step %d, θ %s", ckpt.path, self.gs.counters.round,
+                    self.gs.counters.global_step, self.gs.hash)
+
+    # ------------------------------------------------------------------ shutdown
+
+    def close(self) -> None:
+        """Final checkpoint, summary and 'done' record for a peer that took part; then the network goes
+        down whatever happened. A failed final checkpoint is raised last (the earlier ones stay)."""
+        if self.view is not None and self.view.is_alive():
+            self.view.stop()
+        failed = None
+        if self.joined:
+            try:
+                self.save_checkpoint(final=True)
+            except Exception as e:
+                failed = e
+            self._write_summary()
+            self.publish(RoundStats(), "done")
+        if self.averager is not None:
+            self.averager.shutdown()
+        shutdown_dht(self.dht)
+        self.averager = self.dht = None
+        if self._tmp_identity:
+            shutil.rmtree(self._tmp_identity, ignore_errors=True)
+        if failed is not None:
+            if sys.exc_info()[1] is None:  # nothing else is failing: exit non-zero with this message
+                raise failed
+            logger.error("final checkpoint failed: %s", failed)
+
+    def _write_summary(self) -> None:
+        opt_bytes = max(self.training.peak_opt_bytes, optimizer_state_bytes(self.training.trainer.optimizer))
+        self.reporter.write_summary(self.summary_out, initial_loss=self.initial_loss, final_loss=self.evaluate(),
+                                    optimizer_state_bytes=opt_bytes)

@@ -1,0 +1,64 @@
+"""State sync: a joiner, or a peer that fell behind, downloads θ, the outer optimizer's state and
+the counters from another peer, and trusts it only after checking it.
+
+Donors are tried by the round they claim. What one serves must be right in itself (names,
+shapes, dtypes, finite values, its θ hash matches its claim) and confirmed by the swarm: its θ
+hash must also be published by another live peer of the run. A lying donor cannot make up a
+model, because it does not write the others' records. A donor whose state is wrong is skipped
+for the next one; one whose state is not confirmed yet is retried after a pause.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+
+from .global_state import GlobalState
+
+logger = logging.getLogger(__name__)
+
+
+class StateSync:
+    def __init__(self, gs: GlobalState, averager, records: Callable[[], list], peer_id: str, timeout: float,
+                 stop: threading.Event):
+        """`records()` returns the swarm's progress records fetched now; `averager` is the SwarmAverager
+        whose load_state_from_peers downloads; `timeout` bounds one download."""
+        self.gs, self.averager, self.records, self.peer_id = gs, averager, records, peer_id
+        self.timeout, self.stop = timeout, stop
+
+    def download(self, attempts: int = 4, max_donors: int = 8) -> tuple[dict, list[torch.Tensor], str] | None:
+        """(metadata, tensors, donor) of a checked state, or None if no donor served a usable one."""
+        delay, refused, attempt = 1.0, [], 0
+        while attempt < attempts and len(refused) < max_donors and not self.stop.is_set():
+            got = self.averager.load_state_from_peers(timeout=self.timeout, exclude=refused)
+            if got is not None:
+                donor, meta, tensors = got
+                problem = self.gs.problem_with(meta, tensors)
+                if problem is not None:
+                    logger.warning("rejected the state served by peer %s: %s; trying another donor", donor[-8:],
+                                   problem)
+                    refused.append(donor)
+                    continue
+                unconfirmed = self.unconfirmed(int(meta["round"]), meta["theta"], donor)
+                if unconfirmed is None:
+                    return meta, tensors, donor
+                logger.info("state of peer %s not used yet: %s", donor[-8:], unconfirmed)  # retried after a pause
+            attempt += 1
+            if attempt < attempts:
+                logger.info("no usable state from peers (attempt %d/%d), retrying in %.0fs", attempt, attempts, delay)
+                time.sleep(delay)
+                delay *= 2
+        return None
+
+    def unconfirmed(self, round_no: int, claimed: str, donor: str) -> str | None:
+        """Why the donor's θ is not confirmed by the swarm, or None. Hashes, not rounds, are compared
+        (a peer in overlapped mode trains round r+1 while it holds θ of round r)."""
+        theirs = {x.theta_hash for x in self.records() if x.fingerprint == self.gs.fp and x.state != "done"
+                  and x.peer_id not in (self.peer_id, donor)}
+        if theirs and claimed not in theirs:
+            return f"no other peer publishes its θ {claimed[:8]} (round {round_no})"
+        return None

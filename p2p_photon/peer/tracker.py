@@ -1,0 +1,178 @@
+"""The round tracker: the swarm as this peer sees it through progress records.
+
+When does the round end, is a majority of the swarm ahead of us, how much weight may a group
+member claim. The arithmetic is pure functions over records (tested against hand-computed
+values); `RoundTracker` applies them to the background view and logs what it ignores.
+
+Records are signed, not true: every bound here limits how far one peer's claims can move
+anybody else.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from collections.abc import Callable, Iterable, Mapping
+
+from hivemind.utils import get_dht_time
+
+from ..config import Config
+from ..progress import ProgressRecord
+from .swarm_view import SwarmView
+
+logger = logging.getLogger(__name__)
+
+EXTRAPOLATE_MAX_S = 10.0  # trust a peer's reported throughput for at most this long after its record
+ALIVE_S = 30.0  # a peer whose newest record is older than this is not counted as present
+
+
+def others(records: Iterable[ProgressRecord], me: str, fingerprint: str) -> list[ProgressRecord]:
+    """Records of the other live peers of this run."""
+    return [r for r in records if r.peer_id != me and r.fingerprint == fingerprint and r.state != "done"]
+
+
+def round_progress(
+    records: Iterable[ProgressRecord],
+    *,
+    me: str,
+    my_round: int,
+    my_samples: int,
+    fingerprint: str,
+    now: float,
+    seq_len: int,
+    cap_vs_others: float,
+    extrapolate_max_s: float = EXTRAPOLATE_MAX_S,
+) -> float:
+    """Estimated samples the swarm has trained in `my_round`: mine plus each other live peer's.
+
+    Another peer's estimate is its reported samples plus, while it is training, what its
+    reported rate (tokens_per_s / seq_len) adds since it published, for at most
+    `extrapolate_max_s` seconds.
+
+    The cap: records are signed, not true, so one peer could claim 100x the samples it
+    trained (or an absurd rate) to end everybody's round early. Each other peer's estimate
+    therefore counts at most `cap_vs_others` times the largest estimate among all the
+    *other* counted peers, me included (my own samples count as they are). A lone liar
+    cannot raise its own cap: with cap_vs_others = 1 its claim adds no more than the
+    busiest honest peer's. A lone honest peer much faster than everybody else is
+    undercounted the same way, which only makes the round end later than its target
+    (more local steps), never earlier. The cap is applied after extrapolation, so it
+    bounds a claimed rate too.
+    """
+    estimates = []
+    for r in others(records, me, fingerprint):
+        if r.round != my_round:
+            continue
+        rate = r.tokens_per_s / seq_len if r.state == "training" else 0.0
+        estimates.append(r.samples + rate * min(max(0.0, now - r.time), extrapolate_max_s))
+    # the largest count among "the rest" is the overall largest, except for the peer holding it (runs
+    # in the training loop every 0.2 s: two maxima instead of one max per peer)
+    pool = [float(my_samples), *estimates]
+    top = max(range(len(pool)), key=pool.__getitem__)
+    first, second = pool[top], max((x for i, x in enumerate(pool) if i != top), default=0.0)
+    return pool[0] + sum(min(e, cap_vs_others * (second if i == top else first))
+                         for i, e in enumerate(pool) if i > 0)
+
+
+def majority_round(rounds: list[int]) -> int:
+    """The highest round that a strict majority of these peers has reached (-1 if there are none)."""
+    return sorted(rounds, reverse=True)[len(rounds) // 2] if rounds else -1
+
+
+def swarm_ahead(
+    records: Iterable[ProgressRecord], *, me: str, my_round: int, fingerprint: str, max_rounds_ahead: int
+) -> tuple[int | None, list[str]]:
+    """(round to move on to, or None; reasons for the records that were ignored).
+
+    Other live peers of this run claiming a round more than `max_rounds_ahead` past mine
+    are ignored (and named in the reasons, for the log). If a strict majority of the rest
+    is past my round, the result is the highest round R that such a majority has reached
+    (more than half of them at rounds >= R); otherwise None. One peer alone cannot move a
+    swarm of three; when every other peer is ignored, this peer is far behind and needs a
+    state sync, not a round jump.
+    """
+    rounds, ignored = [], []
+    for r in others(records, me, fingerprint):
+        if r.round > my_round + max_rounds_ahead:
+            ignored.append(
+                f"{r.peer_id[:16]} claims round {r.round}, more than {max_rounds_ahead} past ours ({my_round})"
+            )
+        else:
+            rounds.append(r.round)
+    reached = majority_round(rounds)
+    return (reached if reached > my_round else None), ignored
+
+
+def weight_caps(records: Iterable[ProgressRecord], *, me: str, fingerprint: str, now: float, seq_len: int,
+                my_rate: float, floor: float) -> dict[str, float]:
+    """The most weight (samples) each other peer may claim in the all-reduce before its contribution
+    is refused: 8x what its latest record allows (its samples plus its throughput, capped at 4x the
+    median peer's, since then), and never less than 8x `floor` (the round's target plus one batch),
+    so an honest peer with a stale record or carried-over work is never refused while a forged 10^6 is."""
+    mates = [x for x in records if x.fingerprint == fingerprint and x.peer_id != me]
+    if not mates:
+        return {}
+    rates = [x.tokens_per_s / seq_len for x in mates] + [my_rate / seq_len]
+    max_rate = 4.0 * statistics.median_low(rates)
+    return {x.peer_id: 8.0 * max(floor, x.samples + min(x.tokens_per_s / seq_len, max_rate)
+                                 * min(60.0, max(0.0, now - x.time) + 5)) for x in mates}
+
+
+class RoundTracker:
+    """This peer's reading of the swarm: the background view's records, less those of banned peers."""
+
+    def __init__(self, cfg: Config, fingerprint: str, peer_id: str, view: SwarmView,
+                 banned: Callable[[], Mapping[str, str]]):
+        self.cfg, self.fp, self.peer_id, self.view, self._banned = cfg, fingerprint, peer_id, view, banned
+        self._ignored_claims: set[str] = set()
+
+    def records(self, fresh: bool = False) -> list[ProgressRecord]:
+        """The swarm's records (fetched now if `fresh`, else the cached view) without banned peers'."""
+        records = self.view.refresh() if fresh else self.view.records()
+        banned = self._banned()
+        return [x for x in records if x.peer_id not in banned] if banned else records
+
+    def mates(self, records: Iterable[ProgressRecord]) -> list[ProgressRecord]:
+        return others(records, self.peer_id, self.fp)
+
+    def round_over(self, train_round: int, samples: int) -> bool:
+        """Progress-based end: the swarm's samples for this round (see round_progress) reach the
+        target, or a majority of the other peers already moved on."""
+        records = self.records()
+        if self.ahead(train_round, records)[0] is not None:
+            return True
+        total = round_progress(records, me=self.peer_id, my_round=train_round, my_samples=samples,
+                               fingerprint=self.fp, now=get_dht_time(), seq_len=self.cfg.model.seq_len,
+                               cap_vs_others=self.cfg.rounds.sample_cap_vs_others)
+        return total >= self.cfg.rounds.target_samples_per_round
+
+    def ahead(self, train_round: int, records: list[ProgressRecord]) -> tuple[int | None, bool]:
+        """(round a majority of the other peers has reached beyond ours or None, whether any other peer
+        is still in our round). Claims more than rounds.max_rounds_ahead ahead are ignored (logged once)."""
+        ahead, ignored = swarm_ahead(records, me=self.peer_id, my_round=train_round, fingerprint=self.fp,
+                                     max_rounds_ahead=self.cfg.rounds.max_rounds_ahead)
+        for why in ignored:
+            if why not in self._ignored_claims:
+                self._ignored_claims.add(why)
+                logger.warning("ignoring a progress claim: %s", why)
+        mates_here = any(x.round == train_round for x in self.mates(records))
+        return ahead, mates_here
+
+    def swarm_round(self, records: list[ProgressRecord]) -> int:
+        """The round a majority of the other live peers of this run has reached (-1: none)."""
+        return majority_round([x.round for x in self.mates(records)])
+
+    def swarm_finished(self) -> bool:
+        """All other peers of this run we know of have published 'done' (a bounded run is over)."""
+        mates = [x for x in self.view.records() if x.fingerprint == self.fp and x.peer_id != self.peer_id]
+        return bool(mates) and all(x.state == "done" for x in mates)
+
+    def weight_caps(self, records: list[ProgressRecord], my_rate: float) -> dict[str, float]:
+        floor = self.cfg.rounds.target_samples_per_round + self.cfg.inner.batch_size * self.cfg.inner.grad_accum
+        return weight_caps(records, me=self.peer_id, fingerprint=self.fp, now=get_dht_time(),
+                           seq_len=self.cfg.model.seq_len, my_rate=my_rate, floor=floor)
+
+    def present(self) -> int:
+        """Peers of this run present now, this one included (for the round's log line)."""
+        now = get_dht_time()
+        return 1 + sum(1 for r in self.mates(self.view.records()) if now - r.time < ALIVE_S)

@@ -1,0 +1,255 @@
+"""The peer's parts, each alone: the round tracker's arithmetic, the contribution policy, the global
+state, the overlapped round's local correction; compared against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from p2p_photon.averaging import RoundResult
+from p2p_photon.config import load_config
+from p2p_photon.hashing import theta_hash
+from p2p_photon.peer.contribution import ContributionPolicy
+from p2p_photon.peer.global_state import GlobalState
+from p2p_photon.peer.overlap import InFlight, progress_since, swap_in_group_step
+from p2p_photon.peer.tracker import RoundTracker, majority_round, round_progress, swarm_ahead, weight_caps
+from p2p_photon.peer.training import RoundStats
+from p2p_photon.progress import ProgressRecord
+from tests.helpers import make_record
+
+pytestmark = pytest.mark.timeout(30)
+
+# ----------------------------------------------------------------------------- tracker: round arithmetic (pure)
+
+FP = "ab12" * 4
+NOW = 1000.0
+SEQ = 64
+
+
+def rec(peer_id: str, **changes) -> ProgressRecord:
+    base = dict(round=5, samples=0, tokens_per_s=0.0, state="averaging", time=NOW, fingerprint=FP)
+    return ProgressRecord(**make_record(peer_id, **{**base, **changes}))
+
+
+def progress(records, my_samples: int, cap: float = 1.0) -> float:
+    return round_progress(
+        records,
+        me="me",
+        my_round=5,
+        my_samples=my_samples,
+        fingerprint=FP,
+        now=NOW,
+        seq_len=SEQ,
+        cap_vs_others=cap,
+    )
+
+
+@pytest.mark.timeout(10)
+def test_round_progress_hand_computed():
+    records = [
+        rec("me", samples=999),  # my own record: my_samples counts instead
+        rec("p1", samples=100, state="training", tokens_per_s=10.0 * SEQ, time=NOW - 5),  # 100 + 10/s * 5 s
+        rec("p2", samples=200, state="averaging", tokens_per_s=640.0, time=NOW - 5),  # not training: 200
+        rec("p3", samples=50, state="training", tokens_per_s=10.0 * SEQ, time=NOW - 100),  # at most 10 s: 150
+        rec("p4", samples=70, state="training", tokens_per_s=10.0 * SEQ, time=NOW + 3),  # clock ahead: 70
+        rec("old", round=4, samples=500),
+        rec("next", round=6, samples=500),
+        rec("gone", samples=500, state="done"),
+        rec("other-run", samples=500, fingerprint="ffff"),
+    ]
+    # with cap 1, each peer counts at most as much as the largest of the rest: p2's 200 counts as 150
+    assert progress(records, my_samples=120) == 120 + 150 + 150 + 150 + 70
+    assert progress(records, my_samples=120, cap=2.0) == 120 + 150 + 200 + 150 + 70
+    assert progress([], my_samples=7) == 7.0
+    # p2 (200) against a cap of 1 x max(120, 150, 150, 70) = 150
+    assert progress(records[:3], my_samples=120) == 120 + 150 + 150
+
+
+@pytest.mark.timeout(10)
+def test_one_peer_claiming_100x_cannot_end_the_round():
+    target, honest = 1000, 100
+    liar = [rec("honest", samples=honest), rec("liar", samples=100 * honest)]
+    # the liar counts at most as much as the largest of the rest (100): 100 + 100 + 100 = the true total
+    assert progress(liar, my_samples=honest) == 300 < target
+    fast = [
+        rec("honest", samples=honest),
+        rec("liar", samples=honest, state="training", tokens_per_s=1e12, time=NOW - 5),
+    ]
+    assert progress(fast, my_samples=honest) == 300 < target  # an absurd rate is capped the same way
+    assert progress([rec("liar", samples=100 * honest)], my_samples=honest) == 200  # of two, mine bounds it
+    assert progress(liar, my_samples=honest, cap=2.0) == 400
+    assert progress(liar, my_samples=honest, cap=1e9) > target  # without the cap it would end the round
+    everyone = [rec(f"p{i}", samples=honest) for i in range(9)]
+    assert progress(everyone, my_samples=honest) == 10 * honest  # honest peers are not capped
+
+
+def ahead(rounds: list[int], my_round: int = 5, max_ahead: int = 2, extra=()):
+    records = [rec(f"p{i}", round=r) for i, r in enumerate(rounds)] + list(extra)
+    return swarm_ahead(records, me="me", my_round=my_round, fingerprint=FP, max_rounds_ahead=max_ahead)
+
+
+@pytest.mark.timeout(10)
+def test_swarm_ahead_needs_a_majority():
+    r = 5
+    assert ahead([r, r + 1]) == (None, [])  # a swarm of 3: one peer ahead moves nobody
+    round_, reasons = ahead([r, r + 10**6])
+    assert round_ is None and len(reasons) == 1 and str(r + 10**6) in reasons[0]
+    assert ahead([r, r + 2]) == (None, [])
+    assert ahead([r + 1, r + 1]) == (r + 1, [])  # two of three
+    assert ahead([r + 1, r + 2]) == (r + 1, [])  # both passed r + 1, only one reached r + 2
+    assert ahead([r + 2, r + 2, r + 2, r + 1, r]) == (r + 2, [])
+    assert ahead([r + 1, r + 1, r + 2, r, r]) == (r + 1, [])
+    assert ahead([r + 1, r + 1, r, r]) == (None, [])  # half is not a majority
+    assert ahead([r + 1]) == (r + 1, [])  # a swarm of two: the other peer finished the round
+    assert ahead([]) == (None, [])
+    not_counted = [
+        rec("me", round=r + 1),
+        rec("gone", round=r + 1, state="done"),
+        rec("other-run", round=r + 1, fingerprint="ffff"),
+    ]
+    assert ahead([r], extra=not_counted) == (None, [])
+    round_, reasons = ahead([r + 3, r + 3, r + 3])  # everybody far ahead: a state sync, not a jump
+    assert round_ is None and len(reasons) == 3
+    # the join / catch-up rule (no far-ahead filter): the highest round a strict majority has reached
+    assert majority_round([5, 5, 10**6]) == 5 and majority_round([3, 9]) == 3
+    assert majority_round([1, 2, 3, 4]) == 2 and majority_round([]) == -1
+
+
+def test_weight_caps_hand_computed():
+    records = [
+        rec("a", samples=100, tokens_per_s=10.0 * SEQ, time=NOW - 5),  # 10 samples/s, 5 s old
+        rec("b", samples=0, tokens_per_s=1000.0 * SEQ, time=NOW - 100),  # claims 1000/s, 100 s old
+        rec("me", samples=10**6),
+        rec("other-run", samples=10**6, fingerprint="ffff"),
+    ]
+    caps = weight_caps(records, me="me", fingerprint=FP, now=NOW, seq_len=SEQ, my_rate=10.0 * SEQ, floor=50)
+    # rates 10, 1000 and mine 10: median 10, so at most 40/s counts; the time since a record (+5 s) at most 60 s
+    assert caps == {"a": 8 * (100 + 10 * (5 + 5)), "b": 8 * (0 + 40 * 60)}
+    assert weight_caps([rec("me")], me="me", fingerprint=FP, now=NOW, seq_len=SEQ, my_rate=1.0, floor=50) == {}
+    lazy = weight_caps([rec("a", samples=1)], me="me", fingerprint=FP, now=NOW, seq_len=SEQ, my_rate=0.0, floor=50)
+    assert lazy == {"a": 8 * 50}  # never below 8x the floor (the round's target plus one batch)
+
+
+class _View:
+    """The swarm view's read side, with records set by the test."""
+
+    def __init__(self, records):
+        self.records_now = records
+
+    def records(self):
+        return list(self.records_now)
+
+    refresh = records
+
+
+def test_round_tracker_ends_rounds_and_ignores_banned_peers():
+    cfg = load_config(None, ["rounds.target_samples_per_round=100", f"model.seq_len={SEQ}"])
+    view = _View([rec("p1", samples=60), rec("liar", samples=60)])
+    banned = {}
+    tracker = RoundTracker(cfg, FP, "me", view, banned=lambda: banned)
+    # p1 60 and liar 60 (each capped at the largest of the rest, 60): 30 + 60 + 60 = 150 >= 100
+    assert tracker.round_over(5, samples=30)
+    banned["liar"] = "sent NaN"
+    assert [r.peer_id for r in tracker.records()] == ["p1"]
+    assert not tracker.round_over(5, samples=30)  # 30 + 30 (p1 capped at my 30) = 60 < 100
+    assert tracker.round_over(5, samples=50)  # 50 + 50 = 100
+    view.records_now = [rec("p1", round=6), rec("p2", round=6), rec("p3", round=5)]
+    assert tracker.ahead(5, tracker.records()) == (6, True) and tracker.round_over(5, samples=0)
+    assert tracker.swarm_round(tracker.records()) == 6
+
+
+# ----------------------------------------------------------------------------- contribution policy
+
+
+def test_self_check_refuses_non_finite_and_outsized_deltas():
+    policy = ContributionPolicy(max_delta_norm_ratio=10.0)
+    assert policy.self_check([torch.tensor([3.0, 4.0])], None) == (5.0, None)
+    for _ in range(3):
+        policy.remember(1.0, None)
+    assert policy.self_check([torch.tensor([6.0, 8.0])], None) == (10.0, None)  # 10x the median: still sent
+    norm, why = policy.self_check([torch.tensor([30.0, 40.0])], None)
+    assert norm == 50.0 and "more than 10x the median" in why
+    norm, why = policy.self_check([torch.tensor([float("nan"), 1.0])], None)
+    assert math.isnan(norm) and "non-finite" in why
+    # block cycling: only the active tensors count, with a history per group
+    deltas = [torch.tensor([3.0, 4.0]), torch.tensor([100.0])]
+    assert policy.self_check(deltas, [0]) == (5.0, None)
+    assert policy.self_check(deltas, [1])[0] == 100.0 and policy.self_check(deltas, [1])[1] is None
+    assert policy.weight(0) == 1.0 and policy.weight(96) == 96.0
+
+
+# ----------------------------------------------------------------------------- global state
+
+
+def _model(w: list[float], b: float) -> torch.nn.Module:
+    m = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        m.weight.copy_(torch.tensor([w]))
+        m.bias.fill_(b)
+    return m
+
+
+def _state(model) -> GlobalState:
+    return GlobalState(model, load_config(None, []).outer, fingerprint="f" * 16)
+
+
+def test_global_state_outer_step_hand_computed():
+    model = _model([1.0, 2.0], 0.5)
+    gs = _state(model)
+    with torch.no_grad():
+        model.weight.sub_(torch.tensor([[0.25, 0.5]]))  # local training moved θ_local
+    assert [d.tolist() for d in gs.pseudo_gradient(model)] == [[[0.25, 0.5]], [0.0]]
+    res = RoundResult(deltas=[torch.tensor([[0.5, -1.0]]), None], group_size=2,
+                      gathered={"a": dict(steps=3, samples=96), "b": dict(steps=2, samples=64)},
+                      bytes_sent=100, bytes_received=80, seconds=0.1)
+    before = gs.hash
+    gs.apply(res, model)  # photon: θ ← θ − Δ̄; the bias was not averaged this round
+    assert gs.theta[0].tolist() == [[0.5, 3.0]] and gs.theta[1].tolist() == [0.5]
+    assert model.weight.tolist() == [[0.5, 3.0]]  # the local model starts the next round from θ
+    c = gs.counters
+    assert (c.round, c.global_step, c.total_samples, c.bytes_sent, c.bytes_received) == (1, 5, 160, 100, 80)
+    assert gs.hash != before and gs.hash == theta_hash(gs.theta)
+
+
+def test_global_state_share_check_and_load():
+    donor = _state(_model([1.0, 2.0], 0.5))
+    donor.counters.round, donor.counters.global_step = 7, 70
+    meta, tensors = donor.share()
+    joiner_model = _model([0.0, 0.0], 0.0)
+    joiner = _state(joiner_model)
+    assert joiner.problem_with(meta, tensors) is None
+    assert joiner.problem_with({**meta, "fingerprint": "x"}, tensors) == "fingerprint differs"
+    assert joiner.problem_with({**meta, "round": -1}, tensors) == "malformed round"
+    assert joiner.problem_with({**meta, "theta": "0" * 16}, tensors) == "θ hash does not match the donor's claim"
+    assert "non-finite" in joiner.problem_with(meta, [torch.full_like(t, math.nan) for t in tensors])
+    assert "shapes differ" in joiner.problem_with(meta, [torch.zeros(3, 3), *tensors[1:]])
+    joiner.load(meta, tensors, joiner_model)
+    assert joiner.hash == donor.hash and joiner.counters.round == 7 and joiner.counters.global_step == 70
+    assert joiner_model.weight.tolist() == [[1.0, 2.0]]
+
+
+# ----------------------------------------------------------------------------- overlapped rounds
+
+
+def test_landing_swaps_our_delta_for_the_groups_step():
+    model = _model([1.0, 1.0], 0.0)
+    snapshot = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        model.weight.add_(torch.tensor([[0.5, -0.5]]))  # the round's local progress
+    deltas = progress_since(snapshot, model)
+    assert deltas[0].tolist() == [[-0.5, 0.5]]
+    old = [torch.tensor([[1.0, 1.0]]), torch.tensor([0.0])]
+    new = [torch.tensor([[2.0, 0.0]]), torch.tensor([0.0])]
+    flight = InFlight(round=3, stats=RoundStats(), deltas=deltas, norm=0.0)
+    swap_in_group_step(model, new, old, flight)
+    # local = θ_new − (progress of the round in flight): the group's step replaced our own Δ
+    assert model.weight.tolist() == [[2.0, 0.0]]
+    flight.reset = True  # a re-sync already dropped our Δ: only the group's step is added
+    swap_in_group_step(model, new, old, flight)
+    assert model.weight.tolist() == [[3.0, -1.0]]
+    assert flight.wait(0.01) == "the all-reduce did not finish"
+    flight.error = "no group"
+    flight.done.set()
+    assert flight.wait(0.01) == "no group"
