@@ -292,7 +292,7 @@ def test_run_in_background_ignores_sigint_in_the_caller_and_keep_sigint_puts_it_
 
 
 def test_container_parts_are_flat_views_whose_info_locates_them():
-    """part_location/input_part read `_input_parts_by_peer` as (view, CompressionInfo(key, part_index,
+    """part_location reads `_input_parts_by_peer` as (view, CompressionInfo(key, part_index,
     part_size)); iterate_input_parts_for keeps hivemind's `_inputs_consumed_by_peer` flag."""
     tensors = [torch.arange(40.0), torch.arange(100.0, 124.0)]
     infos = [CompressionInfo.from_tensor(t, key=k) for k, t in zip((3, 5), tensors)]
@@ -304,7 +304,7 @@ def test_container_parts_are_flat_views_whose_info_locates_them():
     for peer in range(2):
         for i in range(container.num_parts_by_peer[peer]):
             key, start, n = container.part_location(peer, i)
-            assert torch.equal(container.input_part(peer, i), flat[key][start:start + n])
+            assert torch.equal(container._input_parts_by_peer[peer][i][0], flat[key][start:start + n])
             seen += n
     assert seen == 64 and len(container._inputs_consumed_by_peer) == 2
 

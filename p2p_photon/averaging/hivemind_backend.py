@@ -90,10 +90,6 @@ class EncodingContainer(TensorPartContainer):
                          return_deltas=False)
         self.codec, self.residuals = codec, residuals
 
-    def input_part(self, peer_index: int, part_index: int) -> torch.Tensor:
-        """Our own values of a part owned by `peer_index`."""
-        return self._input_parts_by_peer[peer_index][part_index][0]
-
     def part_location(self, peer_index: int, part_index: int) -> tuple[int, int, int]:
         """(global tensor index, start offset, numel) of a part."""
         part, info = self._input_parts_by_peer[peer_index][part_index]
@@ -173,12 +169,11 @@ class OwnerRunner(AllReduceRunner):
     def __init__(self, *, codec: Codec, residuals: dict[int, torch.Tensor] | None,
                  out_residuals: dict[int, torch.Tensor] | None, aggregator: str, clip_factor: float,
                  weight_caps: dict[str, float], tensor_infos: Sequence[CompressionInfo], part_size_bytes: int,
-                 max_output_ratio: float = 0.0, **kwargs):
+                 **kwargs):
         tensors = kwargs.pop("tensors")
         super().__init__(tensors=(), **kwargs)
         self.codec, self.aggregator, self.clip_factor = codec, aggregator, clip_factor
         self.weight_caps = weight_caps
-        self.max_output_ratio = max_output_ratio
         self.out_residuals, self.staged_out_residuals = out_residuals, {}
         self.bytes_sent = self.bytes_received = 0
         self.failed_reducers: set[str] = set()
@@ -315,9 +310,7 @@ class OwnerRunner(AllReduceRunner):
         try:
             loop = asyncio.get_event_loop()
             averaged = await loop.run_in_executor(None, self.codec.decode, msg.tensor_part)
-            mine = self.tensor_part_container.input_part(peer_index, part_index)
-            problem = protocol.average_problem(averaged, n, mine, aggregator=self.aggregator,
-                                               max_output_ratio=self.max_output_ratio)
+            problem = protocol.average_problem(averaged, n)
             if problem:
                 raise AllreduceException(problem)
         except (ValueError, AllreduceException) as e:
@@ -345,8 +338,7 @@ class _Averager(DecentralizedAverager):
         self._error_feedback, self._members = error_feedback, members
         self._min_group = int(kwargs.get("min_group_size") or 1)
         self._residuals, self._wire = residuals, wire  # shared memory: written here, read by SwarmAverager
-        self._policy: dict[str, Any] = dict(active=None, weight_caps={}, banned=frozenset(),
-                                            max_output_ratio=0.0)
+        self._policy: dict[str, Any] = dict(active=None, weight_caps={}, banned=frozenset())
         self._rejected: dict[str, str] = {}
         self._out_residuals: dict[int, torch.Tensor] | None = None
         super().__init__(averaged_tensors, dht, **kwargs)
@@ -496,8 +488,7 @@ class _Averager(DecentralizedAverager):
             ordered_peer_ids=group_info.peer_ids, codec=codec, residuals=residuals,
             out_residuals=self._out_residuals if self._error_feedback else None,
             aggregator=self._aggregator, clip_factor=self._clip_factor,
-            weight_caps=dict(self._policy.get("weight_caps") or {}),
-            max_output_ratio=float(self._policy.get("max_output_ratio") or 0.0), **kwargs)
+            weight_caps=dict(self._policy.get("weight_caps") or {}), **kwargs)
 
     # -- RPC handlers: hivemind registers every rpc_* method from its type hints (ServicerBase)
     async def rpc_download_state(self, request: averaging_pb2.DownloadRequest, context: P2PContext

@@ -142,17 +142,13 @@ def combine_part(contributions: Sequence[tuple[torch.Tensor, float]], numel: int
     return CombinedPart(msg, decoded, None, dropped)
 
 
-def average_problem(averaged: torch.Tensor, numel: int, mine: torch.Tensor, *, aggregator: str,
-                    max_output_ratio: float) -> str | None:
-    """Why an owner's result for our slice is refused, or None: it must have the right size, be finite,
-    and, under a clipping aggregator, not be far larger than what we sent (a clipped aggregate is at
-    most clip_factor x the median contribution)."""
+def average_problem(averaged: torch.Tensor, numel: int) -> str | None:
+    """Why an owner's result for our slice is refused (and the owner banned), or None. Only proof
+    counts: the wrong size or non-finite values. Its size relative to what we sent is no proof (our
+    own Δ may be atypical: a joiner's first round, a slow peer, block cycling), and a lying owner
+    that sends finite values of the right size is caught by the consensus hash instead."""
     if averaged.numel() != numel:
         return f"sent {averaged.numel()} values where we expect {numel}"
     if not bool(torch.isfinite(averaged).all()):
         return "sent a non-finite average"
-    if max_output_ratio and aggregator != "mean":
-        ours = float(mine.norm())
-        if ours > 0 and float(averaged.norm()) > max_output_ratio * ours:
-            return f"sent an average {float(averaged.norm()) / ours:.3g}x the norm of ours"
     return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -55,12 +56,23 @@ class SwarmAverager:
         self.peer_id = str(self._averager.peer_id)
         self.dht, self.prefix = dht, prefix
         self.banned: dict[str, str] = {}
+        # one round at a time: the group bits, the policy and the shared buffers belong to the round in
+        # progress (overlapped mode calls average() for round T+1 while round T may still run; without
+        # this, T+1's Δ could overwrite T's average before T reads it, and T+1's group bits could move
+        # T's matchmaking to the wrong round)
+        self._one_round = threading.Lock()
 
     def average(self, deltas: Sequence[torch.Tensor | None], *, round_no: int, weight: float,
                 meta: dict[str, Any], active: Sequence[int] | None = None,
                 weight_caps: dict[str, float] | None = None, timeout: float | None = None) -> RoundResult:
-        """One round: matchmaking in the round's group, then our all-reduce of the active tensors
-        (all by default; Δ of the others is ignored); raises AveragingFailed."""
+        """One round: matchmaking in the round's group (`round_no` picks the group bits), then our
+        all-reduce of the active tensors (all by default; Δ of the others is ignored), weighted by
+        `weight` and with the other members' weights bounded by `weight_caps`; raises AveragingFailed.
+        Concurrent calls run one after the other."""
+        with self._one_round:
+            return self._average(deltas, round_no, weight, meta, active, weight_caps, timeout)
+
+    def _average(self, deltas, round_no, weight, meta, active, weight_caps, timeout) -> RoundResult:
         t0 = time.perf_counter()
         active = list(range(len(self.shapes))) if active is None else sorted(int(i) for i in active)
         self._prepare(deltas, round_no, active, weight_caps)
@@ -82,8 +94,7 @@ class SwarmAverager:
                  weight_caps: dict[str, float] | None) -> None:
         """Round settings to the averager process, Δ + carried error into the shared buffers."""
         self._averager.set_group_bits(group_bits(round_no))
-        self._averager.set_policy(active=active, weight_caps=dict(weight_caps or {}),
-                                  max_output_ratio=self.cfg.max_delta_norm_ratio * self.cfg.clip_factor)
+        self._averager.set_policy(active=active, weight_caps=dict(weight_caps or {}))
         with self._averager.get_tensors() as tensors:
             for i in active:
                 tensors[i].copy_(deltas[i])

@@ -190,9 +190,12 @@ class Peer(PeerParts):
         why = flight.wait(self.cfg.averaging.landing_timeout)
         if why is None and self.gs.counters.round != flight.round:
             why = f"our global model is at round {self.gs.counters.round}, the group averaged round {flight.round}"
-        if why is not None:  # this round's work is lost; the local model goes back to θ (or the swarm's state)
-            if self.inflight is not None:
-                self.inflight.reset = True
+        if why is not None:
+            # round T did not land: the round after it, already launched on top of T, can never land
+            # either (its group applies it to θ_T+1, which we do not hold). Drop it and train round T
+            # again from θ (or the swarm's newer state): the pipeline restarts at the round that failed
+            # instead of staying one round ahead of a global model that never advances.
+            self.inflight = None
             return self.fail_round(flight.stats, why, keep_work=False)
         self.policy.remember(flight.norm, None)
         with self.gs.lock:

@@ -8,7 +8,9 @@ applied. Landing round T:
     θ ← OuterOpt(θ, Δ̄_T)
     local ← local + (θ_new − θ_old) + Δ_T      (the group's step instead of our own Δ_T)
 
-which keeps local = θ − (progress of the round in flight).
+which keeps local = θ − (progress of the round in flight). When round T cannot land, the round
+after it cannot either (it was launched on top of T): it is dropped, and round T is trained
+again from θ.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ class InFlight:
     done: threading.Event = field(default_factory=threading.Event)
     result: object | None = None  # averaging.RoundResult
     error: str | None = None
-    reset: bool = False  # the local model was reset since (its Δ is no longer in it)
 
     def wait(self, timeout: float) -> str | None:
         """Why the round cannot land (error or timeout), or None when its result is in."""
@@ -66,9 +67,7 @@ def launch(flight: InFlight, average: Callable[[], object], averaging_failed: ty
 
 def swap_in_group_step(model: torch.nn.Module, new: Sequence[torch.Tensor], old: Sequence[torch.Tensor],
                        flight: InFlight) -> None:
-    """local += θ_new − θ_old, plus our own Δ back unless a re-sync already dropped it."""
+    """local += θ_new − θ_old + Δ_T: the group's step instead of our own."""
     with torch.no_grad():
         for p, n, o, d in zip(model.parameters(), new, old, flight.deltas):
-            p.add_(n - o)
-            if not flight.reset:
-                p.add_(d)
+            p.add_(n - o + d)
