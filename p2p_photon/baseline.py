@@ -103,10 +103,17 @@ def _write_metrics(result: TrainResult, path: str) -> None:
 
 
 def save_pretrained(model: torch.nn.Module, prep, cfg: Config, out_dir: str | Path) -> Path:
-    """A Hugging Face-loadable directory: safetensors weights, config, tokenizer, resolved run config."""
+    """The baseline's `--save`: the model with the prepared data's tokenizer (see `write_hf_model`)."""
+    return write_hf_model(model, prep.tokenizer(), cfg, out_dir)
+
+
+def write_hf_model(model: torch.nn.Module, tokenizer, cfg: Config, out_dir: str | Path) -> Path:
+    """A Hugging Face-loadable directory: safetensors weights, config.json, generation_config.json, the
+    tokenizer files, and the resolved run config (p2p_photon.toml). Shared by `train --save` and
+    `export`, so both write the same layout that `AutoModelForCausalLM`/`AutoTokenizer` load offline."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
-    prep.tokenizer().save_pretrained(out)
+    tokenizer.save_pretrained(out)
     (out / "p2p_photon.toml").write_text(to_toml(cfg))
     return out

@@ -190,6 +190,17 @@ def cmd_identity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """A swarm checkpoint out as a Hugging Face model directory (weights, config, tokenizer, card)."""
+    from .export import export_checkpoint
+
+    logger.info("exporting %s to %s", args.checkpoint, args.out)
+    out = export_checkpoint(args.checkpoint, args.out, tokenizer=args.tokenizer, force=args.force,
+                            eval_ppl=not args.no_eval)
+    print(f"wrote {out}: load it with AutoModelForCausalLM.from_pretrained / AutoTokenizer.from_pretrained")
+    return 0
+
+
 def _add_dht_args(p: argparse.ArgumentParser, *, initial: bool = True) -> None:
     if initial:
         p.add_argument("--initial-peers", nargs="+", metavar="MADDR",
@@ -261,8 +272,22 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("path")
     show.set_defaults(func=cmd_identity)
 
+    _add_export_parser(sub)
     _add_monitor_parser(sub)
     return parser
+
+
+def _add_export_parser(sub: argparse._SubParsersAction) -> None:
+    """`export CHECKPOINT_DIR -o OUT [--tokenizer FILE] [--force] [--no-eval]`."""
+    export = sub.add_parser("export", help="a checkpoint out as a Hugging Face model directory")
+    export.add_argument("checkpoint", metavar="CHECKPOINT_DIR",
+                        help="a checkpoint (ckpt-XXXXXXXX) or a checkpoint.dir (its newest valid checkpoint)")
+    export.add_argument("-o", "--out", required=True, help="the directory to write (new or empty)")
+    export.add_argument("--tokenizer", metavar="TOKENIZER_JSON",
+                        help="the run's tokenizer.json (default: found in the run's prepared data cache)")
+    export.add_argument("--force", action="store_true", help="replace the contents of a non-empty --out")
+    export.add_argument("--no-eval", action="store_true", help="do not measure held-out perplexity for the card")
+    export.set_defaults(func=cmd_export)
 
 
 def _add_monitor_parser(sub: argparse._SubParsersAction) -> None:
