@@ -79,6 +79,9 @@ class ProgressRecord(BaseModel):
     agrees on it); the monitor reads it from here. 0 from a peer that did not say."""
     seq_len: Count = 0
     """The run's model.seq_len (part of the fingerprint): tokens per sample."""
+    theta_round: Count = 0
+    """The round of the global model whose hash is `theta_hash` (= `round`, except in overlapped mode,
+    where a peer trains round r+1 while it holds θ of round r): peers compare hashes per θ round."""
 
 
 def progress_key(run_id: str) -> str:

@@ -8,6 +8,7 @@ contribution policy swapped in (`run_peer(policy_class=AttackPolicy)`). Run as `
   samples=K   publish K x the samples (and throughput) it trained
   round=K     publish round + K
   donor       claim the highest state-sharing priority and serve NaN / wrong-shaped state
+  fork=R      (not hostile: broken) after the outer step of round R, hold a θ that is off the swarm's
 
 Never used outside tests.
 """
@@ -61,7 +62,29 @@ class AttackPolicy(ContributionPolicy):
         return 1e9 if KIND == "donor" else super().sharing_priority(round_no)
 
 
+def fork_after(round_no: int) -> None:
+    """This process's peer ends round `round_no` holding a θ slightly off the swarm's (as after averaging
+    in a group apart from the others)."""
+    from p2p_photon.outer import load_into_model
+    from p2p_photon.peer.global_state import GlobalState
+
+    honest_apply = GlobalState.apply
+
+    def apply(self, res, model):
+        honest_apply(self, res, model)
+        if self.counters.round == round_no + 1:
+            with self.lock:
+                self.theta[0].add_(1e-3)
+                if model is not None:
+                    load_into_model(self.theta, model)
+                self.rehash()
+
+    GlobalState.apply = apply
+
+
 if __name__ == "__main__":
+    if KIND == "fork":
+        fork_after(int(ARG))
     # `p2p-photon peer` calls p2p_photon.peer.run_peer: the same peer, with the hostile policy
     peer.run_peer = functools.partial(peer.run_peer, policy_class=AttackPolicy)
     sys.exit(cli.main())

@@ -188,7 +188,7 @@ def test_monitor_command_runs_for_its_duration_with_log_and_dashboard(hostile_dh
 
 def _row(pid: str, **kw) -> dict:
     row = dict(peer_id=pid, peer=pid[-8:], alive=True, round=3, samples=40, tokens_per_s=640.0,
-               fingerprint="fp", theta_hash="h1", target_samples=96, seq_len=64)
+               fingerprint="fp", theta_hash="h1", theta_round=3, target_samples=96, seq_len=64)
     row.update(kw)
     return row
 
@@ -202,7 +202,7 @@ def _record(pid: str, **kw):
 
 @pytest.mark.timeout(10)
 def test_swarm_line_uses_the_majority_fingerprint_and_the_global_round():
-    rows = [_row("a"), _row("b", samples=24), _row("c", round=2, theta_hash="h0"),
+    rows = [_row("a"), _row("b", samples=24), _row("c", round=2, theta_round=2, theta_hash="h0"),
             _row("x", fingerprint="other", round=9), _row("g", alive=False, round=7)]
     s = swarm_summary(rows)
     assert (s["round"], s["samples"], s["alive_peers"], s["known_peers"]) == (3, 64, 4, 5)
@@ -210,8 +210,12 @@ def test_swarm_line_uses_the_majority_fingerprint_and_the_global_round():
     assert s["other_fingerprint_peers"] == 1 and s["theta_same"] is True
     assert s["eta_s"] == pytest.approx((96 - 64) / (2 * 640 / 64))  # 32 samples at 20 samples/s: 1.6 s
     assert s["tokens_per_s"] == pytest.approx(4 * 640.0)
+    assert (s["theta_round"], s["distinct_theta"]) == (3, 1)
     s = swarm_summary([*rows, _row("d", theta_hash="h2")])
-    assert s["theta_same"] is False and s["theta_hashes"] == ["h1", "h2"]
+    assert s["theta_same"] is False and s["theta_hashes"] == ["h1", "h2"] and s["distinct_theta"] == 2
+    # an overlapped peer trains round 4 while it holds θ of round 3: its hash is compared with round 3's
+    s = swarm_summary([*rows, _row("o", round=4, theta_round=3, theta_hash="h1")])
+    assert s["round"] == 4 and s["theta_same"] is True
     s = swarm_summary([])
     empty = (s["round"], s["eta_s"], s["theta_same"], s["alive_peers"], s["target_samples"])
     assert empty == (None, None, None, 0, None)

@@ -14,7 +14,14 @@ from p2p_photon.hashing import theta_hash
 from p2p_photon.peer.contribution import ContributionPolicy
 from p2p_photon.peer.global_state import GlobalState
 from p2p_photon.peer.overlap import InFlight, progress_since, swap_in_group_step
-from p2p_photon.peer.tracker import RoundTracker, majority_round, round_progress, swarm_ahead, weight_caps
+from p2p_photon.peer.tracker import (
+    RoundTracker,
+    majority_round,
+    round_progress,
+    swarm_ahead,
+    swarm_theta,
+    weight_caps,
+)
 from p2p_photon.peer.training import RoundStats
 from p2p_photon.progress import ProgressRecord
 from tests.helpers import make_record
@@ -130,6 +137,26 @@ def test_weight_caps_hand_computed():
     assert weight_caps([rec("me")], me="me", fingerprint=FP, now=NOW, seq_len=SEQ, my_rate=1.0, floor=50) == {}
     lazy = weight_caps([rec("a", samples=1)], me="me", fingerprint=FP, now=NOW, seq_len=SEQ, my_rate=0.0, floor=50)
     assert lazy == {"a": 8 * 50}  # never below 8x the floor (the round's target plus one batch)
+
+
+def test_swarm_theta_is_the_hash_most_peers_hold_with_deterministic_ties():
+    def theta(records, mine="h-me", total=100):
+        return swarm_theta(records, me="me", fingerprint=FP, theta_round=5, my_hash=mine, my_total=total)
+
+    a, b = "a" * 16, "b" * 16
+    two_b = [rec("p1", theta_round=5, theta_hash=b, total_samples=10), rec("p2", theta_round=5, theta_hash=b)]
+    assert theta(two_b, mine=a) == (b, {a: 1, b: 2})  # two peers hold b, only we hold a: b is the swarm's
+    assert theta(two_b, mine=b) == (b, {b: 3})
+    ignored = [rec("old", theta_round=4, theta_hash=b), rec("gone", theta_round=5, theta_hash=b, state="done"),
+               rec("other-run", theta_round=5, theta_hash=b, fingerprint="ffff"), rec("me", theta_round=5,
+                                                                                      theta_hash=b)]
+    assert theta(ignored, mine=a) == (a, {a: 1})  # other rounds, finished peers, other runs, our old record
+    # one against one: the larger total_samples wins, then the smaller hash; one peer's claim is one vote
+    assert theta([rec("p1", theta_round=5, theta_hash=b, total_samples=101)], mine=a)[0] == b
+    assert theta([rec("p1", theta_round=5, theta_hash=b, total_samples=99)], mine=a)[0] == a
+    assert theta([rec("p1", theta_round=5, theta_hash=b, total_samples=100)], mine=a)[0] == a
+    liar = [rec("p1", theta_round=5, theta_hash=b, total_samples=10**12), rec("p2", theta_round=5, theta_hash=a)]
+    assert theta(liar, mine=a)[0] == a
 
 
 class _View:

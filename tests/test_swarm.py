@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -17,15 +20,20 @@ def _rounds_by_peer(swarm, names):
 
 @pytest.mark.parametrize("mode", ["overlap", "block_cycle"])  # blocking int8 (the default): every other swarm test
 def test_three_peers_share_one_model_and_learn(tmp_path, swarm_overrides, mode):
-    """int8 (the default wire format), overlapped rounds (outer step one round late) and FedCyBGD block
-    cycling: θ is bit-identical on every peer after every round, and the model learns."""
+    """int8 (the default wire format), overlapped rounds (outer step one round late; peers started 0-2 s
+    apart) and FedCyBGD block cycling: θ is bit-identical on every peer after every round, and the model
+    learns."""
     names = ["peer0", "peer1", "peer2"]
     extra = {"overlap": ["averaging.overlap=true"],
              "block_cycle": ["outer.block_cycle=3", "checkpoint.every_rounds=1", "checkpoint.keep=5"]}[mode]
     three = ["averaging.target_group_size=3"]  # the group closes as soon as all three are in
     with LocalSwarm(tmp_path, overrides=[*swarm_overrides, "rounds.num_rounds=3", *three, *extra]) as swarm:
         swarm.start_bootstrap()
-        procs = [swarm.start_peer(i) for i in range(3)]
+        procs = []
+        for i in range(3):  # overlapped peers start 0-2 s apart (they once livelocked one round apart)
+            procs.append(swarm.start_peer(i))
+            if mode == "overlap" and i < 2:
+                time.sleep(1.0)
         codes = swarm.wait(procs, timeout=300)
         assert codes == [0, 0, 0], [swarm.tail(p) for p in procs]
     summaries = {n: swarm.summary(n) for n in names}
@@ -97,3 +105,29 @@ def test_a_slow_peer_contributes_to_every_round_without_stalling_it(tmp_path, sw
         # max, not min: in round 0 a fast peer that finished starting up late trains only briefly
         fast_steps = max(by_round[n][r]["steps"] for n in ("peer0", "peer1"))
         assert 0 < by_round["slow"][r]["steps"] < fast_steps, by_round
+
+
+ATTACKER = str(Path(__file__).with_name("attacker.py"))
+
+
+def test_a_peer_off_the_swarms_theta_notices_and_resyncs(tmp_path, swarm_overrides):
+    """Three peers in one group; after round 1 one of them holds a θ off the swarm's (as after averaging
+    in a group apart). At round 2 it finds its θ in the minority of the swarm's records, says so, takes the
+    swarm's θ, and from round 3 on holds it; the other two never see a fork."""
+    run = [*swarm_overrides, "rounds.num_rounds=5", "averaging.target_group_size=3"]
+    with LocalSwarm(tmp_path, overrides=run) as swarm:
+        swarm.start_bootstrap()
+        procs = [swarm.start_peer(0), swarm.start_peer(1),
+                 swarm.start_peer(2, name="forked", script=ATTACKER, env={"P2P_PHOTON_ATTACK": "fork=1"})]
+        assert swarm.wait(procs, timeout=300) == [0, 0, 0], [swarm.tail(p) for p in procs]
+        logs = {p.name: swarm.tail(p, 3000) for p in procs}
+    assert "θ forked at round 2" in logs["forked"], logs["forked"][-3000:]
+    assert all("θ forked" not in logs[n] for n in ("peer0", "peer1"))
+    names = ["peer0", "peer1", "forked"]
+    summaries = {n: swarm.summary(n) for n in names}
+    assert len({s["theta"] for s in summaries.values()}) == 1, "the forked peer did not come back"
+    by_round = _rounds_by_peer(swarm, names)
+    assert any(not h["ok"] and "θ forked" in (h.get("why") or "") for h in summaries["forked"]["history"])
+    for r in (3, 4):  # healed within two rounds: the rounds it averages after that agree with the others'
+        assert len({by_round[n][r]["theta"] for n in names if r in by_round[n]}) == 1, r
+    assert 4 in by_round["forked"], "the healed peer took part again"

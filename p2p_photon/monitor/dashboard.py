@@ -58,7 +58,8 @@ SWARM_GAUGES = (("round", "round", "Global round"), ("alive_peers", "alive_peers
                 ("samples", "samples", "Samples of the global round so far"),
                 ("target_samples", "target_samples", "Samples per round"),
                 ("eta_seconds", "eta_s", "Estimated seconds until the round ends"),
-                ("theta_same", "theta_same", "1 if the peers of the global round agree on the model hash"),
+                ("theta_same", "theta_same", "1 if the peers agree on the hash of the newest global model"),
+                ("distinct_theta", "distinct_theta", "Distinct hashes of the newest global model (>1: a fork)"),
                 ("invalid_records", "invalid_records", "Progress records skipped in the latest poll"))
 
 

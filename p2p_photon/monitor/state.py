@@ -78,13 +78,17 @@ def swarm_summary(rows: Sequence[dict]) -> dict[str, Any]:
     current = [r for r in members if r["round"] == rnd]
     target = run_setting(r["target_samples"] for r in members)
     seq_len = run_setting(r["seq_len"] for r in members)
-    hashes = {r["theta_hash"] for r in current}
+    # θ agreement: the hashes published for the newest global model (θ round, not training round:
+    # an overlapped peer trains round r+1 while it holds θ of round r); more than one is a fork
+    theta_round = max((r.get("theta_round", 0) for r in members), default=None)
+    hashes = {r["theta_hash"] for r in members if r.get("theta_round", 0) == theta_round}
     return dict(
         round=rnd, samples=sum(r["samples"] for r in current), target_samples=target, seq_len=seq_len,
         eta_s=round_eta(current, target, seq_len),
         tokens_per_s=sum(r["tokens_per_s"] for r in alive), alive_peers=len(alive), known_peers=len(rows),
         fingerprint=fingerprint, other_fingerprint_peers=len(alive) - len(members),
-        theta_same=(len(hashes) == 1) if current else None, theta_hashes=sorted(hashes),
+        theta_same=(len(hashes) == 1) if members else None, theta_hashes=sorted(hashes),
+        theta_round=theta_round, distinct_theta=len(hashes),
     )
 
 

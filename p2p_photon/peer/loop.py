@@ -44,7 +44,6 @@ class Peer(PeerParts):
         super().__init__(cfg, resume=resume, stop_event=stop_event, summary_out=summary_out,
                          policy=policy or ContributionPolicy(cfg.averaging.max_delta_norm_ratio))
         self.inflight: InFlight | None = None  # overlapped mode: the all-reduce running while the next round trains
-        self.pending: RoundStats | None = None  # work of a failed attempt, carried into the retry
         self.failed_at, self.failed_here = -1, 0  # consecutive failed attempts at one round
 
     def run(self) -> int:
@@ -125,6 +124,8 @@ class Peer(PeerParts):
         ahead, mates_here = self.tracker.ahead(r, records)
         if ahead is not None and not mates_here:
             return self.fail_round(st, f"missed round {r}: the swarm is already at round {ahead}")
+        if (want := self._forked(records)) is not None:
+            return self.heal_fork(st, want)
         active = self.training.active_indices(r)
         deltas = self.policy.contribution(self.gs.pseudo_gradient(self.model))
         norm, problem = self.policy.self_check(deltas, active)
@@ -165,6 +166,9 @@ class Peer(PeerParts):
             return None
         t0 = time.perf_counter()
         launched = None
+        if not st.stopped and (want := self._forked(self.tracker.records(fresh=True))) is not None:
+            self.inflight = None  # it was launched on top of a θ that is not the swarm's
+            return self.heal_fork(st, want)
         if not last and not st.stopped and not (n and self.train_round >= n):
             launched = self._launch(st, self.train_round, snapshot)
         landing, self.inflight = self.inflight, launched
@@ -227,6 +231,25 @@ class Peer(PeerParts):
             self.gs.reset_local(self.model)
         return report
 
+    def _forked(self, records: list) -> str | None:
+        """The swarm's θ hash if the θ we hold is not it (see tracker.swarm_theta), else None."""
+        c = self.gs.counters
+        return self.tracker.fork(records, c.round, self.gs.hash, c.total_samples)
+
+    def heal_fork(self, st: RoundStats, want: str) -> RoundReport:
+        """Our θ is not the swarm's (groups that averaged apart): download the swarm's θ and drop this
+        round's work, which was trained on ours. Counted and published as a failed round."""
+        c, r, ours = self.gs.counters, self.gs.counters.round, self.gs.hash
+        c.failed_rounds += 1
+        self.publish(st, "syncing")
+        healed = self.sync_from_peers(attempts=2, want=want)
+        if not healed:
+            self.gs.reset_local(self.model)
+        why = (f"θ forked: ours {ours[:8]} is not the swarm's {want[:8]}; "
+               + ("re-synchronized" if healed else "no peer served the swarm's θ yet"))
+        logger.warning("round %d failed (%s); failed rounds so far: %d", r, why, c.failed_rounds)
+        return RoundReport.failed(r, st, why)
+
     def _catch_up(self) -> bool:
         """If a majority of the other peers finished our round without us, download the swarm's state
         instead of averaging a stale Δ (a lone peer far ahead is not enough)."""
@@ -235,21 +258,6 @@ class Peer(PeerParts):
             return False
         logger.info("the swarm is at round %d, we are at %d: downloading its state", ahead, self.train_round)
         return self.sync_from_peers()
-
-    def sync_from_peers(self, attempts: int = 4) -> bool:
-        """Download and load the swarm's state (see sync.py); False if no donor served a usable one."""
-        got = self.sync.download(attempts)
-        if got is None:
-            return False
-        meta, tensors, donor = got
-        self.gs.load(meta, tensors, self.model)
-        self.pending = None
-        c = self.gs.counters
-        self.averager.set_priority(self.policy.sharing_priority(c.round))
-        c.history.append(dict(round=c.round, event="sync", ok=False, theta=self.gs.hash))
-        logger.info("loaded state of round %d (global step %d, θ %s) from peer %s", c.round, c.global_step,
-                    self.gs.hash, donor[-8:])
-        return True
 
     # ------------------------------------------------------------------ after a round
 

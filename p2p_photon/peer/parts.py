@@ -42,6 +42,7 @@ class PeerParts:
         self.dht = self.averager = self.view = None
         self._tmp_identity: str | None = None  # private dir of an ephemeral identity (no dht.identity_path)
         self.joined = False  # checkpoints and summaries only for a peer that took part
+        self.pending: RoundStats | None = None  # work of a failed attempt, carried into the retry
 
     @staticmethod
     def check_inputs(cfg: Config) -> None:
@@ -111,6 +112,24 @@ class PeerParts:
     def evaluate(self) -> float:
         """Held-out loss of the local model (= the global model right after a round)."""
         return evaluate(self.model, self.heldout, self.cfg.inner, self.device)
+
+    # ------------------------------------------------------------------ state from the swarm
+
+    def sync_from_peers(self, attempts: int = 4, want: str | None = None) -> bool:
+        """Download and load the swarm's state (see sync.py); False if no donor served a usable one.
+        With `want`, only a state whose θ hash is `want`."""
+        got = self.sync.download(attempts, want=want)
+        if got is None:
+            return False
+        meta, tensors, donor = got
+        self.gs.load(meta, tensors, self.model)
+        self.pending = None
+        c = self.gs.counters
+        self.averager.set_priority(self.policy.sharing_priority(c.round))
+        c.history.append(dict(round=c.round, event="sync", ok=False, theta=self.gs.hash))
+        logger.info("loaded state of round %d (global step %d, θ %s) from peer %s", c.round, c.global_step,
+                    self.gs.hash, donor[-8:])
+        return True
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -68,7 +68,8 @@ class Reporter:
             tokens_per_s=self.last_rate, fingerprint=self.gs.fp, theta_hash=self.gs.hash,
             failed_rounds=c.failed_rounds, bytes_sent=c.bytes_sent, bytes_received=c.bytes_received,
             utilization=min(1.0, st.train_s / busy) if busy > 0 else 0.0, time=get_dht_time(), state=phase,
-            target_samples=self.cfg.rounds.target_samples_per_round, seq_len=self.cfg.model.seq_len)
+            target_samples=self.cfg.rounds.target_samples_per_round, seq_len=self.cfg.model.seq_len,
+            theta_round=c.round)
         rec = self.policy.record(rec)
         if now or phase != "training" or not self.view.is_alive():
             self.publisher.publish(rec)

@@ -30,20 +30,25 @@ class StateSync:
         self.gs, self.averager, self.records, self.peer_id = gs, averager, records, peer_id
         self.timeout, self.stop = timeout, stop
 
-    def download(self, attempts: int = 4, max_donors: int = 8) -> tuple[dict, list[torch.Tensor], str] | None:
-        """(metadata, tensors, donor) of a checked state, or None if no donor served a usable one."""
+    def download(self, attempts: int = 4, max_donors: int = 8, want: str | None = None
+                 ) -> tuple[dict, list[torch.Tensor], str] | None:
+        """(metadata, tensors, donor) of a checked state, or None if no donor served a usable one.
+        With `want`, only a state whose θ hash is `want` is taken (healing a fork)."""
         delay, refused, attempt = 1.0, [], 0
         while attempt < attempts and len(refused) < max_donors and not self.stop.is_set():
             got = self.averager.load_state_from_peers(timeout=self.timeout, exclude=refused)
             if got is not None:
                 donor, meta, tensors = got
                 problem = self.gs.problem_with(meta, tensors)
+                if problem is None and want is not None and meta["theta"] != want:
+                    problem = f"it holds θ {meta['theta'][:8]}, the swarm's is {want[:8]}"
                 if problem is not None:
                     logger.warning("rejected the state served by peer %s: %s; trying another donor", donor[-8:],
                                    problem)
                     refused.append(donor)
                     continue
-                unconfirmed = self.unconfirmed(int(meta["round"]), meta["theta"], donor)
+                # a θ the swarm's records already elected (`want`) needs no second confirmation
+                unconfirmed = None if want else self.unconfirmed(int(meta["round"]), meta["theta"], donor)
                 if unconfirmed is None:
                     return meta, tensors, donor
                 logger.info("state of peer %s not used yet: %s", donor[-8:], unconfirmed)  # retried after a pause

@@ -118,6 +118,24 @@ def weight_caps(records: Iterable[ProgressRecord], *, me: str, fingerprint: str,
                                  * min(60.0, max(0.0, now - x.time) + 5)) for x in mates}
 
 
+def swarm_theta(records: Iterable[ProgressRecord], *, me: str, fingerprint: str, theta_round: int,
+                my_hash: str, my_total: int) -> tuple[str, dict[str, int]]:
+    """(the swarm's θ hash at `theta_round`, peers per hash), this peer included.
+
+    The swarm's θ is the hash held by the most peers; ties go to the larger sum of the holders'
+    total_samples, then to the smaller hash, so every peer that sees the same records picks the
+    same one. Peers are counted rather than their claimed samples weighed, so one peer claiming
+    10^6 samples cannot make the swarm adopt its θ (sync.py also requires another peer to publish a
+    donor's θ before it is downloaded)."""
+    votes: dict[str, list[int]] = {my_hash: [1, my_total]}
+    for r in others(records, me, fingerprint):
+        if r.theta_round == theta_round:
+            v = votes.setdefault(r.theta_hash, [0, 0])
+            v[0], v[1] = v[0] + 1, v[1] + r.total_samples
+    best = min(votes, key=lambda h: (-votes[h][0], -votes[h][1], h))
+    return best, {h: v[0] for h, v in votes.items()}
+
+
 class RoundTracker:
     """This peer's reading of the swarm: the background view's records, less those of banned peers."""
 
@@ -161,6 +179,17 @@ class RoundTracker:
     def swarm_round(self, records: list[ProgressRecord]) -> int:
         """The round a majority of the other live peers of this run has reached (-1: none)."""
         return majority_round([x.round for x in self.mates(records)])
+
+    def fork(self, records: list[ProgressRecord], theta_round: int, my_hash: str, my_total: int) -> str | None:
+        """The swarm's θ hash if ours is not it (a fork: groups that averaged apart), else None."""
+        best, held = swarm_theta(records, me=self.peer_id, fingerprint=self.fp, theta_round=theta_round,
+                                 my_hash=my_hash, my_total=my_total)
+        if best == my_hash:
+            return None
+        logger.warning("θ forked at round %d: %d peer(s) hold %s, %d (this one included) hold ours %s; "
+                       "re-synchronizing with the swarm's", theta_round, held[best], best[:8], held[my_hash],
+                       my_hash[:8])
+        return best
 
     def swarm_finished(self) -> bool:
         """All other peers of this run we know of have published 'done' (a bounded run is over)."""
