@@ -180,6 +180,11 @@ class RoundsConfig:
     early by claiming samples it did not train. A lone much faster peer is undercounted, which
     only makes rounds longer."""
 
+    linger_seconds: float = 20.0
+    """A peer that finished a bounded run (rounds.num_rounds) keeps serving its final state for up to this
+    many seconds while a live peer of the run is still behind it, so a straggler downloads the final
+    model instead of ending on an older one."""
+
     def validate(self) -> None:
         _check(self.target_samples_per_round >= 1, "rounds.target_samples_per_round", "must be >= 1")
         _check(self.max_local_steps >= 0, "rounds.max_local_steps", "must be >= 0 (0 = no limit)")
@@ -187,6 +192,7 @@ class RoundsConfig:
         _check(self.num_rounds >= 0, "rounds.num_rounds", "must be >= 0 (0 = forever)")
         _check(self.max_rounds_ahead >= 1, "rounds.max_rounds_ahead", "must be >= 1")
         _check(self.sample_cap_vs_others >= 1, "rounds.sample_cap_vs_others", "must be >= 1")
+        _check(self.linger_seconds >= 0, "rounds.linger_seconds", "must be >= 0 (0 = leave at once)")
 
 
 @dataclass(frozen=True, kw_only=True)

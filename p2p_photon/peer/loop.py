@@ -28,8 +28,8 @@ from ..averaging import AveragingFailed
 from ..config import Config
 from ..watchdog import stop_on_signals
 from .contribution import ContributionPolicy
-from .overlap import InFlight, launch, progress_since, swap_in_group_step
-from .parts import FingerprintMismatch, PeerParts
+from .overlap import InFlight, carry_progress, launch, progress_since, swap_in_group_step
+from .parts import PeerParts
 from .reporting import RoundReport
 from .training import RoundStats
 
@@ -70,33 +70,6 @@ class Peer(PeerParts):
     def _overlapping(self) -> bool:
         n = self.cfg.rounds.num_rounds
         return self.cfg.averaging.overlap and (not n or self.gs.counters.round + 1 < n or self.inflight is not None)
-
-    # ------------------------------------------------------------------ joining
-
-    def join(self) -> None:
-        """Refuse a foreign swarm; download state if the swarm is ahead of us."""
-        records = self.tracker.records(fresh=True)
-        others = [r for r in records if r.peer_id != self.peer_id and r.state != "done"]
-        foreign = [r for r in others if r.fingerprint != self.fp]
-        ours = len(others) - len(foreign)
-        if foreign and not ours:
-            raise FingerprintMismatch(
-                f"refusing to join run '{self.cfg.dht.run_id}': its peers have run fingerprint "
-                f"{foreign[0].fingerprint}, ours is {self.fp} (different model, tokenizer, seed, outer optimizer "
-                "or round target); use the swarm's config or another dht.run_id")
-        if foreign:
-            logger.warning("ignoring %d peer(s) of run %s with another fingerprint (%s): they are not averaged with",
-                           len(foreign), self.cfg.dht.run_id, foreign[0].fingerprint)
-        ahead, start = self.tracker.swarm_round(records), "our checkpoint" if self.resume else "the seeded init"
-        if ahead > self.gs.counters.round:
-            logger.info("swarm is at round %d, we are at %d: downloading state from peers", ahead, self.gs.counters.round)
-            if not self.sync_from_peers():
-                logger.warning("no peer served its state: starting from %s at round %d", start, self.gs.counters.round)
-        elif not ours:
-            logger.info("no other peers yet: starting from %s at round %d", start, self.gs.counters.round)
-        self.publish(RoundStats(), "training", now=True)
-        self.view.start()
-        self.joined = True
 
     # ------------------------------------------------------------------ one round, blocking
 
@@ -190,7 +163,9 @@ class Peer(PeerParts):
         kwargs = self._request(st, r, self.tracker.records(fresh=True))
         return launch(InFlight(r, st, deltas, norm), lambda: self.averager.average(deltas, **kwargs), AveragingFailed)
 
-    def _land(self, flight: InFlight) -> RoundReport:
+    def _land(self, flight: InFlight) -> RoundReport | None:
+        if flight.external:
+            return self._land_by_download(flight)
         why = flight.wait(self.cfg.averaging.landing_timeout)
         if why is None and self.gs.counters.round != flight.round:
             why = f"our global model is at round {self.gs.counters.round}, the group averaged round {flight.round}"
@@ -208,6 +183,31 @@ class Peer(PeerParts):
         with self.gs.lock:
             swap_in_group_step(self.model, self.gs.theta, old, flight)
         return RoundReport.averaged(flight.round, flight.stats, flight.result)
+
+    def sync_from_peers(self, attempts: int = 4, want: str | None = None) -> bool:
+        """A downloaded θ_R in an overlapped swarm that already trains R+1 joins its pipeline (overlap.py)."""
+        if not super().sync_from_peers(attempts, want):
+            return False
+        r = self.gs.counters.round
+        behind = self.cfg.averaging.overlap and self.tracker.swarm_round(self.tracker.records(fresh=True)) > r
+        self.inflight = InFlight(r, RoundStats(), [], 0.0, external=True) if behind else None
+        return True
+
+    def _land_by_download(self, flight: InFlight) -> RoundReport | None:
+        """Land a round the swarm averaged without us: wait until most peers hold a newer θ, download it
+        and move our progress onto it (None: landed; a failed report if the swarm's θ did not come)."""
+        deadline = time.monotonic() + self.cfg.averaging.landing_timeout
+        while (self.tracker.theta_round(self.tracker.records(fresh=True)) <= flight.round
+               and time.monotonic() < deadline and not self.stop.wait(0.2)):
+            pass
+        progress = self.gs.pseudo_gradient(self.model)
+        if not super().sync_from_peers(attempts=2) or self.gs.counters.round <= flight.round:
+            self.inflight = None
+            return self.fail_round(flight.stats, f"the swarm's θ after round {flight.round} was not served",
+                                   keep_work=False)
+        with self.gs.lock:
+            carry_progress(self.model, progress, self.gs.theta)
+        return None
 
     # ------------------------------------------------------------------ failed rounds
 
@@ -269,6 +269,10 @@ class Peer(PeerParts):
             report.eval_loss = self.evaluate()
         self.reporter.log_round(report, self.tracker.present())
         if not report.ok and cfg.rounds.num_rounds and self.failed_here >= 2 and self.tracker.swarm_finished():
+            # the others finished the run; they serve their final state a while (rounds.linger_seconds)
+            if self.sync_from_peers(attempts=2):
+                logger.info("every other peer of run %s has finished: took their final state", cfg.dht.run_id)
+                return True
             logger.warning("every other peer of run %s has finished and left: stopping at round %d "
                            "(rounds.num_rounds = %d not reached)", cfg.dht.run_id, c.round, cfg.rounds.num_rounds)
             return False

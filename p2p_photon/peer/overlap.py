@@ -11,6 +11,11 @@ applied. Landing round T:
 which keeps local = θ − (progress of the round in flight). When round T cannot land, the round
 after it cannot either (it was launched on top of T): it is dropped, and round T is trained
 again from θ.
+
+A peer that downloads θ_T from an overlapped swarm (which trains T+1 while T's all-reduce runs)
+joins the pipeline where it is: it trains T+1 at once, and lands T by downloading the swarm's
+θ_T+1 once the swarm publishes it, keeping its own progress (`carry_progress`). Training T
+instead would leave it one round behind the swarm for good.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ class InFlight:
     done: threading.Event = field(default_factory=threading.Event)
     result: object | None = None  # averaging.RoundResult
     error: str | None = None
+    external: bool = False  # averaged by the swarm without us (we joined while it ran): lands by download
 
     def wait(self, timeout: float) -> str | None:
         """Why the round cannot land (error or timeout), or None when its result is in."""
@@ -71,3 +77,10 @@ def swap_in_group_step(model: torch.nn.Module, new: Sequence[torch.Tensor], old:
     with torch.no_grad():
         for p, n, o, d in zip(model.parameters(), new, old, flight.deltas):
             p.add_(n - o + d)
+
+
+def carry_progress(model: torch.nn.Module, progress: Sequence[torch.Tensor], theta: Sequence[torch.Tensor]) -> None:
+    """local ← θ − progress: the progress of the round in flight, moved onto a newer θ."""
+    with torch.no_grad():
+        for p, d, t in zip(model.parameters(), progress, theta):
+            p.copy_(t - d)

@@ -9,7 +9,10 @@ import shutil
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
+
+from hivemind.utils import get_dht_time
 
 from .. import data, state, trust
 from ..averaging import SwarmAverager
@@ -24,7 +27,7 @@ from .global_state import GlobalState
 from .reporting import Reporter
 from .swarm_view import SwarmView
 from .sync import StateSync
-from .tracker import RoundTracker
+from .tracker import ALIVE_S, RoundTracker
 from .training import LocalTraining, RoundStats
 
 logger = logging.getLogger(__name__)
@@ -113,6 +116,33 @@ class PeerParts:
         """Held-out loss of the local model (= the global model right after a round)."""
         return evaluate(self.model, self.heldout, self.cfg.inner, self.device)
 
+    # ------------------------------------------------------------------ joining
+
+    def join(self) -> None:
+        """Refuse a foreign swarm; download state if the swarm is ahead of us."""
+        records = self.tracker.records(fresh=True)
+        others = [r for r in records if r.peer_id != self.peer_id and r.state != "done"]
+        foreign = [r for r in others if r.fingerprint != self.fp]
+        ours = len(others) - len(foreign)
+        if foreign and not ours:
+            raise FingerprintMismatch(
+                f"refusing to join run '{self.cfg.dht.run_id}': its peers have run fingerprint "
+                f"{foreign[0].fingerprint}, ours is {self.fp} (different model, tokenizer, seed, outer optimizer "
+                "or round target); use the swarm's config or another dht.run_id")
+        if foreign:
+            logger.warning("ignoring %d peer(s) of run %s with another fingerprint (%s): they are not averaged with",
+                           len(foreign), self.cfg.dht.run_id, foreign[0].fingerprint)
+        ahead, start = self.tracker.swarm_round(records), "our checkpoint" if self.resume else "the seeded init"
+        if ahead > self.gs.counters.round:
+            logger.info("swarm is at round %d, we are at %d: downloading state from peers", ahead, self.gs.counters.round)
+            if not self.sync_from_peers():
+                logger.warning("no peer served its state: starting from %s at round %d", start, self.gs.counters.round)
+        elif not ours:
+            logger.info("no other peers yet: starting from %s at round %d", start, self.gs.counters.round)
+        self.publish(RoundStats(), "training", now=True)
+        self.view.start()
+        self.joined = True
+
     # ------------------------------------------------------------------ state from the swarm
 
     def sync_from_peers(self, attempts: int = 4, want: str | None = None) -> bool:
@@ -178,6 +208,7 @@ class PeerParts:
                 failed = e
             self._write_summary()
             self.publish(RoundStats(), "done")
+            self._linger()
         if self.averager is not None:
             self.averager.shutdown()
         shutdown_dht(self.dht)
@@ -188,6 +219,24 @@ class PeerParts:
             if sys.exc_info()[1] is None:  # nothing else is failing: exit non-zero with this message
                 raise failed
             logger.error("final checkpoint failed: %s", failed)
+
+    def _linger(self) -> None:
+        """After a bounded run, serve the final state while a live peer of the run is still behind us
+        (for at most rounds.linger_seconds; not after an interrupt)."""
+        n, deadline = self.cfg.rounds.num_rounds, time.monotonic() + self.cfg.rounds.linger_seconds
+        if not n or self.gs.counters.round < n or self.stop.is_set():
+            return
+        said = False
+        while time.monotonic() < deadline and not self.stop.is_set():
+            behind = [m for m in self.tracker.mates(self.view.refresh()) if m.round < self.gs.counters.round
+                      and get_dht_time() - m.time < ALIVE_S]
+            if not behind:
+                return
+            if not said:
+                logger.info("serving the final state for up to %gs to %d peer(s) still behind",
+                            self.cfg.rounds.linger_seconds, len(behind))
+                said = True
+            self.stop.wait(1.0)
 
     def _write_summary(self) -> None:
         opt_bytes = max(self.training.peak_opt_bytes, optimizer_state_bytes(self.training.trainer.optimizer))

@@ -191,6 +191,10 @@ class RoundTracker:
                        my_hash[:8])
         return best
 
+    def theta_round(self, records: list[ProgressRecord]) -> int:
+        """The θ round a majority of the other live peers holds (-1: none)."""
+        return majority_round([x.theta_round for x in self.mates(records)])
+
     def swarm_finished(self) -> bool:
         """All other peers of this run we know of have published 'done' (a bounded run is over)."""
         mates = [x for x in self.view.records() if x.fingerprint == self.fp and x.peer_id != self.peer_id]
