@@ -159,6 +159,19 @@ def test_swarm_theta_is_the_hash_most_peers_hold_with_deterministic_ties():
     assert theta(liar, mine=a)[0] == a
 
 
+def test_a_tie_is_broken_only_when_every_peer_has_published_this_rounds_theta():
+    cfg = load_config(None, [f"model.seq_len={SEQ}"])
+    a, b = "a" * 16, "b" * 16
+    view = _View([rec("p1", theta_round=5, theta_hash=a, total_samples=500), rec("p2", theta_round=4, theta_hash=b)])
+    tracker = RoundTracker(cfg, FP, "me", view, banned=dict)
+    assert tracker.fork(tracker.records(), 5, b, my_total=100) is None  # 1 vs 1 while p2 is stale: wait
+    view.records_now[1] = rec("p2", theta_round=5, theta_hash=a)
+    assert tracker.fork(tracker.records(), 5, b, my_total=100) == a  # 2 vs 1
+    view.records_now[1] = rec("p2", theta_round=5, theta_hash="c" * 16, total_samples=10)
+    assert tracker.fork(tracker.records(), 5, b, my_total=100) == a  # all in, 1-1-1: larger total samples
+    assert tracker.fork(tracker.records(), 5, a, my_total=100) is None
+
+
 class _View:
     """The swarm view's read side, with records set by the test."""
 

@@ -184,24 +184,39 @@ class Peer(PeerParts):
             swap_in_group_step(self.model, self.gs.theta, old, flight)
         return RoundReport.averaged(flight.round, flight.stats, flight.result)
 
+    def join(self) -> None:
+        super().join()
+        if self.inflight is None:
+            self._join_pipeline()
+
     def sync_from_peers(self, attempts: int = 4, want: str | None = None) -> bool:
-        """A downloaded θ_R in an overlapped swarm that already trains R+1 joins its pipeline (overlap.py)."""
         if not super().sync_from_peers(attempts, want):
             return False
-        r = self.gs.counters.round
-        behind = self.cfg.averaging.overlap and self.tracker.swarm_round(self.tracker.records(fresh=True)) > r
-        self.inflight = InFlight(r, RoundStats(), [], 0.0, external=True) if behind else None
+        self._join_pipeline()
         return True
+
+    def _join_pipeline(self) -> None:
+        """Overlapped swarm: when most peers hold our θ round R and train R+1 (round R's all-reduce is in
+        the air without us), train R+1 with them and land R by download (overlap.py)."""
+        if not self.cfg.averaging.overlap:
+            return
+        records, r = self.tracker.records(fresh=True), self.gs.counters.round
+        in_air = self.tracker.theta_round(records) == r and self.tracker.swarm_round(records) > r
+        self.inflight = InFlight(r, RoundStats(), [], 0.0, external=True) if in_air else None
 
     def _land_by_download(self, flight: InFlight) -> RoundReport | None:
         """Land a round the swarm averaged without us: wait until most peers hold a newer θ, download it
-        and move our progress onto it (None: landed; a failed report if the swarm's θ did not come)."""
+        and move our progress onto it (None: landed). If the swarm's round did not land either (most
+        peers went back to training it), fail the round and train it again with them."""
         deadline = time.monotonic() + self.cfg.averaging.landing_timeout
-        while (self.tracker.theta_round(self.tracker.records(fresh=True)) <= flight.round
-               and time.monotonic() < deadline and not self.stop.wait(0.2)):
-            pass
+        while time.monotonic() < deadline and not self.stop.wait(0.2):
+            records = self.tracker.records(fresh=True)
+            if (self.tracker.theta_round(records) > flight.round
+                    or self.tracker.swarm_round(records) <= flight.round):
+                break
         progress = self.gs.pseudo_gradient(self.model)
-        if not super().sync_from_peers(attempts=2) or self.gs.counters.round <= flight.round:
+        if (self.tracker.theta_round(self.tracker.records(fresh=True)) <= flight.round
+                or not super().sync_from_peers(attempts=2) or self.gs.counters.round <= flight.round):
             self.inflight = None
             return self.fail_round(flight.stats, f"the swarm's θ after round {flight.round} was not served",
                                    keep_work=False)
@@ -231,32 +246,15 @@ class Peer(PeerParts):
             self.gs.reset_local(self.model)
         return report
 
-    def _forked(self, records: list) -> str | None:
-        """The swarm's θ hash if the θ we hold is not it (see tracker.swarm_theta), else None."""
-        c = self.gs.counters
-        return self.tracker.fork(records, c.round, self.gs.hash, c.total_samples)
-
-    def heal_fork(self, st: RoundStats, want: str) -> RoundReport:
-        """Our θ is not the swarm's (groups that averaged apart): download the swarm's θ and drop this
-        round's work, which was trained on ours. Counted and published as a failed round."""
-        c, r, ours = self.gs.counters, self.gs.counters.round, self.gs.hash
-        c.failed_rounds += 1
-        self.publish(st, "syncing")
-        healed = self.sync_from_peers(attempts=2, want=want)
-        if not healed:
-            self.gs.reset_local(self.model)
-        why = (f"θ forked: ours {ours[:8]} is not the swarm's {want[:8]}; "
-               + ("re-synchronized" if healed else "no peer served the swarm's θ yet"))
-        logger.warning("round %d failed (%s); failed rounds so far: %d", r, why, c.failed_rounds)
-        return RoundReport.failed(r, st, why)
-
     def _catch_up(self) -> bool:
         """If a majority of the other peers finished our round without us, download the swarm's state
         instead of averaging a stale Δ (a lone peer far ahead is not enough)."""
-        ahead = self.tracker.swarm_round(self.tracker.records(fresh=True))
-        if ahead <= self.train_round:
+        # θ rounds, not training rounds: overlapped peers train r+1 while they hold θ of round r
+        ahead = self.tracker.theta_round(self.tracker.records(fresh=True))
+        if ahead <= self.gs.counters.round:
             return False
-        logger.info("the swarm is at round %d, we are at %d: downloading its state", ahead, self.train_round)
+        logger.info("the swarm holds θ of round %d, we of round %d: downloading its state", ahead,
+                    self.gs.counters.round)
         return self.sync_from_peers()
 
     # ------------------------------------------------------------------ after a round

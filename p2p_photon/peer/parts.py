@@ -24,7 +24,7 @@ from ..network import prepare_identity, shutdown_dht, start_dht, validate_maddrs
 from ..progress import ProgressPublisher, progress_validators
 from .contribution import ContributionPolicy
 from .global_state import GlobalState
-from .reporting import Reporter
+from .reporting import Reporter, RoundReport
 from .swarm_view import SwarmView
 from .sync import StateSync
 from .tracker import ALIVE_S, RoundTracker
@@ -132,7 +132,7 @@ class PeerParts:
         if foreign:
             logger.warning("ignoring %d peer(s) of run %s with another fingerprint (%s): they are not averaged with",
                            len(foreign), self.cfg.dht.run_id, foreign[0].fingerprint)
-        ahead, start = self.tracker.swarm_round(records), "our checkpoint" if self.resume else "the seeded init"
+        ahead, start = self.tracker.theta_round(records), "our checkpoint" if self.resume else "the seeded init"
         if ahead > self.gs.counters.round:
             logger.info("swarm is at round %d, we are at %d: downloading state from peers", ahead, self.gs.counters.round)
             if not self.sync_from_peers():
@@ -160,6 +160,25 @@ class PeerParts:
         logger.info("loaded state of round %d (global step %d, θ %s) from peer %s", c.round, c.global_step,
                     self.gs.hash, donor[-8:])
         return True
+
+    def _forked(self, records: list) -> str | None:
+        """The swarm's θ hash if the θ we hold is not it (see tracker.swarm_theta), else None."""
+        c = self.gs.counters
+        return self.tracker.fork(records, c.round, self.gs.hash, c.total_samples)
+
+    def heal_fork(self, st: RoundStats, want: str) -> RoundReport:
+        """Our θ is not the swarm's (groups that averaged apart): download the swarm's θ and drop this
+        round's work, which was trained on ours. Counted and published as a failed round."""
+        c, r, ours = self.gs.counters, self.gs.counters.round, self.gs.hash
+        c.failed_rounds += 1
+        self.publish(st, "syncing")
+        healed = self.sync_from_peers(attempts=2, want=want)
+        if not healed:
+            self.gs.reset_local(self.model)
+        why = (f"θ forked: ours {ours[:8]} is not the swarm's {want[:8]}; "
+               + ("re-synchronized" if healed else "no peer served the swarm's θ yet"))
+        logger.warning("round %d failed (%s); failed rounds so far: %d", r, why, c.failed_rounds)
+        return RoundReport.failed(r, st, why)
 
     # ------------------------------------------------------------------ checkpoints
 

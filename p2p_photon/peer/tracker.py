@@ -181,10 +181,14 @@ class RoundTracker:
         return majority_round([x.round for x in self.mates(records)])
 
     def fork(self, records: list[ProgressRecord], theta_round: int, my_hash: str, my_total: int) -> str | None:
-        """The swarm's θ hash if ours is not it (a fork: groups that averaged apart), else None."""
+        """The swarm's θ hash if ours is not it (a fork: groups that averaged apart), else None. A tie is
+        broken only once every live peer has published its θ of this round: a stale record must not
+        make an honest peer follow a broken one."""
         best, held = swarm_theta(records, me=self.peer_id, fingerprint=self.fp, theta_round=theta_round,
                                  my_hash=my_hash, my_total=my_total)
         if best == my_hash:
+            return None
+        if held[best] == held[my_hash] and any(m.theta_round < theta_round for m in self.mates(records)):
             return None
         logger.warning("θ forked at round %d: %d peer(s) hold %s, %d (this one included) hold ours %s; "
                        "re-synchronizing with the swarm's", theta_round, held[best], best[:8], held[my_hash],
