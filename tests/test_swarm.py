@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -21,8 +20,8 @@ def _rounds_by_peer(swarm, names):
 
 @pytest.mark.parametrize("mode", ["overlap", "block_cycle"])  # blocking int8 (the default): every other swarm test
 def test_three_peers_share_one_model_and_learn(tmp_path, swarm_overrides, mode):
-    """int8 (the default wire format), overlapped rounds (outer step one round late; peers started 0-2 s
-    apart) and FedCyBGD block cycling: θ is bit-identical on every peer after every round, and the model
+    """int8 (the default wire format), overlapped rounds (outer step one round late) and FedCyBGD block
+    cycling: θ is bit-identical on every peer after every round, and the model
     learns."""
     names = ["peer0", "peer1", "peer2"]
     extra = {"overlap": ["averaging.overlap=true"],
@@ -33,11 +32,7 @@ def test_three_peers_share_one_model_and_learn(tmp_path, swarm_overrides, mode):
     n = 6 if mode == "overlap" else 3
     with LocalSwarm(tmp_path, overrides=[*swarm_overrides, f"rounds.num_rounds={n}", *three, *extra]) as swarm:
         swarm.start_bootstrap()
-        procs = []
-        for i in range(3):  # overlapped peers start 0-2 s apart (they once livelocked one round apart)
-            procs.append(swarm.start_peer(i))
-            if mode == "overlap" and i < 2:
-                time.sleep(1.0)
+        procs = [swarm.start_peer(i) for i in range(3)]
         codes = swarm.wait(procs, timeout=300)
         assert codes == [0, 0, 0], [swarm.tail(p) for p in procs]
     summaries = {n: swarm.summary(n) for n in names}

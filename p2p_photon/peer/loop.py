@@ -196,12 +196,15 @@ class Peer(PeerParts):
         return True
 
     def _join_pipeline(self) -> None:
-        """Overlapped swarm: when most peers hold our θ round R and train R+1 (round R's all-reduce is in
-        the air without us), train R+1 with them and land R by download (overlap.py)."""
+        """Overlapped swarm: when most peers hold our θ round R and train R+1, and enough of them to form
+        a group without us (averaging.min_group_size), round R's all-reduce is in the air without us:
+        train R+1 with them and land R by download (overlap.py). Otherwise train R and join its group."""
         if not self.cfg.averaging.overlap:
             return
         records, r = self.tracker.records(fresh=True), self.gs.counters.round
-        in_air = self.tracker.theta_round(records) == r and self.tracker.swarm_round(records) > r
+        ahead = [m for m in self.tracker.mates(records) if m.theta_round == r and m.round > r]
+        in_air = (self.tracker.theta_round(records) == r and self.tracker.swarm_round(records) > r
+                  and len(ahead) >= self.cfg.averaging.min_group_size)
         self.inflight = InFlight(r, RoundStats(), [], 0.0, external=True) if in_air else None
 
     def _land_by_download(self, flight: InFlight) -> RoundReport | None:
