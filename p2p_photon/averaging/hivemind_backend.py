@@ -234,7 +234,8 @@ class OwnerRunner(AllReduceRunner):
         remembered (and banned by the caller) and the all-reduce with it fails."""
         expected = self.parts_for_local_averaging
         try:
-            problem = protocol.weight_problem(msg.weight, protocol.weight_cap(self.weight_caps, sender))
+            problem = protocol.weight_problem(msg.weight, protocol.weight_cap(self.weight_caps, sender),
+                                              zero_ok=self.aggregator == protocol.BROADCAST)
             if problem:
                 raise AllreduceException(problem)
             part = await asyncio.get_event_loop().run_in_executor(None, self.codec.decode, msg.tensor_part)
@@ -337,6 +338,7 @@ class _Averager(DecentralizedAverager):
         self._aggregator, self._clip_factor = aggregator, clip_factor
         self._error_feedback, self._members = error_feedback, members
         self._min_group = int(kwargs.get("min_group_size") or 1)
+        self._target_group = kwargs.get("target_group_size")
         self._residuals, self._wire = residuals, wire  # shared memory: written here, read by SwarmAverager
         self._policy: dict[str, Any] = dict(active=None, weight_caps={}, banned=frozenset())
         self._rejected: dict[str, str] = {}
@@ -361,11 +363,16 @@ class _Averager(DecentralizedAverager):
         return future.result(timeout=wait_s)
 
     def set_policy(self, **policy) -> None:
-        """Per-round settings (active tensors, weight caps, bans, max output ratio), before step()."""
+        """Per-round settings before step(): active tensors, weight caps, bans; per stage of a round
+        (None: the configured value) codec, aggregator, error_feedback, target_group_size."""
         self.call_in_averager("_set_policy", 30, policy=policy)
 
     async def _set_policy(self, policy: dict, future: MPFuture) -> None:
         self._policy.update(policy)
+        if "target_group_size" in policy:  # a stage's group size (see stages.py); hivemind reads both
+            target = policy["target_group_size"] or self._target_group
+            self._matchmaking.target_group_size = target
+            self._matchmaking.potential_leaders.target_group_size = target
         future.set_result(None)
 
     def pop_rejected(self) -> dict[str, str]:
@@ -474,10 +481,11 @@ class _Averager(DecentralizedAverager):
                      active: list[int], **kwargs) -> OwnerRunner:
         """Our runner for the active tensors, with this round's policy; sender residuals of the active
         tensors start from zero, the owner's output residuals persist across rounds."""
-        codec = make_codec(self._codec_name)
-        if self._error_feedback and codec.lossy and self._out_residuals is None:
+        codec = make_codec(self._policy.get("codec") or self._codec_name)
+        feedback = self._error_feedback and self._policy.get("error_feedback", True)
+        if feedback and codec.lossy and self._out_residuals is None:
             self._out_residuals = {i: torch.zeros(t.numel()) for i, t in enumerate(tensors)}
-        residuals = dict(enumerate(self._residuals)) if self._residuals is not None else None
+        residuals = dict(enumerate(self._residuals)) if self._residuals is not None and feedback else None
         if residuals is not None:
             for i in active:
                 residuals[i].zero_()
@@ -486,8 +494,8 @@ class _Averager(DecentralizedAverager):
             tensors=[tensors[i] for i in active],
             tensor_infos=[CompressionInfo.from_tensor(tensors[i], key=i) for i in active],
             ordered_peer_ids=group_info.peer_ids, codec=codec, residuals=residuals,
-            out_residuals=self._out_residuals if self._error_feedback else None,
-            aggregator=self._aggregator, clip_factor=self._clip_factor,
+            out_residuals=self._out_residuals if feedback else None,
+            aggregator=self._policy.get("aggregator") or self._aggregator, clip_factor=self._clip_factor,
             weight_caps=dict(self._policy.get("weight_caps") or {}), **kwargs)
 
     # -- RPC handlers: hivemind registers every rpc_* method from its type hints (ServicerBase)

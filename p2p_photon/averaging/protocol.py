@@ -79,7 +79,7 @@ def check_group(peers: Mapping[str, Any], round_no: int, meta: Mapping[str, Any]
         if m.get("round") != round_no:
             raise AveragingFailed(f"peer {pid[-8:]} averaged for round {m.get('round')}, "
                                   f"we are in {round_no}")
-        for what in ("fingerprint", "active", "codec"):
+        for what in ("fingerprint", "active", "codec", "stage"):
             if m.get(what) != meta.get(what):
                 raise AveragingFailed(f"peer {pid[-8:]} has {what} {m.get(what)}, ours is {meta.get(what)}")
 
@@ -93,10 +93,11 @@ def banned_message(rejected: Mapping[str, str]) -> str:
 # ----------------------------------------------------------------------------- senders' weights
 
 
-def weight_problem(weight: float, cap: float | None) -> str | None:
+def weight_problem(weight: float, cap: float | None, zero_ok: bool = False) -> str | None:
     """Why a sender's weight (its samples this round) is refused, or None: it must be a finite positive
-    number no larger than the cap its progress record allows."""
-    if not (math.isfinite(weight) and weight > 0):
+    number no larger than the cap its progress record allows (0 too where `zero_ok`: a broadcast's
+    receivers send nothing that counts)."""
+    if not (math.isfinite(weight) and (weight > 0 or (zero_ok and weight == 0))):
         return f"weight {weight!r} is not a positive number"
     if cap is not None and weight > cap:
         return f"weight {weight:g} is more than the {cap:g} samples its progress record allows"
@@ -126,12 +127,37 @@ def encode_with_feedback(codec: Codec, part: torch.Tensor, residual: torch.Tenso
     return msg
 
 
+BROADCAST = "broadcast"  # an aggregator mode of the owner: pass on the one weighted contribution unchanged
+
+
+def broadcast_value(contributions: Sequence[tuple[torch.Tensor, float]]) -> torch.Tensor | None:
+    """A broadcast's result: the contribution of its one sender with a positive weight, bit for bit
+    (no arithmetic, so every group that broadcasts the same value delivers the same bits); None (a
+    zero part) if there is not exactly one such sender: the members see that in the group's metadata
+    (`check_broadcast`) and fail the round before applying anything."""
+    senders = [x for x, w in contributions if w > 0]
+    return senders[0].float() if len(senders) == 1 else None
+
+
+def check_broadcast(peers: Mapping[str, Any]) -> str:
+    """The one member of a broadcast group that sends (its metadata says `source`); AveragingFailed
+    if there is none (it died or left) or more than one."""
+    sources = [p for p, m in peers.items() if m.get("source")]
+    if len(sources) != 1:
+        raise AveragingFailed(f"the group has {len(sources)} senders of the swarm's average, not one "
+                              "(our group's representative left?)")
+    return sources[0]
+
+
 def combine_part(contributions: Sequence[tuple[torch.Tensor, float]], numel: int, *, codec: Codec,
                  aggregator: str, clip_factor: float, carried: torch.Tensor | None) -> CombinedPart:
     """The owner's result for one part: the robust combination of the valid contributions, plus the
     output error the owner carried from earlier rounds (error feedback on the way back), encoded
     once. Every member decodes the same bytes, so every member ends up with the same bits."""
-    agg, dropped = robust.aggregate(contributions, aggregator, clip_factor)
+    if aggregator == BROADCAST:
+        agg, dropped = broadcast_value(contributions), []
+    else:
+        agg, dropped = robust.aggregate(contributions, aggregator, clip_factor)
     if agg is None:  # nothing usable was sent: this part of the average is zero
         agg = torch.zeros(numel)
     if carried is not None and codec.lossy:

@@ -22,7 +22,8 @@ from ..config import AveragingConfig
 from ..hashing import theta_hash
 from . import consensus
 from .hivemind_backend import start_averager
-from .protocol import AveragingFailed, RoundResult, banned_message, check_group, gather_metadata, group_bits
+from .protocol import AveragingFailed, RoundResult, banned_message, check_group, gather_metadata
+from .stages import Spanner, StageRun, stage_bits, stage_codec
 
 logger = logging.getLogger(__name__)
 
@@ -61,44 +62,66 @@ class SwarmAverager:
         # this, T+1's Δ could overwrite T's average before T reads it, and T+1's group bits could move
         # T's matchmaking to the wrong round)
         self._one_round = threading.Lock()
+        self.spanner = Spanner(dht, prefix, self.peer_id, self._run_stage,
+                               codec=stage_codec(self.codec.lossy),
+                               board_wait=cfg.matchmaking_time, stage_timeout=cfg.step_timeout + cfg.allreduce_timeout)
 
     def average(self, deltas: Sequence[torch.Tensor | None], *, round_no: int, weight: float,
                 meta: dict[str, Any], active: Sequence[int] | None = None,
-                weight_caps: dict[str, float] | None = None, timeout: float | None = None) -> RoundResult:
+                weight_caps: dict[str, float] | None = None, timeout: float | None = None,
+                swarm_size: int | None = None) -> RoundResult:
         """One round: matchmaking in the round's group (`round_no` picks the group bits), then our
         all-reduce of the active tensors (all by default; Δ of the others is ignored), weighted by
-        `weight` and with the other members' weights bounded by `weight_caps`; raises AveragingFailed.
-        Concurrent calls run one after the other."""
+        `weight` and with the other members' weights bounded by `weight_caps`; if the group has fewer
+        than `swarm_size` peers (those averaging this round), the groups' results are combined into
+        the swarm's (stages.py). Raises AveragingFailed. Concurrent calls run one after the other."""
         with self._one_round:
-            return self._average(deltas, round_no, weight, meta, active, weight_caps, timeout)
+            return self._average(deltas, round_no, weight, meta, active, weight_caps, timeout, swarm_size)
 
-    def _average(self, deltas, round_no, weight, meta, active, weight_caps, timeout) -> RoundResult:
+    def _average(self, deltas, round_no, weight, meta, active, weight_caps, timeout, swarm_size) -> RoundResult:
         t0 = time.perf_counter()
         active = list(range(len(self.shapes))) if active is None else sorted(int(i) for i in active)
-        self._prepare(deltas, round_no, active, weight_caps)
-        gathered_meta = gather_metadata(meta, round_no, active, self.codec.name)
-        peers = self._step(gathered_meta, weight, timeout or self.cfg.step_timeout)
+        self._bytes = [0, 0]
+        self._meta, self._active, self._round = meta, active, round_no
+        self._timeout = timeout or self.cfg.step_timeout
+        averaged, peers = self._run_stage(StageRun(list(deltas), 1, stage_bits(round_no, 1), weight,
+                                                   dict(weight_caps=dict(weight_caps or {})), {}))
+        residual_norm = self._carry_residuals(active)
+        size = len(peers)
+        if swarm_size is not None and size < swarm_size:
+            averaged, size = self.spanner.span(averaged, peers, round_no, swarm_size, weight_caps or {})
+        return RoundResult(averaged, size, peers, self._bytes[0], self._bytes[1], time.perf_counter() - t0,
+                           residual_norm=residual_norm)
+
+    def _run_stage(self, run: StageRun) -> tuple[list[torch.Tensor | None], dict[str, dict]]:
+        """One all-reduce of a round's stage: (the average per tensor, peer id -> metadata of the group)."""
+        round_no = self._round
+        self._prepare(run)
+        gathered_meta = gather_metadata(dict(self._meta, weight=float(run.weight), stage=run.stage, **run.extra_meta),
+                                        round_no, self._active, run.policy.get("codec") or self.codec.name)
+        peers = self._step(gathered_meta, run.weight, self._timeout)
+        self._bytes[0] += int(self._wire[0])
+        self._bytes[1] += int(self._wire[1])
         banned = self._ban_rejected()
         if banned:  # tell the group (a differing hash fails the round for everyone), then fail it here
             key = consensus.group_key(self.prefix, round_no, peers)
             consensus.publish(self.dht, key, self.peer_id, "rejected:" + ",".join(sorted(banned)))
             raise AveragingFailed(banned_message(banned))
         check_group(peers, round_no, gathered_meta)
-        averaged = self._read_average(active)
-        self._verify_consensus([averaged[i] for i in active], peers, round_no)
-        residual_norm = self._carry_residuals(active)
-        return RoundResult(averaged, len(peers), peers, int(self._wire[0]), int(self._wire[1]),
-                           time.perf_counter() - t0, residual_norm=residual_norm)
+        averaged = self._read_average(self._active)
+        self._verify_consensus([averaged[i] for i in self._active], peers, round_no)
+        return averaged, peers
 
-    def _prepare(self, deltas: Sequence[torch.Tensor | None], round_no: int, active: list[int],
-                 weight_caps: dict[str, float] | None) -> None:
-        """Round settings to the averager process, Δ + carried error into the shared buffers."""
-        self._averager.set_group_bits(group_bits(round_no))
-        self._averager.set_policy(active=active, weight_caps=dict(weight_caps or {}))
+    def _prepare(self, run: StageRun) -> None:
+        """The stage's settings to the averager process, its tensors into the shared buffers (stage 1:
+        Δ plus the error carried from earlier rounds)."""
+        self._averager.set_group_bits(run.bits)
+        policy = dict(codec=None, aggregator=None, error_feedback=True, target_group_size=None, weight_caps={})
+        self._averager.set_policy(active=self._active, **dict(policy, **run.policy))
         with self._averager.get_tensors() as tensors:
-            for i in active:
-                tensors[i].copy_(deltas[i])
-                if self.carried is not None:
+            for i in self._active:
+                tensors[i].copy_(run.tensors[i])
+                if self.carried is not None and run.stage == 1:
                     tensors[i].add_(self.carried[i])  # error feedback: what earlier rounds' encoding lost
         self._wire.zero_()
 

@@ -209,6 +209,13 @@ class RoundTracker:
         return weight_caps(records, me=self.peer_id, fingerprint=self.fp, now=get_dht_time(),
                            seq_len=self.cfg.model.seq_len, my_rate=my_rate, floor=floor)
 
+    def averaging_peers(self, records: list[ProgressRecord], round_no: int) -> int:
+        """Peers that will average round `round_no`, this one included: live peers of this run at that
+        round or beyond (overlapped peers train the next one meanwhile) that have not finished."""
+        now = get_dht_time()
+        return 1 + sum(1 for x in self.mates(records)
+                       if now - x.time < ALIVE_S and x.round >= round_no and x.state != "done")
+
     def present(self) -> int:
         """Peers of this run present now, this one included (for the round's log line)."""
         now = get_dht_time()

@@ -1,0 +1,231 @@
+"""One average for the whole swarm when a round forms more than one group (the swarm outgrew
+`averaging.target_group_size`, or matchmaking split it): the group's result is spread across groups
+in two more stages, so that every peer of every group ends the round with the same bits.
+
+    stage 1  the round's groups, as always: group g averages its members' Δ (weights: samples) with
+             the run's codec, robust aggregator and error feedback; every member of g holds m_g, bit-
+             identical, and knows W_g = Σ of its members' weights (from the group's metadata).
+    board    g's representative (its member with the smallest peer id, so all members agree without
+             talking) posts (W_g, members) under the round's DHT key and waits until the groups posted
+             cover the peers averaging this round (or `board_wait` seconds pass).
+             One group on the board: m_g is the swarm's average; done (the rep says so to g).
+    stage 2  the representatives, one per group, average m_g weighted by W_g in ONE group (the stage's
+             target group size is the number of groups on the board): Σ W_g m_g / Σ W_g over the
+             groups, which is exactly the weighted mean of every contribution of the round. Codec:
+             `none`, or `fp16` if the run's codec is lossy (elementwise: the same value encodes to
+             the same bytes however the all-reduce partitions it); plain mean; no error feedback (the
+             weights already carry everything). The owner encodes once: every rep holds the same x.
+    stage 3  each representative broadcasts x in its own group: an all-reduce of group g's members
+             (group key from g's id) in which the rep sends x with weight 1 and the others zeros with
+             weight 0, and every owner passes the one weighted contribution on unchanged (no arith-
+             metic; x is already fp16-exact, so re-encoding it is exact). Every peer of the swarm ends
+             with the bits of x.
+
+Why this design: it needs nothing from hivemind but matchmaking under our own group keys (already
+used for rounds) and our own all-reduce; per peer it costs one more all-reduce (two for a rep); it
+is exact for any number and sizes of groups (a Moshpit grid is exact only when it is full, and its
+columns would compute the same mean with different float rounding, so the peers' θ would differ in
+the last bits). One group of representatives holds up to target_group_size groups, so two stages
+span target_group_size² peers (4096 with the default 64).
+
+What can go wrong, and what happens:
+* a rep dies or times out before or during stage 2 or 3: its group's stage 3 has no sender, every
+  member of the group sees it in the metadata (`check_broadcast`) and fails the round; the peer then
+  catches up from the swarm's θ by download, like after any failed round. The other groups are not
+  held up beyond the stage timeouts.
+* a group finishes stage 1 after the board closed, or the reps split into two stage-2 groups: the
+  swarm ends the round with two θ; every peer compares θ hashes in the progress records (tracker.fork)
+  and the minority re-syncs from the majority within the next round: detected and healed, logged.
+* a member of g misses stage 3 (dies, slow): only it fails the round.
+* a rep lies about W_g: its stage-2 weight is capped by the sum of its members' caps (their own
+  signed progress records), as any sender's weight is in stage 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from hivemind.utils import get_dht_time
+
+from . import consensus
+from .protocol import BROADCAST, AveragingFailed, check_broadcast, group_bits
+
+logger = logging.getLogger(__name__)
+
+BOARD_TTL = 300.0
+POLL_S = 0.1
+
+
+def stage_bits(round_no: int, stage: int, group_id: str = "") -> str:
+    """hivemind group bits of a stage: stage 1 is the round's bits; stage 2 adds '10'; stage 3 adds
+    '11' and 32 bits of the group's id, so each group broadcasts only among its own members."""
+    bits = group_bits(round_no)
+    if stage == 1:
+        return bits
+    if stage == 2:
+        return bits + "10"
+    return bits + "11" + format(int(group_id[:8], 16), "032b")
+
+
+def stage_codec(lossy: bool) -> str:
+    """The codec of stages 2 and 3: elementwise and exact on its own output (see the docstring)."""
+    return "fp16" if lossy else "none"
+
+
+@dataclass(frozen=True)
+class Group:
+    """What every member of a stage-1 group knows about it, identically."""
+
+    group_id: str
+    members: tuple[str, ...]
+    weight: float  # W_g: the sum of the members' weights
+
+    @property
+    def rep(self) -> str:
+        return self.members[0]
+
+    @classmethod
+    def from_metadata(cls, peers: Mapping[str, Mapping[str, Any]]) -> Group:
+        group_id = consensus.group_key("", 0, peers).rsplit("_", 1)[-1]
+        weight = sum(float(m.get("weight", 0.0)) for m in peers.values())
+        return cls(group_id, tuple(sorted(peers)), weight)
+
+
+def board_key(prefix: str, round_no: int) -> str:
+    return f"{prefix}_groups_{round_no}"
+
+
+def decision_key(prefix: str, round_no: int, group_id: str) -> str:
+    return f"{prefix}_span_{round_no}_{group_id}"
+
+
+def read_board(dht, prefix: str, round_no: int) -> dict[str, dict]:
+    """group id -> {weight, members} of every group of the round posted so far."""
+    found = dht.get(board_key(prefix, round_no), latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return {}
+    board = {}
+    for gid, item in found.value.items():
+        v = item.value
+        if isinstance(v, dict) and isinstance(v.get("members"), list) and isinstance(v.get("weight"), (int, float)):
+            board[str(gid)] = v
+    return board
+
+
+def covered(board: Mapping[str, dict]) -> int:
+    return sum(len(v["members"]) for v in board.values())
+
+
+def stage2_caps(board: Mapping[str, dict], member_caps: Mapping[str, float]) -> dict[str, float]:
+    """The most weight each group's representative may send in stage 2: the sum of its members' caps
+    (a member without one counts as the largest cap; no caps at all: none)."""
+    if not member_caps:
+        return {}
+    biggest = max(member_caps.values())
+    return {min(v["members"]): sum(member_caps.get(m, biggest) for m in v["members"]) for v in board.values()}
+
+
+@dataclass
+class StageRun:
+    """One all-reduce of a stage, as SwarmAverager runs it (see SwarmAverager._run_stage)."""
+
+    tensors: list[torch.Tensor | None]
+    stage: int
+    bits: str
+    weight: float
+    policy: dict[str, Any]
+    extra_meta: dict[str, Any]
+
+
+class Spanner:
+    """Stages 2 and 3 for one peer (see the module docstring)."""
+
+    def __init__(self, dht, prefix: str, peer_id: str, run_stage: Callable[[StageRun], tuple[list, dict]], *,
+                 codec: str, board_wait: float, stage_timeout: float):
+        self.dht, self.prefix, self.peer_id, self.run_stage = dht, prefix, peer_id, run_stage
+        self.codec, self.board_wait, self.stage_timeout = codec, board_wait, stage_timeout
+
+    def span(self, averaged: list, peers: Mapping[str, Mapping[str, Any]], round_no: int, swarm_size: int,
+             member_caps: Mapping[str, float]) -> tuple[list, int]:
+        """(the swarm's average, peers it covers) from our group's stage-1 `averaged`; AveragingFailed."""
+        group = Group.from_metadata(peers)
+        if group.rep == self.peer_id:
+            return self._as_rep(averaged, group, round_no, swarm_size, member_caps)
+        return self._as_member(averaged, group, round_no)
+
+    def _as_rep(self, averaged, group: Group, round_no: int, swarm_size: int, member_caps) -> tuple[list, int]:
+        board = self._post_and_wait(group, round_no, swarm_size)
+        dkey = decision_key(self.prefix, round_no, group.group_id)
+        if len(board) <= 1:
+            self._decide(dkey, "single")
+            return averaged, len(group.members)
+        try:
+            policy = dict(codec=self.codec, aggregator="mean", error_feedback=False,
+                          target_group_size=len(board), weight_caps=stage2_caps(board, member_caps))
+            x, reps = self.run_stage(StageRun(averaged, 2, stage_bits(round_no, 2), group.weight, policy,
+                                              dict(groups=len(board))))
+        except AveragingFailed as e:
+            self._decide(dkey, "failed")
+            raise AveragingFailed(f"across groups (stage 2): {e}") from None
+        if len(reps) < len(board):
+            logger.warning("round %d: only %d of the %d groups' representatives averaged together; the swarm "
+                           "will hold more than one θ until the minority re-syncs", round_no, len(reps), len(board))
+        spanned = sum(len(v["members"]) for v in board.values() if min(v["members"]) in reps)
+        self._decide(dkey, "broadcast")
+        return self._broadcast(x, group, round_no, source=True, spanned=spanned)
+
+    def _as_member(self, averaged, group: Group, round_no: int) -> tuple[list, int]:
+        dkey = decision_key(self.prefix, round_no, group.group_id)
+        decision = self._wait_decision(dkey, group.rep, self.board_wait + 2 * self.stage_timeout)
+        if decision == "single":
+            return averaged, len(group.members)
+        if decision != "broadcast":
+            raise AveragingFailed(f"across groups: our group's representative {group.rep[-8:]} "
+                                  f"{'failed' if decision else 'did not answer'}")
+        zeros = [None if t is None else torch.zeros_like(t) for t in averaged]
+        return self._broadcast(zeros, group, round_no, source=False, spanned=0)
+
+    def _broadcast(self, tensors, group: Group, round_no: int, *, source: bool, spanned: int) -> tuple[list, int]:
+        policy = dict(codec=self.codec, aggregator=BROADCAST, error_feedback=False,
+                      target_group_size=len(group.members), weight_caps={})
+        try:
+            x, peers = self.run_stage(StageRun(tensors, 3, stage_bits(round_no, 3, group.group_id),
+                                               1.0 if source else 0.0, policy,
+                                               dict(source=source, spanned=spanned)))
+        except AveragingFailed as e:
+            raise AveragingFailed(f"across groups (stage 3): {e}") from None
+        sender = check_broadcast(peers)
+        return x, int(peers[sender].get("spanned", 0))
+
+    def _post_and_wait(self, group: Group, round_no: int, swarm_size: int) -> dict[str, dict]:
+        key = board_key(self.prefix, round_no)
+        self.dht.store(key, subkey=group.group_id, value=dict(weight=group.weight, members=list(group.members)),
+                       expiration_time=get_dht_time() + BOARD_TTL)
+        deadline = time.monotonic() + self.board_wait
+        while True:
+            board = read_board(self.dht, self.prefix, round_no)
+            board.setdefault(group.group_id, dict(weight=group.weight, members=list(group.members)))
+            if covered(board) >= swarm_size or time.monotonic() > deadline:
+                return board
+            time.sleep(POLL_S)
+
+    def _decide(self, key: str, decision: str) -> None:
+        self.dht.store(key, subkey=self.peer_id, value=decision, expiration_time=get_dht_time() + BOARD_TTL)
+
+    def _wait_decision(self, key: str, rep: str, timeout: float) -> str | None:
+        """What the representative decided for our group ('single', 'broadcast', 'failed'), None if it
+        did not say within `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.dht.get(key, latest=True)
+            if found is not None and isinstance(found.value, dict) and rep in found.value:
+                decision = found.value[rep].value
+                if isinstance(decision, str):
+                    return decision
+            time.sleep(POLL_S)
+        return None
