@@ -158,7 +158,9 @@ def test_consensus_key_and_verdict_against_hand_computed_values():
     assert consensus.group_key("run", 3, peers) == "run_consensus_3_6881281aabdcd38f"  # sha256(b"n1n2")[:16]
     assert consensus.verdict("h", {"b": "h", "c": "h"}) == "agree"
     assert consensus.verdict("h", {"b": "h", "c": None}) == "pending"
-    assert consensus.verdict("h", {"b": "x", "c": None}) == "differ"
+    assert consensus.verdict("h", {"b": "x", "c": None}) == "pending"  # c may yet name b as refused
+    assert consensus.verdict("h", {"b": "x", "c": None}, final=True) == "differ"
+    assert consensus.verdict("h", {"b": "h", "c": None}, final=True) == "agree"
 
 
 def test_consensus_verify_agrees_fails_on_a_different_hash_and_trusts_the_answers_after_the_timeout():
@@ -166,11 +168,15 @@ def test_consensus_verify_agrees_fails_on_a_different_hash_and_trusts_the_answer
     consensus.publish(dht, "k", "b", "h")
     consensus.publish(dht, "k", "c", "h")
     consensus.verify(dht, "k", peers, "a", "h", timeout=5.0)
-    consensus.publish(dht, "k", "c", "rejected:zz")
+    consensus.publish(dht, "k", "c", "other")
     with pytest.raises(AveragingFailed, match="different averages"):
         consensus.verify(dht, "k", peers, "a", "h", timeout=5.0)
-    del dht.data["k"]["c"]
+    consensus.publish_refused(dht, "k", "b", ["c", "zz"])  # an owner refused c's data: c's hash does not count
+    consensus.verify(dht, "k", peers, "a", "h", timeout=5.0)
+    del dht.data["k"]["c"], dht.data["k"]["b:refused"]
     consensus.verify(dht, "k", peers, "a", "h", timeout=0.2)  # c is silent: b's agreement is enough
+    consensus.publish(dht, "k", "c", "other")
+    consensus.verify(dht, "k", peers, "a", "h", timeout=5.0, ignore={"c"})  # c banned by us
 
 
 def test_state_donors_come_by_priority_without_us_the_excluded_or_outsiders():
@@ -348,7 +354,10 @@ def test_a_scaled_contribution_is_clipped_and_a_nan_one_gets_its_sender_banned(d
     avgs = _averagers(dhts, compression="none", aggregator="clip", shapes=big)
     try:
         first = _round(avgs, deltas[:2] + nan, weights, round_no=1)
-        assert all(isinstance(r, AveragingFailed) for r in first[:2]), first  # refused, round failed for both
+        # refused by every honest owner and left out: the round succeeds for the honest two, on their mean
+        assert all(not isinstance(r, Exception) for r in first[:2]), first
+        assert all(r.group_size == 2 and _rel_err(r.deltas, honest) < 1e-6 for r in first[:2])
+        assert theta_hash(first[0].deltas) == theta_hash(first[1].deltas)
         assert all(avgs[2].peer_id in a.banned for a in avgs[:2])
         second = _round(avgs[:2], deltas[:2], weights[:2], round_no=2)
     finally:
@@ -365,8 +374,12 @@ def test_a_forged_weight_is_refused_and_the_rest_average_the_honest_weighted_mea
     caps = {a.peer_id: 100.0 for a in avgs}  # what the peers' progress records allow
     try:
         first = _round(avgs, deltas, weights, round_no=3, caps=caps)
-        assert all(isinstance(r, AveragingFailed) for r in first[:2]), first
-        assert "more than the 100 samples" in str(first[0]) + str(first[1])
+        # refused by the honest owners (not failing the round for the others: they agree on one result);
+        # the forger's own slice is its business as owner, as any owner's is (see protocol.average_problem)
+        assert all(not isinstance(r, Exception) for r in first[:2]), first
+        assert theta_hash(first[0].deltas) == theta_hash(first[1].deltas)
+        assert all(avgs[2].peer_id in a.banned and "more than the 100 samples" in a.banned[avgs[2].peer_id]
+                   for a in avgs[:2])
         second = _round(avgs[:2], deltas[:2], weights[:2], round_no=4, caps=caps)
     finally:
         _shutdown(avgs)

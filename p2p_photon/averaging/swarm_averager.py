@@ -102,15 +102,15 @@ class SwarmAverager:
         peers = self._step(gathered_meta, run.weight, self._timeout)
         self._bytes[0] += int(self._wire[0])
         self._bytes[1] += int(self._wire[1])
-        banned = self._ban_rejected()
-        if banned:  # tell the group (a differing hash fails the round for everyone), then fail it here
-            key = consensus.group_key(self.prefix, round_no, peers)
-            consensus.publish(self.dht, key, self.peer_id, "rejected:" + ",".join(sorted(banned)))
-            raise AveragingFailed(banned_message(banned))
-        check_group(peers, round_no, gathered_meta)
+        refused = self._ban_rejected()
+        if refused:  # our owner role left them out; tell the group, whose consensus then ignores them
+            consensus.publish_refused(self.dht, consensus.group_key(self.prefix, round_no, peers), self.peer_id,
+                                      list(refused))
+        members = {p: m for p, m in peers.items() if p not in self.banned}
+        check_group(members, round_no, gathered_meta)
         averaged = self._read_average(self._active)
-        self._verify_consensus([averaged[i] for i in self._active], peers, round_no)
-        return averaged, peers
+        self._verify_consensus([averaged[i] for i in self._active], members, round_no)
+        return averaged, members
 
     def _prepare(self, run: StageRun) -> None:
         """The stage's settings to the averager process, its tensors into the shared buffers (stage 1:
