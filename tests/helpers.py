@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import psutil
@@ -184,3 +185,16 @@ def checkpoint_payload(round_no: int, opt: str = "adamw8bit", seed: int = 0):
     return state.CheckpointPayload(theta=theta, outer=[torch.randn(3, 3)],
                                    inner=trainer.optimizer.state_dict(), meta=meta, rng=state.capture_rng(),
                                    config=Config())
+
+
+class FakeDHT:
+    """dht.store/get with subkeys, as the consensus check uses them."""
+
+    def __init__(self):
+        self.data: dict[str, dict[str, object]] = {}
+
+    def store(self, key, *, subkey, value, expiration_time):
+        self.data.setdefault(key, {})[subkey] = SimpleNamespace(value=value)
+
+    def get(self, key, latest=True):
+        return SimpleNamespace(value=dict(self.data[key])) if key in self.data else None

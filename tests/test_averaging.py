@@ -25,6 +25,7 @@ from p2p_photon.config import AveragingConfig
 from p2p_photon.hashing import theta_hash
 from p2p_photon.outer import active_group, block_groups
 from p2p_photon.robust import aggregate
+from tests.helpers import FakeDHT
 
 SHAPES = [torch.Size([300, 70]), torch.Size([1000])]
 P = sum(s.numel() for s in SHAPES)
@@ -140,19 +141,6 @@ def test_a_member_refuses_an_owners_average_only_on_proof():
     assert proto.average_problem(torch.tensor([300.0, 400.0]), 2) is None
 
 
-class FakeDHT:
-    """dht.store/get with subkeys, as the consensus check uses them."""
-
-    def __init__(self):
-        self.data: dict[str, dict[str, object]] = {}
-
-    def store(self, key, *, subkey, value, expiration_time):
-        self.data.setdefault(key, {})[subkey] = SimpleNamespace(value=value)
-
-    def get(self, key, latest=True):
-        return SimpleNamespace(value=dict(self.data[key])) if key in self.data else None
-
-
 def test_consensus_key_and_verdict_against_hand_computed_values():
     peers = {"a": {"nonce": "n2"}, "b": {"nonce": "n1"}}
     assert consensus.group_key("run", 3, peers) == "run_consensus_3_6881281aabdcd38f"  # sha256(b"n1n2")[:16]
@@ -225,18 +213,19 @@ def dhts():
 
 
 def _averagers(dhts, n=3, members=None, shapes=SHAPES, **cfg_kw):
-    cfg = AveragingConfig(matchmaking_time=1.0, allreduce_timeout=30.0, min_group_size=2, target_group_size=n,
-                          **{"aggregator": "mean", **cfg_kw})
+    cfg = AveragingConfig(matchmaking_time=1.0, allreduce_timeout=30.0, min_group_size=2,
+                          **{"aggregator": "mean", "target_group_size": n, **cfg_kw})
     prefix = f"t{next(_prefixes)}-fp"
     return [SwarmAverager(d, shapes, prefix=prefix, cfg=cfg, members=members) for d in dhts[:n]]
 
 
-def _round(avgs, deltas, weights, round_no, caps=None):
+def _round(avgs, deltas, weights, round_no, caps=None, swarm_size=None):
     """All averagers average concurrently; returns results (or the AveragingFailed raised)."""
     def one(i):
         try:
             return avgs[i].average(deltas[i], round_no=round_no, weight=weights[i],
-                                   meta=dict(fingerprint="fp"), weight_caps=caps, timeout=30)
+                                   meta=dict(fingerprint="fp"), weight_caps=caps, timeout=30,
+                                   swarm_size=swarm_size)
         except AveragingFailed as e:
             return e
     with cf.ThreadPoolExecutor(len(avgs)) as ex:
@@ -443,3 +432,26 @@ def test_state_download_through_the_averager_process_and_donor_exclusion(dhts):
         assert joiner.load_state_from_peers(timeout=5, exclude=[donor.peer_id]) is None
     finally:
         _shutdown([donor, joiner])
+
+
+@pytest.mark.swarm
+@pytest.mark.parametrize("compression", ["none", "int8"])
+def test_groups_of_two_end_with_the_weighted_mean_of_all_four_on_every_peer(dhts, compression):
+    """target_group_size 2, four peers: two groups in stage 1, their representatives average the two
+    group means weighted by the groups' samples (stage 2) and broadcast the result in their groups
+    (stage 3): every peer holds the same bits, the weighted mean of all four contributions."""
+    deltas, weights = _deltas(4, seed=11), [8.0, 24.0, 40.0, 16.0]
+    avgs = _averagers(dhts, n=4, compression=compression, target_group_size=2)
+    try:
+        results = _round(avgs, deltas, weights, round_no=6, swarm_size=4)
+    finally:
+        _shutdown(avgs)
+    assert all(not isinstance(r, Exception) for r in results), results
+    assert len({theta_hash(r.deltas) for r in results}) == 1, "the peers hold different averages"
+    assert all(len(r.gathered) == 2 and r.group_size == 4 for r in results), [(len(r.gathered), r.group_size)
+                                                                              for r in results]
+    want = _mean(deltas, weights)
+    assert _rel_err(results[0].deltas, want) < (1e-6 if compression == "none" else 2e-2)
+    # against the mean of one group only (what a silent fork leaves): far off
+    assert min(_rel_err(results[0].deltas, _mean([deltas[i] for i in pair], [weights[i] for i in pair]))
+               for pair in ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))) > 0.1

@@ -364,7 +364,8 @@ class _Averager(DecentralizedAverager):
 
     def set_policy(self, **policy) -> None:
         """Per-round settings before step(): active tensors, weight caps, bans; per stage of a round
-        (None: the configured value) codec, aggregator, error_feedback, target_group_size."""
+        (None: the configured value / anyone) codec, aggregator, error_feedback, target_group_size, and
+        the leader whose group alone we join (so a stage forms one group, never two halves)."""
         self.call_in_averager("_set_policy", 30, policy=policy)
 
     async def _set_policy(self, policy: dict, future: MPFuture) -> None:
@@ -406,6 +407,9 @@ class _Averager(DecentralizedAverager):
         async def request_join_welcome_group(leader: PeerID) -> GroupInfo | None:
             if not self._is_welcome(leader):
                 logger.debug("not joining the group of non-member or banned peer %s", leader.to_base58()[-8:])
+                return None
+            chosen = self._policy.get("leader")
+            if chosen is not None and leader.to_base58() != chosen:  # a stage with a designated leader
                 return None
             return await request_join_group(leader)
 

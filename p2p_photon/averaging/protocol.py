@@ -36,6 +36,17 @@ class RoundResult:
     bytes_received: int
     seconds: float
     residual_norm: float = 0.0  # norm of the quantization error carried to the next round
+    totals: dict[str, int] | None = None  # steps and samples the average covers (default: the group's)
+
+    def __post_init__(self):
+        if self.totals is None:
+            self.totals = totals_of(self.gathered)
+
+
+def totals_of(peers: Mapping[str, Mapping[str, Any]]) -> dict[str, int]:
+    """The local steps and samples the members' metadata report, summed."""
+    return dict(steps=sum(int(m.get("steps", 0)) for m in peers.values()),
+                samples=sum(int(m.get("samples", 0)) for m in peers.values()))
 
 
 @dataclass

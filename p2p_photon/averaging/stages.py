@@ -10,11 +10,12 @@ in two more stages, so that every peer of every group ends the round with the sa
              cover the peers averaging this round (or `board_wait` seconds pass).
              One group on the board: m_g is the swarm's average; done (the rep says so to g).
     stage 2  the representatives, one per group, average m_g weighted by W_g in ONE group (the stage's
-             target group size is the number of groups on the board): Σ W_g m_g / Σ W_g over the
+             target group size is the number of groups on the board, and every rep joins only the
+             group led by the smallest rep id, so matchmaking cannot form two halves): Σ W_g m_g / Σ W_g over the
              groups, which is exactly the weighted mean of every contribution of the round. Codec:
              `none`, or `fp16` if the run's codec is lossy (elementwise: the same value encodes to
-             the same bytes however the all-reduce partitions it); plain mean; no error feedback (the
-             weights already carry everything). The owner encodes once: every rep holds the same x.
+             the same bytes however the all-reduce partitions it); the run's aggregator (with `mean`, the
+             exact weighted mean; `clip` also bounds a group of one attacker); no error feedback. The owner encodes once: every rep holds the same x.
     stage 3  each representative broadcasts x in its own group: an all-reduce of group g's members
              (group key from g's id) in which the rep sends x with weight 1 and the others zeros with
              weight 0, and every owner passes the one weighted contribution on unchanged (no arith-
@@ -53,7 +54,7 @@ import torch
 from hivemind.utils import get_dht_time
 
 from . import consensus
-from .protocol import BROADCAST, AveragingFailed, check_broadcast, group_bits
+from .protocol import BROADCAST, AveragingFailed, check_broadcast, group_bits, totals_of
 
 logger = logging.getLogger(__name__)
 
@@ -140,67 +141,94 @@ class StageRun:
     weight: float
     policy: dict[str, Any]
     extra_meta: dict[str, Any]
+    gather_s: float = 0.0  # how long the stage's leader waits for all of its known members
 
 
 class Spanner:
     """Stages 2 and 3 for one peer (see the module docstring)."""
 
     def __init__(self, dht, prefix: str, peer_id: str, run_stage: Callable[[StageRun], tuple[list, dict]], *,
-                 codec: str, board_wait: float, stage_timeout: float):
+                 codec: str, board_wait: float, gather_s: float, stage_timeout: float):
         self.dht, self.prefix, self.peer_id, self.run_stage = dht, prefix, peer_id, run_stage
-        self.codec, self.board_wait, self.stage_timeout = codec, board_wait, stage_timeout
+        self.codec, self.board_wait, self.gather_s, self.stage_timeout = codec, board_wait, gather_s, stage_timeout
 
     def span(self, averaged: list, peers: Mapping[str, Mapping[str, Any]], round_no: int, swarm_size: int,
-             member_caps: Mapping[str, float]) -> tuple[list, int]:
-        """(the swarm's average, peers it covers) from our group's stage-1 `averaged`; AveragingFailed."""
+             member_caps: Mapping[str, float]) -> tuple[list, int, dict[str, int]]:
+        """(the swarm's average, peers it covers, their steps and samples) from our group's stage-1
+        `averaged`; AveragingFailed."""
         group = Group.from_metadata(peers)
+        totals = totals_of(peers)
         if group.rep == self.peer_id:
-            return self._as_rep(averaged, group, round_no, swarm_size, member_caps)
-        return self._as_member(averaged, group, round_no)
+            return self._as_rep(averaged, group, totals, round_no, swarm_size, member_caps)
+        return self._as_member(averaged, group, totals, round_no)
 
-    def _as_rep(self, averaged, group: Group, round_no: int, swarm_size: int, member_caps) -> tuple[list, int]:
+    def alone(self, deltas: list, weight: float, round_no: int, swarm_size: int, member_caps: Mapping[str, float],
+              why: AveragingFailed, totals: dict[str, int]) -> tuple[list, int, dict[str, int]]:
+        """Stage 1 found us no group (left over when the groups filled up, or our group failed): take part
+        in stage 2 as a group of one, so our Δ still counts and we end with the swarm's θ; if no other
+        group posted to the board, the round fails with `why`."""
+        group = Group("solo" + self.peer_id[-12:], (self.peer_id,), float(weight))
+        board = self._post_and_wait(group, round_no, swarm_size)
+        if len(board) <= 1:
+            raise why
+        return self._stage2(deltas, group, totals, board, round_no, member_caps)
+
+    def _as_rep(self, averaged, group: Group, totals: dict[str, int], round_no: int, swarm_size: int, member_caps
+                ) -> tuple[list, int, dict[str, int]]:
         board = self._post_and_wait(group, round_no, swarm_size)
         dkey = decision_key(self.prefix, round_no, group.group_id)
         if len(board) <= 1:
             self._decide(dkey, "single")
-            return averaged, len(group.members)
+            return averaged, len(group.members), totals
         try:
-            policy = dict(codec=self.codec, aggregator="mean", error_feedback=False,
-                          target_group_size=len(board), weight_caps=stage2_caps(board, member_caps))
-            x, reps = self.run_stage(StageRun(averaged, 2, stage_bits(round_no, 2), group.weight, policy,
-                                              dict(groups=len(board))))
-        except AveragingFailed as e:
+            x, spanned, swarm_totals = self._stage2(averaged, group, totals, board, round_no, member_caps)
+        except AveragingFailed:
             self._decide(dkey, "failed")
+            raise
+        self._decide(dkey, "broadcast")
+        return self._broadcast(x, group, round_no, source=True, spanned=spanned, totals=swarm_totals)
+
+    def _stage2(self, averaged, group: Group, totals: dict[str, int], board: Mapping[str, dict], round_no: int,
+                member_caps) -> tuple[list, int, dict[str, int]]:
+        """The representatives' average of their groups' results: (x, peers it covers, their totals)."""
+        try:
+            policy = dict(codec=self.codec, aggregator=None, error_feedback=False, target_group_size=len(board),
+                          weight_caps=stage2_caps(board, member_caps), leader=min(min(v["members"]) for v in board.values()))
+            x, reps = self.run_stage(StageRun(averaged, 2, stage_bits(round_no, 2), group.weight, policy,
+                                              dict(groups=len(board), group_totals=totals), self.gather_s))
+        except AveragingFailed as e:
             raise AveragingFailed(f"across groups (stage 2): {e}") from None
         if len(reps) < len(board):
             logger.warning("round %d: only %d of the %d groups' representatives averaged together; the swarm "
                            "will hold more than one θ until the minority re-syncs", round_no, len(reps), len(board))
-        spanned = sum(len(v["members"]) for v in board.values() if min(v["members"]) in reps)
-        self._decide(dkey, "broadcast")
-        return self._broadcast(x, group, round_no, source=True, spanned=spanned)
+        swarm_totals = totals_of({p: m.get("group_totals") or {} for p, m in reps.items()})
+        return x, sum(len(v["members"]) for v in board.values() if min(v["members"]) in reps), swarm_totals
 
-    def _as_member(self, averaged, group: Group, round_no: int) -> tuple[list, int]:
+    def _as_member(self, averaged, group: Group, totals: dict[str, int], round_no: int
+                   ) -> tuple[list, int, dict[str, int]]:
         dkey = decision_key(self.prefix, round_no, group.group_id)
         decision = self._wait_decision(dkey, group.rep, self.board_wait + 2 * self.stage_timeout)
         if decision == "single":
-            return averaged, len(group.members)
+            return averaged, len(group.members), totals
         if decision != "broadcast":
             raise AveragingFailed(f"across groups: our group's representative {group.rep[-8:]} "
                                   f"{'failed' if decision else 'did not answer'}")
         zeros = [None if t is None else torch.zeros_like(t) for t in averaged]
-        return self._broadcast(zeros, group, round_no, source=False, spanned=0)
+        return self._broadcast(zeros, group, round_no, source=False, spanned=0, totals={})
 
-    def _broadcast(self, tensors, group: Group, round_no: int, *, source: bool, spanned: int) -> tuple[list, int]:
+    def _broadcast(self, tensors, group: Group, round_no: int, *, source: bool, spanned: int,
+                   totals: dict[str, int]) -> tuple[list, int, dict[str, int]]:
         policy = dict(codec=self.codec, aggregator=BROADCAST, error_feedback=False,
-                      target_group_size=len(group.members), weight_caps={})
+                      target_group_size=len(group.members), weight_caps={}, leader=group.rep)
         try:
             x, peers = self.run_stage(StageRun(tensors, 3, stage_bits(round_no, 3, group.group_id),
                                                1.0 if source else 0.0, policy,
-                                               dict(source=source, spanned=spanned)))
+                                               dict(source=source, spanned=spanned, swarm_totals=totals),
+                                               self.gather_s))
         except AveragingFailed as e:
             raise AveragingFailed(f"across groups (stage 3): {e}") from None
         sender = check_broadcast(peers)
-        return x, int(peers[sender].get("spanned", 0))
+        return x, int(peers[sender].get("spanned", 0)), totals_of({sender: peers[sender].get("swarm_totals") or {}})
 
     def _post_and_wait(self, group: Group, round_no: int, swarm_size: int) -> dict[str, dict]:
         key = board_key(self.prefix, round_no)

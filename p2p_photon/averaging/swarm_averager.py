@@ -16,13 +16,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from hivemind.utils import get_dht_time
 
 from ..codecs import make_codec
 from ..config import AveragingConfig
 from ..hashing import theta_hash
 from . import consensus
 from .hivemind_backend import start_averager
-from .protocol import AveragingFailed, RoundResult, banned_message, check_group, gather_metadata
+from .protocol import AveragingFailed, RoundResult, banned_message, check_group, gather_metadata, totals_of
 from .stages import Spanner, StageRun, stage_bits, stage_codec
 
 logger = logging.getLogger(__name__)
@@ -64,7 +65,8 @@ class SwarmAverager:
         self._one_round = threading.Lock()
         self.spanner = Spanner(dht, prefix, self.peer_id, self._run_stage,
                                codec=stage_codec(self.codec.lossy),
-                               board_wait=cfg.matchmaking_time, stage_timeout=cfg.step_timeout + cfg.allreduce_timeout)
+                               board_wait=cfg.step_timeout + cfg.matchmaking_time, gather_s=cfg.step_timeout,
+                               stage_timeout=2 * cfg.step_timeout + cfg.allreduce_timeout)
 
     def average(self, deltas: Sequence[torch.Tensor | None], *, round_no: int, weight: float,
                 meta: dict[str, Any], active: Sequence[int] | None = None,
@@ -84,14 +86,23 @@ class SwarmAverager:
         self._bytes = [0, 0]
         self._meta, self._active, self._round = meta, active, round_no
         self._timeout = timeout or self.cfg.step_timeout
-        averaged, peers = self._run_stage(StageRun(list(deltas), 1, stage_bits(round_no, 1), weight,
-                                                   dict(weight_caps=dict(weight_caps or {})), {}))
+        try:
+            averaged, peers = self._run_stage(StageRun(list(deltas), 1, stage_bits(round_no, 1), weight,
+                                                       dict(weight_caps=dict(weight_caps or {})), {}))
+        except AveragingFailed as e:
+            if swarm_size is None or swarm_size <= 1:
+                raise
+            mine = totals_of({self.peer_id: meta})
+            averaged, size, totals = self.spanner.alone(list(deltas), weight, round_no, swarm_size,
+                                                        weight_caps or {}, e, mine)
+            return RoundResult(averaged, size, {self.peer_id: meta}, self._bytes[0], self._bytes[1],
+                               time.perf_counter() - t0, totals=totals)
         residual_norm = self._carry_residuals(active)
-        size = len(peers)
+        size, totals = len(peers), None
         if swarm_size is not None and size < swarm_size:
-            averaged, size = self.spanner.span(averaged, peers, round_no, swarm_size, weight_caps or {})
+            averaged, size, totals = self.spanner.span(averaged, peers, round_no, swarm_size, weight_caps or {})
         return RoundResult(averaged, size, peers, self._bytes[0], self._bytes[1], time.perf_counter() - t0,
-                           residual_norm=residual_norm)
+                           residual_norm=residual_norm, totals=totals)
 
     def _run_stage(self, run: StageRun) -> tuple[list[torch.Tensor | None], dict[str, dict]]:
         """One all-reduce of a round's stage: (the average per tensor, peer id -> metadata of the group)."""
@@ -99,7 +110,7 @@ class SwarmAverager:
         self._prepare(run)
         gathered_meta = gather_metadata(dict(self._meta, weight=float(run.weight), stage=run.stage, **run.extra_meta),
                                         round_no, self._active, run.policy.get("codec") or self.codec.name)
-        peers = self._step(gathered_meta, run.weight, self._timeout)
+        peers = self._step(gathered_meta, run.weight, self._timeout + run.gather_s, run.gather_s)
         self._bytes[0] += int(self._wire[0])
         self._bytes[1] += int(self._wire[1])
         refused = self._ban_rejected()
@@ -116,7 +127,8 @@ class SwarmAverager:
         """The stage's settings to the averager process, its tensors into the shared buffers (stage 1:
         Δ plus the error carried from earlier rounds)."""
         self._averager.set_group_bits(run.bits)
-        policy = dict(codec=None, aggregator=None, error_feedback=True, target_group_size=None, weight_caps={})
+        policy = dict(codec=None, aggregator=None, error_feedback=True, target_group_size=None, weight_caps={},
+                      leader=None)
         self._averager.set_policy(active=self._active, **dict(policy, **run.policy))
         with self._averager.get_tensors() as tensors:
             for i in self._active:
@@ -125,11 +137,15 @@ class SwarmAverager:
                     tensors[i].add_(self.carried[i])  # error feedback: what earlier rounds' encoding lost
         self._wire.zero_()
 
-    def _step(self, gathered_meta: dict[str, Any], weight: float, timeout: float) -> dict[str, dict]:
-        """hivemind's step: peer id -> the metadata it sent, for every member of the group."""
+    def _step(self, gathered_meta: dict[str, Any], weight: float, timeout: float, gather_s: float = 0.0
+              ) -> dict[str, dict]:
+        """hivemind's step: peer id -> the metadata it sent, for every member of the group. With `gather_s`,
+        a leader waits up to that long for its group to fill (hivemind's scheduled_time) instead of
+        matchmaking_time: a stage whose members are known waits for all of them."""
         try:
+            scheduled = get_dht_time() + gather_s if gather_s else None
             gathered = self._averager.step(gather=gathered_meta, weight=float(weight), allow_retries=True,
-                                           timeout=timeout)
+                                           timeout=timeout, scheduled_time=scheduled)
         except Exception as e:  # hivemind raises several types; the caller only needs "it failed, why"
             self._ban_rejected()
             raise AveragingFailed(f"all-reduce failed: {type(e).__name__}: {e}") from None

@@ -72,8 +72,8 @@ class GlobalState:
             if model is not None:
                 load_into_model(self.theta, model)
             c.round += 1
-            c.global_step += sum(int(m.get("steps", 0)) for m in res.gathered.values())
-            c.total_samples += sum(int(m.get("samples", 0)) for m in res.gathered.values())
+            c.global_step += res.totals["steps"]
+            c.total_samples += res.totals["samples"]
             self.rehash()
         c.bytes_sent += res.bytes_sent
         c.bytes_received += res.bytes_received

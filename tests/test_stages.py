@@ -1,0 +1,81 @@
+"""Averaging across groups (averaging/stages.py): the pure parts against hand-computed values."""
+
+from __future__ import annotations
+
+import torch
+
+from p2p_photon.averaging import consensus, stages
+from p2p_photon.averaging.protocol import (
+    BROADCAST,
+    AveragingFailed,
+    check_broadcast,
+    combine_part,
+    group_bits,
+    weight_problem,
+)
+from p2p_photon.codecs import make_codec
+from tests.helpers import FakeDHT
+
+
+def test_stage_bits_keep_rounds_stages_and_groups_apart():
+    assert stages.stage_bits(5, 1) == group_bits(5) == "0" * 17 + "101"
+    assert stages.stage_bits(5, 2) == group_bits(5) + "10"
+    assert stages.stage_bits(5, 3, "0000000a" + "f" * 8) == group_bits(5) + "11" + "0" * 28 + "1010"
+    assert stages.stage_bits(5, 3, "0000000b") != stages.stage_bits(5, 3, "0000000a")
+    assert stages.stage_bits(6, 2) != stages.stage_bits(5, 2)
+
+
+def test_every_member_derives_the_same_group_rep_and_weight_from_the_metadata():
+    peers = {"Qmc": {"nonce": "n3", "weight": 8.0}, "Qma": {"nonce": "n1", "weight": 24.0},
+             "Qmb": {"nonce": "n2", "weight": 40.0}}
+    g = stages.Group.from_metadata(peers)
+    assert g.members == ("Qma", "Qmb", "Qmc") and g.rep == "Qma" and g.weight == 72.0
+    # the id is the consensus key's group id: sha256 of the sorted nonces
+    assert consensus.group_key("p", 1, peers).endswith(g.group_id) and len(g.group_id) == 16
+    assert stages.Group.from_metadata(dict(reversed(list(peers.items())))) == g
+
+
+def test_a_representative_may_send_no_more_weight_than_its_members_caps_allow():
+    board = {"g1": {"weight": 30.0, "members": ["a", "b"]}, "g2": {"weight": 9.0, "members": ["c"]}}
+    assert stages.stage2_caps(board, {"a": 10.0, "b": 20.0, "c": 5.0}) == {"a": 30.0, "c": 5.0}
+    assert stages.stage2_caps(board, {"a": 10.0, "c": 5.0}) == {"a": 20.0, "c": 5.0}  # b unknown: the biggest cap
+    assert stages.stage2_caps(board, {}) == {}
+    assert stages.covered(board) == 3
+
+
+def test_the_board_lists_well_formed_groups_of_the_round_only():
+    dht = FakeDHT()
+    key = stages.board_key("run", 4)
+    dht.store(key, subkey="g1", value={"weight": 3.0, "members": ["a", "b"]}, expiration_time=0)
+    dht.store(key, subkey="g2", value={"weight": "lots", "members": ["c"]}, expiration_time=0)
+    dht.store(key, subkey="g3", value="junk", expiration_time=0)
+    assert stages.read_board(dht, "run", 4) == {"g1": {"weight": 3.0, "members": ["a", "b"]}}
+    assert stages.read_board(dht, "run", 5) == {}
+
+
+def test_a_broadcast_passes_the_one_weighted_contribution_on_bit_for_bit():
+    x = torch.randn(1000) * 1e-3
+    fp16 = make_codec("fp16")
+    x16 = fp16.decode(fp16.encode(x))  # what stage 2 hands over is already fp16-exact
+    zeros = torch.zeros(1000)
+    out = combine_part([(zeros, 0.0), (x16, 1.0), (zeros, 0.0)], 1000, codec=fp16, aggregator=BROADCAST,
+                       clip_factor=2.0, carried=None)
+    assert torch.equal(out.decoded, x16) and out.dropped == []
+    # no sender, or two: a zero part (the members fail the round on the metadata, check_broadcast)
+    none = combine_part([(zeros, 0.0), (x16, 0.0)], 1000, codec=fp16, aggregator=BROADCAST, clip_factor=2.0,
+                        carried=None)
+    assert torch.equal(none.decoded, zeros)
+    assert check_broadcast({"a": {"source": False}, "b": {"source": True}}) == "b"
+    for peers in ({"a": {"source": False}}, {"a": {"source": True}, "b": {"source": True}}):
+        try:
+            check_broadcast(peers)
+        except AveragingFailed as e:
+            assert "senders of the swarm's average" in str(e)
+        else:
+            raise AssertionError(f"accepted {peers}")
+
+
+def test_only_a_broadcast_accepts_a_zero_weight():
+    assert "not a positive number" in weight_problem(0.0, None)
+    assert weight_problem(0.0, None, zero_ok=True) is None
+    assert "not a positive number" in weight_problem(-1.0, None, zero_ok=True)
