@@ -46,6 +46,14 @@ NonNegative = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
 ShortStr = Annotated[str, Field(max_length=64)]
 
 
+MAX_BANS, MAX_BAN_CHARS = 8, 200
+
+
+def ban_entries(banned: dict[str, str]) -> list[str]:
+    """A peer's bans as its progress record carries them (the newest MAX_BANS, each cut to fit)."""
+    return [f"{p}: {why}"[:MAX_BAN_CHARS] for p, why in list(banned.items())[-MAX_BANS:]]
+
+
 class ProgressRecord(BaseModel):
     """What one peer tells the swarm about its current round.
 
@@ -82,6 +90,9 @@ class ProgressRecord(BaseModel):
     theta_round: Count = 0
     """The round of the global model whose hash is `theta_hash` (= `round`, except in overlapped mode,
     where a peer trains round r+1 while it holds θ of round r): peers compare hashes per θ round."""
+    bans: Annotated[list[Annotated[str, Field(max_length=MAX_BAN_CHARS)]], Field(max_length=MAX_BANS)] = []
+    """The peers this one refused data from and left out of its all-reduces, newest last, each
+    "<peer id>: <why>" (only on proof: non-finite values, wrong sizes, a weight above its cap)."""
 
 
 def progress_key(run_id: str) -> str:

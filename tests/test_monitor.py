@@ -397,3 +397,21 @@ def test_cli_monitor_plot_writes_a_png_and_reports_errors_in_one_line(tmp_path):
     assert done.returncode == 1 and "Traceback" not in done.stderr
     err = done.stderr.strip()
     assert err.startswith("error:") and len(err.splitlines()) == 1, done.stderr
+
+
+@pytest.mark.timeout(60)
+def test_bans_show_who_by_whom_and_why():
+    from p2p_photon.progress import MAX_BANS, ProgressRecord, ban_entries
+    from tests.helpers import make_record
+
+    banned = {f"12D3KooWattacker{i}": "sent non-finite values" for i in range(MAX_BANS + 3)}
+    entries = ban_entries(banned)
+    assert len(entries) == MAX_BANS and entries[-1] == f"12D3KooWattacker{MAX_BANS + 2}: sent non-finite values"
+    rec = ProgressRecord(**make_record("12D3KooWhonest01", bans=entries[-1:]))  # the record carries them
+    rows = [_row("honest01", bans=rec.bans), _row("honest02")]
+    s = swarm_summary(rows)
+    assert s["bans"] == [dict(who=f"12D3KooWattacker{MAX_BANS + 2}"[-8:], by="honest01", why="sent non-finite values")]
+    line = summary_line(dict(run_id="r", peers=rows, swarm=dict(s, invalid_records=0)))
+    assert "bans 1" in line and "BANNED" in line and "by honest01: sent non-finite values" in line
+    assert "bans" not in summary_line(dict(run_id="r", peers=rows[1:], swarm=dict(swarm_summary(rows[1:]),
+                                                                                  invalid_records=0)))

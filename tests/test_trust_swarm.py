@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -22,16 +23,16 @@ def _ok_rounds(summary):
     return {h["round"]: h for h in summary["history"] if h.get("ok")}
 
 
-def _run(tmp_path, overrides, attackers=()):
-    """Bootstrap, honest0 and honest1, and the attackers ((name, silo, P2P_PHOTON_ATTACK), ...) until the honest
+def _run(tmp_path, overrides, attackers=(), honest=2):
+    """Bootstrap, honest0, honest1 (…) and the attackers ((name, silo, P2P_PHOTON_ATTACK), ...) until the honest
     peers finish; returns every peer's summary and the honest peers' logs joined."""
-    names = ["honest0", "honest1"]
+    names = [f"honest{i}" for i in range(honest)]
     with LocalSwarm(tmp_path, overrides=overrides) as swarm:
         swarm.start_bootstrap()
         honest = [swarm.start_peer(i, name=n) for i, n in enumerate(names)]
         bad = [swarm.start_peer(silo, name=n, script=ATTACKER, env={"P2P_PHOTON_ATTACK": attack})
                for n, silo, attack in attackers]
-        assert swarm.wait(honest, timeout=400) == [0, 0], [swarm.tail(p) for p in honest]
+        assert swarm.wait(honest, timeout=400) == [0] * len(names), [swarm.tail(p) for p in honest]
         for p in bad:
             swarm.signal(p)
         swarm.wait(bad, timeout=60)
@@ -142,3 +143,38 @@ def test_an_outsider_cannot_join_or_change_a_closed_swarm(tmp_path, swarm_overri
         assert 3 in ok and ok[3]["group"] == 3, (n, s["history"])
         assert math.isfinite(s["final_loss"]) and s["final_loss"] < s["initial_loss"]
     assert not _ok_rounds(outsider), "the outsider completed a round with the members"
+
+
+def test_an_attacker_rejoining_with_a_fresh_identity_every_round_fails_no_honest_round(tmp_path, swarm_overrides):
+    """Three honest peers in an open swarm; an attacker sends NaN Δ or Δ × 10⁶ (alternately, uncompressed)
+    and is killed and restarted with a fresh identity after each round it takes part in, so bans never
+    catch it. The owners refuse (NaN) or clip (×10⁶) its contribution, name it in the group, and the
+    honest peers apply the identical result: at least 5 of 6 rounds succeed on every honest peer, θ is
+    identical, and the held-out loss is within 5% of a clean run."""
+    names = ["honest0", "honest1", "honest2"]
+    run = [*swarm_overrides, "averaging.compression='none'", "rounds.num_rounds=6", "averaging.target_group_size=4"]
+    clean, _ = _run(tmp_path / "clean", run, honest=3)
+    baseline = max(clean[n]["final_loss"] for n in names)
+    with LocalSwarm(tmp_path / "attacked", overrides=run) as swarm:
+        swarm.start_bootstrap()
+        honest = [swarm.start_peer(i, name=n) for i, n in enumerate(names)]
+        attempts = 0
+        while any(p.alive() for p in honest) and attempts < 12:
+            name = f"attacker{attempts}"
+            bad = swarm.start_peer(attempts % 3, name=name, script=ATTACKER,
+                                   env={"P2P_PHOTON_ATTACK": "nan" if attempts % 2 == 0 else "scale=1e6"})
+            wait_until(lambda: re.search(r"round \d+ \|.*(peers|FAILED)", _log(swarm, name))  # noqa: B023
+                       or not any(p.alive() for p in honest), timeout=90)
+            swarm.signal(bad, signal.SIGKILL)
+            swarm.wait([bad], timeout=30)
+            attempts += 1
+        assert swarm.wait(honest, timeout=400) == [0, 0, 0], [swarm.tail(p) for p in honest]
+        summaries = {n: swarm.summary(n) for n in names}
+        logs = "".join(_log(swarm, n) for n in names)
+    assert attempts >= 2, "the attacker never got into a round"
+    assert len({s["theta"] for s in summaries.values()}) == 1, "honest peers disagree"
+    for name, s in summaries.items():
+        assert math.isfinite(s["final_loss"]) and s["final_loss"] <= baseline * 1.05, (name, s["final_loss"], baseline)
+        ok = _ok_rounds(s)
+        assert len(ok) >= 5, (name, sorted(ok), [h.get("why") for h in s["history"] if not h.get("ok")])
+    assert "sent non-finite values" in logs, "no NaN contribution was ever refused (the attacker never averaged?)"

@@ -6,8 +6,10 @@ in two more stages, so that every peer of every group ends the round with the sa
              the run's codec, robust aggregator and error feedback; every member of g holds m_g, bit-
              identical, and knows W_g = Σ of its members' weights (from the group's metadata).
     board    g's representative (its member with the smallest peer id, so all members agree without
-             talking) posts (W_g, members) under the round's DHT key and waits until the groups posted
-             cover the peers averaging this round (or `board_wait` seconds pass).
+             talking) posts (W_g, members, DHT time) under the round's DHT key. The board closes
+             `board_wait` seconds (2 x matchmaking_time) after its first post: every rep derives the
+             same close from the same first post and reads the groups posted before it, so all reps
+             agree on the board. A group that finishes later fails the round and catches up.
              One group on the board: m_g is the swarm's average; done (the rep says so to g).
     stage 2  the representatives, one per group, average m_g weighted by W_g in ONE group (the stage's
              target group size is the number of groups on the board, and every rep joins only the
@@ -60,6 +62,7 @@ logger = logging.getLogger(__name__)
 
 BOARD_TTL = 300.0
 POLL_S = 0.1
+PROPAGATION_S = 0.5  # DHT time margin after the board closes before it is read for the last time
 
 
 def stage_bits(round_no: int, stage: int, group_id: str = "") -> str:
@@ -168,15 +171,22 @@ class Spanner:
         in stage 2 as a group of one, so our Δ still counts and we end with the swarm's θ; if no other
         group posted to the board, the round fails with `why`."""
         group = Group("solo" + self.peer_id[-12:], (self.peer_id,), float(weight))
-        board = self._post_and_wait(group, round_no, swarm_size)
+        try:
+            board = self._post_and_wait(group, round_no)
+        except AveragingFailed:
+            raise why from None
         if len(board) <= 1:
             raise why
         return self._stage2(deltas, group, totals, board, round_no, member_caps)
 
     def _as_rep(self, averaged, group: Group, totals: dict[str, int], round_no: int, swarm_size: int, member_caps
                 ) -> tuple[list, int, dict[str, int]]:
-        board = self._post_and_wait(group, round_no, swarm_size)
         dkey = decision_key(self.prefix, round_no, group.group_id)
+        try:
+            board = self._post_and_wait(group, round_no)
+        except AveragingFailed:
+            self._decide(dkey, "failed")
+            raise
         if len(board) <= 1:
             self._decide(dkey, "single")
             return averaged, len(group.members), totals
@@ -230,17 +240,29 @@ class Spanner:
         sender = check_broadcast(peers)
         return x, int(peers[sender].get("spanned", 0)), totals_of({sender: peers[sender].get("swarm_totals") or {}})
 
-    def _post_and_wait(self, group: Group, round_no: int, swarm_size: int) -> dict[str, dict]:
+    def _post_and_wait(self, group: Group, round_no: int) -> dict[str, dict]:
+        """Post our group, then the round's board as every representative sees it: the board closes
+        `board_wait` seconds (DHT time) after its first post, and holds the groups posted by then. Every
+        rep derives the same closing time from the same first post, so all agree on the board (hence
+        on stage 2's leader and size) without talking. A group posted after the close fails the round
+        (it catches up by download)."""
         key = board_key(self.prefix, round_no)
-        self.dht.store(key, subkey=group.group_id, value=dict(weight=group.weight, members=list(group.members)),
-                       expiration_time=get_dht_time() + BOARD_TTL)
-        deadline = time.monotonic() + self.board_wait
+        mine = dict(weight=group.weight, members=list(group.members), t=get_dht_time())
+        self.dht.store(key, subkey=group.group_id, value=mine, expiration_time=get_dht_time() + BOARD_TTL)
         while True:
             board = read_board(self.dht, self.prefix, round_no)
-            board.setdefault(group.group_id, dict(weight=group.weight, members=list(group.members)))
-            if covered(board) >= swarm_size or time.monotonic() > deadline:
-                return board
+            board.setdefault(group.group_id, mine)
+            close = min(float(v.get("t", mine["t"])) for v in board.values()) + self.board_wait
+            if get_dht_time() > close + PROPAGATION_S:
+                break
             time.sleep(POLL_S)
+        board = {g: v for g, v in read_board(self.dht, self.prefix, round_no).items()
+                 if float(v.get("t", close)) <= close}
+        if mine["t"] > close:
+            raise AveragingFailed(f"across groups: our group finished {mine['t'] - close + self.board_wait:.1f}s "
+                                  f"after the round's first group (more than {self.board_wait:.0f}s)")
+        board.setdefault(group.group_id, mine)
+        return board
 
     def _decide(self, key: str, decision: str) -> None:
         self.dht.store(key, subkey=self.peer_id, value=decision, expiration_time=get_dht_time() + BOARD_TTL)

@@ -65,7 +65,7 @@ class SwarmAverager:
         self._one_round = threading.Lock()
         self.spanner = Spanner(dht, prefix, self.peer_id, self._run_stage,
                                codec=stage_codec(self.codec.lossy),
-                               board_wait=cfg.step_timeout + cfg.matchmaking_time, gather_s=cfg.step_timeout,
+                               board_wait=2 * cfg.matchmaking_time, gather_s=cfg.step_timeout,
                                stage_timeout=2 * cfg.step_timeout + cfg.allreduce_timeout)
 
     def average(self, deltas: Sequence[torch.Tensor | None], *, round_no: int, weight: float,

@@ -88,8 +88,18 @@ def swarm_summary(rows: Sequence[dict]) -> dict[str, Any]:
         tokens_per_s=sum(r["tokens_per_s"] for r in alive), alive_peers=len(alive), known_peers=len(rows),
         fingerprint=fingerprint, other_fingerprint_peers=len(alive) - len(members),
         theta_same=(len(hashes) == 1) if members else None, theta_hashes=sorted(hashes),
-        theta_round=theta_round, distinct_theta=len(hashes),
+        theta_round=theta_round, distinct_theta=len(hashes), bans=swarm_bans(rows),
     )
+
+
+def swarm_bans(rows: Sequence[dict]) -> list[dict[str, str]]:
+    """Every ban the peers report: who was left out, by whom, why."""
+    bans = []
+    for r in rows:
+        for entry in r.get("bans") or ():
+            who, _, why = entry.partition(": ")
+            bans.append(dict(who=who[-8:], by=r["peer"], why=why))
+    return bans
 
 
 def round_eta(current: Sequence[dict], target: int | None, seq_len: int | None) -> float | None:

@@ -33,9 +33,11 @@ def summary_line(state: dict) -> str:
     theta = {True: "θ same", False: f"θ DIFFERS ({len(s['theta_hashes'])})", None: "θ -"}[s["theta_same"]]
     rnd = "-" if s["round"] is None else s["round"]
     target = "?" if s["target_samples"] is None else s["target_samples"]
+    bans = s.get("bans") or []
+    ban_text = "".join(f" | BANNED {b['who']} by {b['by']}: {b['why']}" for b in bans[:3])
     return (f"round {rnd} | samples {s['samples']}/{target} | eta {fmt_eta(s['eta_s'])} | "
             f"peers {s['alive_peers']}/{s['known_peers']} | tok/s {fmt_num(s['tokens_per_s'])} | {theta} | "
-            f"invalid {s['invalid_records']}")
+            f"invalid {s['invalid_records']}" + (f" | bans {len(bans)}" if bans else "") + ban_text)
 
 
 def format_cell(key: str, row: dict) -> str:

@@ -91,7 +91,7 @@ class PeerParts:
         self.averager.set_priority(self.policy.sharing_priority(self.gs.counters.round))
         self.peer_id = self.averager.peer_id
         self.tracker = RoundTracker(cfg, self.fp, self.peer_id, self.view, banned=self._banned)
-        self.reporter = Reporter(cfg, self.gs, self.policy, self.peer_id, publisher, self.view)
+        self.reporter = Reporter(cfg, self.gs, self.policy, self.peer_id, publisher, self.view, self._banned)
         self.sync = StateSync(self.gs, self.averager, self.view.refresh, self.peer_id,
                               cfg.averaging.state_download_timeout, self.stop)
         logger.info("peer %s joined run %s (fingerprint %s, silo %d, model %s)", self.peer_id[-8:], run_id,

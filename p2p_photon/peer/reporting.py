@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from hivemind.utils import get_dht_time
 
 from ..config import Config
 from ..inner import perplexity
-from ..progress import ProgressPublisher, ProgressRecord
+from ..progress import ProgressPublisher, ProgressRecord, ban_entries
 from .contribution import ContributionPolicy
 from .global_state import GlobalState
 from .swarm_view import SwarmView
@@ -50,8 +51,8 @@ class RoundReport:
 
 class Reporter:
     def __init__(self, cfg: Config, gs: GlobalState, policy: ContributionPolicy, peer_id: str,
-                 publisher: ProgressPublisher, view: SwarmView):
-        self.cfg, self.gs, self.policy, self.peer_id = cfg, gs, policy, peer_id
+                 publisher: ProgressPublisher, view: SwarmView, banned: Callable[[], dict[str, str]] = dict):
+        self.cfg, self.gs, self.policy, self.peer_id, self.banned = cfg, gs, policy, peer_id, banned
         self.publisher, self.view = publisher, view
         self.last_rate = 0.0  # tokens/s of the latest training
         self.last_wait_s = 0.0  # seconds the last round spent outside training (averaging, sync)
@@ -69,7 +70,7 @@ class Reporter:
             failed_rounds=c.failed_rounds, bytes_sent=c.bytes_sent, bytes_received=c.bytes_received,
             utilization=min(1.0, st.train_s / busy) if busy > 0 else 0.0, time=get_dht_time(), state=phase,
             target_samples=self.cfg.rounds.target_samples_per_round, seq_len=self.cfg.model.seq_len,
-            theta_round=c.round)
+            theta_round=c.round, bans=ban_entries(self.banned()))
         rec = self.policy.record(rec)
         if now or phase != "training" or not self.view.is_alive():
             self.publisher.publish(rec)
