@@ -86,6 +86,12 @@ class InnerTrainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, self.cfg)
 
+    def begin_round(self) -> None:
+        """A round's training starts (a multi-rank peer's trainer sends θ to its ranks here: peer/ranks.py)."""
+
+    def end_round(self) -> None:
+        """A round's training ended (a multi-rank peer gathers its shards here)."""
+
     def step(self, next_batch: Callable[[], torch.Tensor], global_step: int) -> StepStats:
         t0 = time.perf_counter()
         lr = lr_at(global_step, self.cfg)
