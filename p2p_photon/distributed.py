@@ -51,6 +51,12 @@ class RankGroup:
 
     def __init__(self, device: torch.device):
         self.rank, self.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        _die_with_launcher()
+        if self.rank == 0:
+            # torchrun ends a rank with killpg(SIGTERM): the DHT, averager and p2pd that rank 0 forks get
+            # their own process group, so that they stay up while rank 0 leaves cleanly (checkpoint, 'done'
+            # record, then shuts them down itself; the orphan reaper covers a rank 0 that is SIGKILLed)
+            os.register_at_fork(after_in_child=os.setpgrp)
         self.local_rank = int(os.environ.get("LOCAL_RANK", self.rank))
         if device.type == "cuda":
             torch.cuda.set_device(self.local_rank)
@@ -119,6 +125,21 @@ class RankGroup:
                 dist.destroy_process_group()
             except Exception as e:  # a dead rank can make the teardown fail too; we are leaving anyway
                 logger.debug("destroy_process_group: %r", e)
+
+
+def _die_with_launcher() -> None:
+    """Linux: SIGTERM this rank when the launcher (torchrun's agent, our parent) dies, even by SIGKILL;
+    rank 0 then leaves cleanly and tells the other ranks to stop."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the launcher died before we asked
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class _Guard:
@@ -209,12 +230,17 @@ def wrap_fsdp2(model: torch.nn.Module, group: RankGroup) -> torch.nn.Module:
 def launch_ranks(nproc: int, peer_argv: list[str]) -> int:
     """`p2p-photon peer --nproc N ARGS`: what `torchrun --standalone --nproc-per-node N -m p2p_photon.cli
     peer ARGS` does (torch's elastic launcher, 127.0.0.1), but a rank that dies is one line on stderr."""
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
     from torch.distributed.run import config_from_args, get_args_parser
 
-    args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "--local-addr=127.0.0.1",
-                                         "--module", "p2p_photon.cli", *peer_argv])
+    # torchrun --standalone: a c10d rendezvous on a free port of this host, here on 127.0.0.1
+    args = get_args_parser().parse_args([f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
+                                         "--rdzv-endpoint=127.0.0.1:0", f"--rdzv-id={uuid.uuid4()}",
+                                         "--local-addr=127.0.0.1", "--module", "p2p_photon.cli", *peer_argv])
     config, cmd, cmd_args = config_from_args(args)
     try:
         elastic_launch(config, cmd)(*cmd_args)
@@ -224,6 +250,9 @@ def launch_ranks(nproc: int, peer_argv: list[str]) -> int:
         print(f"error: rank {rank} of this peer ended with {how} (pid {failure.pid}); the whole peer stopped; "
               "restart it with --resume", file=sys.stderr)
         return 1
+    except SignalException as e:  # the agent passed it on to the ranks (SIGTERM), they left and it did
+        logger.info("launcher: %s; the ranks were told to leave", e)
+        return 0
     return 0
 
 

@@ -55,8 +55,8 @@ class RankTrainer:
     # ------------------------------------------------------------------ rank 0: InnerTrainer's interface
 
     @property
-    def optimizer(self) -> torch.optim.Optimizer:
-        return self.inner.optimizer
+    def optimizer(self):
+        return _ShardedState(self.inner.optimizer) if self.fsdp else self.inner.optimizer
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -149,6 +149,24 @@ class RankTrainer:
                 raise RankFailure(f"rank {self.group.rank}: unknown command {cmd} from rank 0")
 
 
+class _ShardedState:
+    """FSDP2 on rank 0: the inner optimizer whose state is sharded over the ranks, as checkpoints see it.
+    Its state is not checkpointed (each rank holds a shard of it; gathering it would need every rank at
+    every checkpoint): a resumed FSDP2 peer restores θ, the outer state and the data cursor, and starts
+    a fresh inner optimizer."""
+
+    def __init__(self, opt: torch.optim.Optimizer):
+        self.opt, self.state, self.param_groups = opt, opt.state, opt.param_groups
+
+    def state_dict(self) -> dict:
+        return {"state": {}, "param_groups": []}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if sd.get("state"):
+            logger.warning("inner.parallel = 'fsdp2': the checkpoint's inner optimizer state is not restored "
+                           "(it is sharded over the ranks); the inner optimizer starts fresh")
+
+
 def _local_shard(full: torch.Tensor, p) -> torch.Tensor:
     """This rank's part of `full` as the DTensor parameter `p` holds it (no communication)."""
     from torch.distributed.tensor import distribute_tensor
@@ -166,11 +184,13 @@ class PeerRanks:
     def parts(self, cfg: Config, prep, model: torch.nn.Module, device) -> tuple[RankSlice, RankTrainer]:
         if self.group.leader:  # ranks 1.. wait here until rank 0 has prepared the data
             self.group.barrier("waiting for the other ranks")
+        logger.debug("rank %d: data prepared, wrapping the model", self.group.rank)
         w = self.group.world
         stream = data.open_silo_stream(prep, [cfg.data.silo], seq_len=cfg.model.seq_len,
                                        batch_size=cfg.inner.batch_size * w, seed=cfg.seed, stream_id=cfg.data.silo)
         sliced = RankSlice(stream, self.group.rank, w)
         self.trainer = RankTrainer(self.group, cfg, model, sliced)
+        logger.debug("rank %d: model wrapped (%s)", self.group.rank, cfg.inner.parallel)
         return sliced, self.trainer
 
 
