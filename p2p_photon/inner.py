@@ -117,9 +117,10 @@ class InnerTrainer:
 
     def _clip(self) -> torch.Tensor:
         if self.cfg.grad_clip > 0:
-            return torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
-        grads = [p.grad.norm() for p in self.params if p.grad is not None]
-        return torch.linalg.vector_norm(torch.stack(grads))
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None]))
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor (peer/ranks.py)
 
 
 @torch.no_grad()
