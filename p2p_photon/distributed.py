@@ -74,14 +74,14 @@ class RankGroup:
 
     def command(self, cmd: int = 0, arg: int = 0) -> tuple[int, int]:
         """Rank 0 sends [cmd, arg]; the others receive it."""
-        t = torch.tensor([cmd, arg], dtype=torch.int64, device=self._comm_device)
+        t = torch.tensor([cmd, arg], dtype=torch.int64, device=self.comm_device)
         with self.guard("waiting for rank 0's next command" if not self.leader else "sending a command"):
             dist.broadcast(t, 0)
         c, a = t.tolist()
         return int(c), int(a)
 
     @property
-    def _comm_device(self) -> torch.device:
+    def comm_device(self) -> torch.device:
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
     @torch.no_grad()
@@ -89,7 +89,7 @@ class RankGroup:
         """Rank 0's values of `tensors` into every rank's (one flat buffer, one collective)."""
         if not tensors:
             return
-        flat = torch.cat([t.detach().reshape(-1).to(self._comm_device, torch.float32) for t in tensors])
+        flat = torch.cat([t.detach().reshape(-1).to(self.comm_device, torch.float32) for t in tensors])
         with self.guard("sending θ to the ranks"):
             dist.broadcast(flat, 0)
         i = 0
@@ -100,17 +100,17 @@ class RankGroup:
     def broadcast_json(self, obj=None):
         """A JSON-able object from rank 0 (length, then bytes)."""
         raw = json.dumps(obj).encode() if self.leader else b""
-        n = torch.tensor([len(raw)], dtype=torch.int64, device=self._comm_device)
+        n = torch.tensor([len(raw)], dtype=torch.int64, device=self.comm_device)
         with self.guard("sending state to the ranks"):
             dist.broadcast(n, 0)
             buf = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if self.leader else \
                 torch.empty(int(n.item()), dtype=torch.uint8)
-            buf = buf.to(self._comm_device)
+            buf = buf.to(self.comm_device)
             dist.broadcast(buf, 0)
         return json.loads(bytes(buf.cpu().tolist()).decode())
 
     def mean(self, x: float) -> float:
-        t = torch.tensor([x], dtype=torch.float64, device=self._comm_device)
+        t = torch.tensor([x], dtype=torch.float64, device=self.comm_device)
         with self.guard("averaging the loss over the ranks"):
             dist.all_reduce(t)
         return float(t.item()) / self.world
@@ -157,7 +157,7 @@ class _Guard:
         gone = gone_ranks()
         who = f"rank(s) {', '.join(map(str, gone))} of this peer are gone" if gone else \
             "another rank of this peer failed"
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        first = str(e).strip().splitlines()[0][:100] if str(e).strip() else type(e).__name__
         raise RankFailure(f"rank {self.group.rank}: {who} ({self.what}: {first}); the whole peer stops; "
                           "restart it with --resume") from e
 
@@ -246,10 +246,13 @@ def launch_ranks(nproc: int, peer_argv: list[str]) -> int:
         elastic_launch(config, cmd)(*cmd_args)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
-        how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
-        print(f"error: rank {rank} of this peer ended with {how} (pid {failure.pid}); the whole peer stopped; "
-              "restart it with --resume", file=sys.stderr)
-        return 1
+        if failure.exitcode < 0:
+            print(f"error: rank {rank} of this peer was killed by {failure.signal_name()} (pid {failure.pid}); "
+                  "the whole peer stopped; restart it with --resume", file=sys.stderr)
+            return 1
+        print(f"error: rank {rank} of this peer exited with code {failure.exitcode} (its error is above); the "
+              "whole peer stopped", file=sys.stderr)
+        return failure.exitcode
     except SignalException as e:  # the agent passed it on to the ranks (SIGTERM), they left and it did
         logger.info("launcher: %s; the ranks were told to leave", e)
         return 0

@@ -15,9 +15,11 @@ reports are summed over the ranks (every rank trains B sequences), the loss is t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import signal
+import sys
 import threading
 
 import torch
@@ -124,8 +126,9 @@ class RankTrainer:
         with self.group.guard("sending the inner optimizer state"):
             for k, shape, dtype in spec["tensors"]:
                 t = tensors[k] if leader else torch.empty(shape, dtype=getattr(torch, dtype))
+                t = t.to(self.group.comm_device)
                 dist.broadcast(t, 0)
-                got[k] = t
+                got[k] = t.cpu()
         if not leader:
             self.stream.load_state_dict(spec["cursor"])
             if spec["plain"] is not None:
@@ -225,10 +228,12 @@ def _lead(cfg: Config, group: RankGroup, resume: bool, summary_out: str | None,
         peer = Peer(cfg, resume=resume, stop_event=stop, summary_out=summary_out,
                     policy=policy_class(cfg.averaging.max_delta_norm_ratio))
         peer.rank_group = ranks
-        code = peer.run()
-    if ranks.trainer is not None:
-        ranks.trainer.stop()
-    return code
+        try:
+            return peer.run()
+        finally:  # the other ranks leave too (unless they are what failed: then they are gone already)
+            if ranks.trainer is not None and not isinstance(sys.exc_info()[1], RankFailure):
+                with contextlib.suppress(RankFailure):
+                    ranks.trainer.stop()
 
 
 def follow(cfg: Config, group: RankGroup) -> int:
