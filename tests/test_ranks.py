@@ -141,3 +141,43 @@ def test_a_dead_rank_ends_the_whole_peer_and_resume_restarts_it(tmp_path, swarm_
         swarm.signal(again, signal.SIGTERM)
         assert swarm.wait([again], timeout=90) == [0], swarm.tail(again)
     assert "rank 1: rank 0 said stop" in swarm.tail(again, 400)
+
+
+# ----------------------------------------------------------------------------- the parts alone (no processes)
+
+
+@pytest.mark.timeout(60)
+def test_rank_slices_partition_the_peer_batch():
+    """Rank k's rows of each N·B batch: disjoint, together the one-process batch, one shared cursor."""
+    from p2p_photon.distributed import RankSlice
+
+    class Stream:
+        batch_size, pos = 6, 0
+
+        def next_batch(self):
+            self.pos += 1
+            return torch.arange(6 * self.pos - 6, 6 * self.pos).view(6, 1)
+
+        def state_dict(self):
+            return {"position": self.pos}
+
+    parts = [RankSlice(Stream(), k, 3) for k in range(3)]
+    first = [s.next_batch().view(-1).tolist() for s in parts]
+    assert first == [[0, 1], [2, 3], [4, 5]] and parts[1].state_dict() == {"position": 1}
+
+
+@pytest.mark.timeout(60)
+def test_what_a_multi_rank_peer_refuses_and_strip_nproc():
+    from p2p_photon.config import load_config
+    from p2p_photon.distributed import strip_nproc
+    from p2p_photon.errors import UsageError
+    from p2p_photon.peer.ranks import check_supported
+
+    check_supported(load_config(None, []))
+    check_supported(load_config(None, ["inner.parallel='fsdp2'", "inner.optimizer='adamw'"]))
+    with pytest.raises(UsageError, match="block_cycle"):
+        check_supported(load_config(None, ["outer.block_cycle=3"]))
+    with pytest.raises(UsageError, match="DTensor"):
+        check_supported(load_config(None, ["inner.parallel='fsdp2'"]))
+    assert strip_nproc(["peer", "--nproc", "2", "--resume", "--nproc=4", "--set", "a=1"]) == \
+        ["peer", "--resume", "--set", "a=1"]
