@@ -3,13 +3,15 @@
 
 Both run the peer's own training path: 1 rank is InnerTrainer on the peer's stream; 2 ranks are
 rank 0's RankTrainer driving rank 1 (peer/ranks.py: command, step, gradient all-reduce, loss mean),
-each rank on its rows of an N·B batch. Same model, data, optimizer and per-rank batch; the cores are
-shared out evenly (1 rank: all threads; N ranks: threads / N each). No swarm: training only.
+each rank on its rows of an N·B batch. Same model, data, optimizer and per-rank batch; --threads cores
+are shared out evenly (1 rank: all of them; N ranks: threads / N each). No swarm: training only. On a
+machine that other programs keep busy (see other_cores_busy, load_average_1min in the JSON) use
+--threads 1: OpenMP threads that wait on each other on oversubscribed cores make any figure meaningless.
 
     python scripts/bench_multiproc.py                       # nano, seq 128, batch 8 per rank, 30 steps
     python scripts/bench_multiproc.py --preset tiny --steps 20 --optimizer adamw
 
-Prints a table and writes bench/results/multiproc.json (`speedup` = tokens/s of 2 ranks / 1 rank).
+Prints a table and writes bench/results/multiproc.json (`speedup` = median tokens/s of 2 ranks / of 1 rank).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,6 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=30, help="timed steps (default 30)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
     p.add_argument("--optimizer", default="adamw8bit", choices=["adamw8bit", "adamw"], help="inner optimizer")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each, in ABBA order; medians (default 3)")
     p.add_argument("--nproc", type=int, default=2, help="ranks of the multi-rank peer (default 2)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="cores shared out among the ranks")
     p.add_argument("--cache-dir", default=str(ROOT / ".cache" / "p2p_photon"), help="prepared data cache")
@@ -103,11 +107,12 @@ def measure(args, nproc: int, tmp: Path) -> dict:
         "--rdzv-endpoint=127.0.0.1:0", "--local-addr=127.0.0.1"]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    before = benchlib.cpu_seconds()
+    before, load = benchlib.cpu_seconds(), os.getloadavg()[0]
     subprocess.run([*launcher, __file__, *fwd, "--worker", str(out)], env=env, check=True, cwd=ROOT)
     r = json.loads(out.read_text())
     r.update(nproc=nproc, threads_per_rank=threads, tokens_per_s=r["tokens"] / r["seconds"],
-             other_cores_busy=round(benchlib.other_cores(before, benchlib.cpu_seconds()), 2))
+             other_cores_busy=round(benchlib.other_cores(before, benchlib.cpu_seconds()), 2),
+             load_average_1min=[round(load, 1), round(os.getloadavg()[0], 1)])  # before, after
     return r
 
 
@@ -118,10 +123,12 @@ def main(argv=None) -> int:
         return 0
     config(args)  # bad arguments fail before anything runs
     data.prepare(config(args).data, 0, progress=False)
+    order = [(1, args.nproc) if r % 2 == 0 else (args.nproc, 1) for r in range(args.repeats)]  # ABBA: same load
     with tempfile.TemporaryDirectory(prefix="bench-multiproc-") as tmp:
-        runs = [measure(args, n, Path(tmp)) for n in (1, args.nproc)]
-    one, many = runs
-    result = dict(speedup=round(many["tokens_per_s"] / one["tokens_per_s"], 3), runs=runs,
+        runs = [measure(args, n, Path(tmp)) for pair in order for n in pair]
+    median = {n: statistics.median(r["tokens_per_s"] for r in runs if r["nproc"] == n) for n in (1, args.nproc)}
+    result = dict(speedup=round(median[args.nproc] / median[1], 3),
+                  median_tokens_per_s={str(n): round(v, 1) for n, v in median.items()}, runs=runs,
                   config=dict(preset=args.preset, seq_len=args.seq_len, batch_per_rank=args.batch,
                               steps=args.steps, warmup=args.warmup, optimizer=args.optimizer, parallel="ddp",
                               backend="gloo"),
@@ -130,7 +137,8 @@ def main(argv=None) -> int:
     print(f"{'ranks':>5} {'threads/rank':>12} {'tokens/s':>10} {'other cores busy':>17}")
     for r in runs:
         print(f"{r['nproc']:>5} {r['threads_per_rank']:>12} {r['tokens_per_s']:>10.0f} {r['other_cores_busy']:>17}")
-    print(f"speedup of {args.nproc} ranks: {result['speedup']}x")
+    print(f"median tokens/s: 1 rank {median[1]:.0f}, {args.nproc} ranks {median[args.nproc]:.0f}; "
+          f"speedup {result['speedup']}x")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
