@@ -162,7 +162,7 @@ class _ShardedState:
         self.opt, self.state, self.param_groups = opt, opt.state, opt.param_groups
 
     def state_dict(self) -> dict:
-        return {"state": {}, "param_groups": []}
+        return {"state": {}, "param_groups": self.opt.state_dict()["param_groups"]}  # loadable by any peer
 
     def load_state_dict(self, sd: dict) -> None:
         if sd.get("state"):
