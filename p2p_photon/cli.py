@@ -92,10 +92,17 @@ def _initial_peers_from_file(args: argparse.Namespace) -> None:
 
 
 def cmd_peer(args: argparse.Namespace) -> int:
+    from .distributed import launch_ranks, strip_nproc, world_from_env
     from .peer import run_peer
 
     _initial_peers_from_file(args)
-    cfg = load_config(args.config, [*_dht_overrides(args), *args.overrides])
+    cfg = load_config(args.config, [*_dht_overrides(args), *args.overrides])  # checked before ranks start
+    if args.nproc > 1:  # torchrun's launcher; each rank runs this command again without --nproc
+        return launch_ranks(args.nproc, strip_nproc(args.argv))
+    if world_from_env() > 1:  # a rank under torchrun
+        from .peer.ranks import run_ranked_peer
+
+        return run_ranked_peer(cfg, resume=args.resume, summary_out=args.summary_out)
     return run_peer(cfg, resume=args.resume, summary_out=args.summary_out)
 
 
@@ -251,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--resume", action="store_true",
                       help="continue from the latest checkpoint in checkpoint.dir")
     peer.add_argument("--summary-out", help="write a JSON summary (perplexity, rounds, bytes) at exit")
+    peer.add_argument("--nproc", type=int, default=1, metavar="N",
+                      help="one peer on N processes (devices): launches torchrun --standalone --nproc-per-node N")
     peer.set_defaults(func=cmd_peer)
 
     boot = sub.add_parser("bootstrap", help="long-lived DHT node with a persistent identity")
@@ -322,6 +331,7 @@ def _add_monitor_parser(sub: argparse._SubParsersAction) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # `peer --nproc` hands it to its ranks
     from .ui import setup_logging
 
     setup_logging(args.log_level)

@@ -106,6 +106,10 @@ class InnerConfig:
     """'auto' = bf16 autocast on CUDA, fp32 on CPU."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train."""
+    parallel: Literal["ddp", "fsdp2"] = "ddp"
+    """How the ranks of a multi-process peer (torchrun, `peer --nproc N`) share the work; inner.batch_size is
+    per rank. 'ddp' = a replica per rank, gradients all-reduced (8-bit optimizer states work);
+    'fsdp2' = parameters, gradients and optimizer state sharded with fully_shard (torch AdamW only)."""
     simulate_slowdown: float = 0.0
     """Sleep this many seconds after every local step: simulates slower hardware (experiments, tests)."""
 

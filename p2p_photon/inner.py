@@ -86,6 +86,12 @@ class InnerTrainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, self.cfg)
 
+    def begin_round(self) -> None:
+        """A round's training starts (a multi-rank peer's trainer sends θ to its ranks here: peer/ranks.py)."""
+
+    def end_round(self) -> None:
+        """A round's training ended (a multi-rank peer gathers its shards here)."""
+
     def step(self, next_batch: Callable[[], torch.Tensor], global_step: int) -> StepStats:
         t0 = time.perf_counter()
         lr = lr_at(global_step, self.cfg)
@@ -111,9 +117,10 @@ class InnerTrainer:
 
     def _clip(self) -> torch.Tensor:
         if self.cfg.grad_clip > 0:
-            return torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
-        grads = [p.grad.norm() for p in self.params if p.grad is not None]
-        return torch.linalg.vector_norm(torch.stack(grads))
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None]))
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor (peer/ranks.py)
 
 
 @torch.no_grad()

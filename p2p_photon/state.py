@@ -113,6 +113,9 @@ def _join_optimizer_state(tensors: dict[str, torch.Tensor], plain: Any) -> Any:
     return plain
 
 
+split_optimizer_state, join_optimizer_state = _split_optimizer_state, _join_optimizer_state  # for peer/ranks.py
+
+
 # ----------------------------------------------------------------------------- writing
 
 

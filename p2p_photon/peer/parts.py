@@ -46,6 +46,7 @@ class PeerParts:
         self._tmp_identity: str | None = None  # private dir of an ephemeral identity (no dht.identity_path)
         self.joined = False  # checkpoints and summaries only for a peer that took part
         self.pending: RoundStats | None = None  # work of a failed attempt, carried into the retry
+        self.rank_group = None  # a multi-rank peer's ranks (peer/ranks.PeerRanks); None: one process
 
     @staticmethod
     def check_inputs(cfg: Config) -> None:
@@ -62,9 +63,7 @@ class PeerParts:
         self.device = resolve_device(cfg.inner)
         self.model = build_model(cfg.model.preset, self.prep.vocab_size, cfg.model.seq_len, cfg.seed, self.device)
         self.gs = GlobalState(self.model, cfg.outer, self.fp)
-        stream = data.open_silo_stream(self.prep, [cfg.data.silo], seq_len=cfg.model.seq_len,
-                                       batch_size=cfg.inner.batch_size, seed=cfg.seed, stream_id=cfg.data.silo)
-        trainer = InnerTrainer(self.model, cfg.inner, self.device)
+        stream, trainer = self._stream_and_trainer()
         self.training = LocalTraining(cfg, self.model, trainer, stream, self.gs.counters)
         self.heldout = data.heldout_batches(self.prep, seq_len=cfg.model.seq_len, batch_size=cfg.inner.batch_size,
                                             n_batches=cfg.logging.eval_batches)
@@ -72,6 +71,15 @@ class PeerParts:
         if self.resume:
             self.restore(state.load_latest(cfg.checkpoint.dir, self.fp))
         self._start_network()
+
+    def _stream_and_trainer(self):
+        """The peer's data stream and inner trainer; a multi-rank peer's come from its ranks (peer/ranks.py)."""
+        cfg = self.cfg
+        if self.rank_group is not None:
+            return self.rank_group.parts(cfg, self.prep, self.model, self.device)
+        stream = data.open_silo_stream(self.prep, [cfg.data.silo], seq_len=cfg.model.seq_len,
+                                       batch_size=cfg.inner.batch_size, seed=cfg.seed, stream_id=cfg.data.silo)
+        return stream, InnerTrainer(self.model, cfg.inner, self.device)
 
     def _start_network(self) -> None:
         """Progress records are signed with the peer's identity key (an ephemeral one in a private

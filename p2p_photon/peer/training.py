@@ -71,6 +71,7 @@ class LocalTraining:
         about once a second (it must not block: the swarm view's thread does the DHT call)."""
         cfg, c = self.cfg, self.counters
         self.prepare_round(c.round)
+        self.trainer.begin_round()
         t0 = last_pub = last_check = time.perf_counter()
         wall0, loss_sum = st.wall_s, st.loss * st.steps if st.steps else 0.0
         while not stop.is_set():
@@ -90,10 +91,12 @@ class LocalTraining:
                 last_pub = now
             if self._local_cap_reached(st) or (now - last_check >= CHECK_EVERY_S and round_over(st)):
                 self.peak_opt_bytes = max(self.peak_opt_bytes, optimizer_state_bytes(self.trainer.optimizer))
+                self.trainer.end_round()
                 return st
             if now - last_check >= CHECK_EVERY_S:
                 last_check = now
         st.stopped = True
+        self.trainer.end_round()
         return st
 
     def _local_cap_reached(self, st: RoundStats) -> bool:
