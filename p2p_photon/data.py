@@ -963,3 +963,20 @@ def fixed_batches(path: Path, dtype: str, *, seq_len: int, batch_size: int, n_ba
     n = len(shards[0]) // window
     return [torch.from_numpy(np.stack([_read_window(shards, offsets, ((b * batch_size + j) % n) * window, window)
                                        for j in range(batch_size)])) for b in range(n_batches)]
+
+
+def write_silo_dirs(cfg: DataConfig, seed: int, out: str | Path) -> tuple[list[Path], Path]:
+    """The shared corpus split as `prepare` splits it, written as plain text files: out/silos/silo_{i}/ (each
+    demo peer's stand-in for private data) and out/heldout/ (the run's public eval set)."""
+    source, stats = _resolve_source(cfg.corpus), Counter()
+    docs = _read_corpus(source, int(cfg.max_corpus_mb * 1_000_000), stats, show=False)
+    _check_corpus(docs, source, stats)
+    split = _split(docs, cfg, seed)
+    root = Path(out)
+    parts = [(f"silos/silo_{i}", silo) for i, silo in enumerate(split.silos)] + [("heldout", split.heldout)]
+    for name, part in parts:
+        for d in part:
+            f = root / name / d.name.replace("#", ".part").replace(":", ".line")
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text(d.text, encoding="utf-8")
+    return [root / "silos" / f"silo_{i}" for i in range(len(split.silos))], root / "heldout"

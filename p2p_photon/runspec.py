@@ -89,9 +89,6 @@ class RunSpec:
     def vocab_size(self) -> int:
         return int(self.settings["data.vocab_size"])
 
-    def files(self) -> dict[str, bytes]:
-        return {name: (self.dir / name).read_bytes() for name in (SPEC, TOKENIZER, EVAL)}
-
 
 def run_id_of(spec_bytes: bytes) -> str:
     return hashlib.sha256(spec_bytes).hexdigest()[:16]
@@ -141,6 +138,7 @@ def create_run(cfg: Config, out: str | Path, *, tokenizer: str | None = None, tr
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
     try:
+        os.chmod(tmp, 0o755)
         _write_run(cfg, tmp, tokenizer, train_on, eval_path, text_field)
         if out.exists():
             out.rmdir()
@@ -261,10 +259,12 @@ def peer_config(config: str | None, overrides: list[str], spec: RunSpec, *, data
 # ----------------------------------------------------------------------------- serving
 
 
-async def _register(files: dict[str, bytes], run_id: str, _dht, node) -> None:
-    """Runs in the DHT process: serve `files` under this run's handler name."""
+async def _register(paths: dict[str, str], run_id: str, _dht, node) -> None:
+    """Runs in the DHT process: serve the files (read now, held in memory) under this run's handler name.
+    Paths, not bytes, cross the pipe to the DHT process: hivemind's pipe is not made for large messages."""
     from google.protobuf.wrappers_pb2 import StringValue
 
+    files = {name: Path(path).read_bytes() for name, path in paths.items()}
     await node.p2p.add_protobuf_handler(f"p2p_photon.spec.{run_id}", functools.partial(_serve_file, files),
                                         StringValue, stream_output=True)
 
@@ -282,7 +282,8 @@ class SpecServer:
 
     def __init__(self, dht, spec: RunSpec):
         self.dht, self.spec, self._stop = dht, spec, threading.Event()
-        dht.run_coroutine(functools.partial(_register, spec.files(), spec.run_id))
+        paths = {name: str(spec.dir / name) for name in (SPEC, TOKENIZER, EVAL)}
+        dht.run_coroutine(functools.partial(_register, paths, spec.run_id))
         self.announce()
         self._thread = threading.Thread(target=self._loop, name="spec-announcer", daemon=True)
         self._thread.start()
@@ -293,8 +294,8 @@ class SpecServer:
 
         until, peer = get_dht_time() + ANNOUNCE_TTL, self.dht.peer_id.to_base58()
         try:
-            self.dht.store(RUNS_KEY, self.spec.run_id, until, subkey=self.spec.run_id)
-            self.dht.store(f"{self.spec.run_id}_spec", peer, until, subkey=peer)
+            for key, subkey in ((RUNS_KEY, self.spec.run_id), (f"{self.spec.run_id}_spec", peer)):
+                self.dht.store(key, subkey, until, subkey=subkey, return_future=True).result(timeout=10)
         except Exception as e:  # a DHT that is shutting down; the next announcement retries
             logger.debug("announcing run %s failed: %r", self.spec.run_id, e)
 
@@ -340,19 +341,18 @@ def choose_run(dht, run_id: str | None, timeout: float) -> str:
                        "--run RUN_DIR (or check --initial-peers)")
 
 
-async def _download(peer: str, run_id: str, _dht, node) -> dict[str, bytes]:
+async def _download(peer: str, run_id: str, into: str, _dht, node) -> None:
+    """Runs in the DHT process: stream the run's files from `peer` into the directory `into` (files, not
+    bytes, cross back to us: hivemind's pipe is not made for large messages)."""
     from google.protobuf.wrappers_pb2 import BytesValue, StringValue
     from hivemind.p2p import PeerID
 
-    out = {}
     for name in (SPEC, TOKENIZER, EVAL):
-        parts = []
         stream = await node.p2p.iterate_protobuf_handler(PeerID.from_base58(peer), f"p2p_photon.spec.{run_id}",
                                                          StringValue(value=name), BytesValue)
-        async for msg in stream:
-            parts.append(msg.value)
-        out[name] = b"".join(parts)
-    return out
+        with open(Path(into) / name, "wb") as f:
+            async for msg in stream:
+                f.write(msg.value)
 
 
 def fetch_run(dht, run_id: str | None, root: str | Path, timeout: float) -> RunSpec:
@@ -368,7 +368,9 @@ def fetch_run(dht, run_id: str | None, root: str | Path, timeout: float) -> RunS
             shutil.rmtree(dest, ignore_errors=True)
     deadline, problems = time.monotonic() + timeout, []
     while time.monotonic() < deadline:
-        for peer in random.sample(_subkeys(dht, f"{run_id}_spec"), k=len(_subkeys(dht, f"{run_id}_spec"))):
+        peers = _subkeys(dht, f"{run_id}_spec")
+        random.shuffle(peers)
+        for peer in peers:
             got = _try_download(dht, peer, run_id, dest, max(1.0, deadline - time.monotonic()), problems)
             if got is not None:
                 return got
@@ -381,29 +383,29 @@ def fetch_run(dht, run_id: str | None, root: str | Path, timeout: float) -> RunS
 
 
 def _try_download(dht, peer: str, run_id: str, dest: Path, timeout: float, problems: list[str]) -> RunSpec | None:
-    try:
-        files = dht.run_coroutine(functools.partial(_download, peer, run_id), return_future=True).result(timeout)
-    except Exception as e:  # the peer left, refused, or was too slow: try another one
-        problems.append(f"peer {peer[-8:]}: {type(e).__name__}")
-        return None
-    got = run_id_of(files[SPEC])
-    if got != run_id:
-        problems.append(f"run: the spec served by peer {peer} for run {run_id} hashes to {got}: it is not that run's "
-                        "spec; refusing it")
-        logger.warning(problems[-1])
-        return None
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{run_id}-", dir=dest.parent))
     try:
-        for name, blob in files.items():
-            (tmp / name).write_bytes(blob)
-        load_run(tmp, run_id)  # the files must match the spec's hashes too
+        try:
+            dht.run_coroutine(functools.partial(_download, peer, run_id, str(tmp)), return_future=True).result(timeout)
+        except Exception as e:  # the peer left, refused, or was too slow: try another one
+            problems.append(f"peer {peer[-8:]}: {type(e).__name__}")
+            return None
+        got = run_id_of((tmp / SPEC).read_bytes())
+        if got != run_id:
+            problems.append(f"run: the spec served by peer {peer} for run {run_id} hashes to {got}: it is not that "
+                            "run's spec; refusing it")
+            logger.warning(problems[-1])
+            return None
+        try:
+            load_run(tmp, run_id)  # the files must match the spec's hashes too
+        except RunSpecError as e:
+            problems.append(f"run: the files served by peer {peer} do not match run {run_id}'s spec ({e})")
+            return None
         if dest.exists():
             shutil.rmtree(dest)
+        os.chmod(tmp, 0o755)
         os.rename(tmp, dest)
-    except RunSpecError as e:
-        problems.append(f"run: the files served by peer {peer} do not match run {run_id}'s spec ({e})")
-        return None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("fetched the spec of run %s from peer %s into %s", run_id, peer[-8:], dest)
