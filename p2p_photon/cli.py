@@ -106,8 +106,9 @@ def _join_run(args: argparse.Namespace):
     """Fetch the run's spec (checked against its run id) and merge it with the local settings."""
     from pathlib import Path
 
-    from . import runspec
+    from . import corpus, runspec
 
+    corpus.list_corpus(args.data)  # a missing path or an unknown format fails now, before the network
     flags = [o for o in _dht_overrides(args) if not o.startswith("dht.run_id=")]
     local = load_config(args.config, [*flags, *args.overrides])  # local settings validated first
     from .peer.parts import PeerParts

@@ -409,9 +409,13 @@ def tokenize_corpus(corpus_path: str | Path, tokenizer_path: str | Path, cache_d
             return out
         work = cache / f".partial-corpus-{key}"
         work.mkdir(exist_ok=True)
-        job = _Job(corpus, load_tokenizer(tokenizer_path), work, shard_dtype(vocab_size), text_field,
-                   heldout_fraction, seed)
-        meta = job.run(progress)
+        try:
+            job = _Job(corpus, load_tokenizer(tokenizer_path), work, shard_dtype(vocab_size), text_field,
+                       heldout_fraction, seed)
+            meta = job.run(progress)
+        except DataError:  # bad input: nothing is left half-written (an interruption keeps `work` to resume)
+            shutil.rmtree(work, ignore_errors=True)
+            raise
         meta.update(tokenizer_sha256=tok_sha, key=key, vocab_size=vocab_size)
         (work / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")  # written last
         (work / "progress.json").unlink(missing_ok=True)
