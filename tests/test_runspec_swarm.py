@@ -76,19 +76,19 @@ def _dht_records(maddrs: list[str], run_id: str) -> bytes:
 
 
 @pytest.mark.swarm
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(900)  # ~1 min on an idle 2-core machine; far more when it is shared
 def test_two_peers_with_different_private_corpora_train_one_model_and_keep_their_data(tmp_path):
     a = _copy(["email", "json", "csv"], tmp_path / "corpus-a")
     b = _copy(["asyncio", "xml"], tmp_path / "corpus-b")
     for i in range(3):
         (a / f"notes-{i}.txt").write_text(f"{CANARY}\nprivate note {i} of organization A\n" * 20)
     run = runspec.create_run(load_config(None, SETTINGS), tmp_path / "run",
-                             train_on=str(_copy(["http", "logging", "html"], tmp_path / "public")))
+                             train_on=str(_copy(["http", "html"], tmp_path / "public")))
     with LocalSwarm(tmp_path / "swarm", overrides=SETTINGS) as swarm:
         maddrs = swarm.start_bootstrap(extra=["--run", str(run.dir)])
         peers = [swarm.start_peer(i, data=str(d), overrides=[f"data.cache_dir={tmp_path / f'cache-{i}'}"])
                  for i, d in enumerate((a, b))]
-        codes = swarm.wait(peers, timeout=360)
+        codes = swarm.wait(peers, timeout=800)
         assert codes == [0, 0], [swarm.tail(p) for p in peers]
         records = _dht_records(maddrs, run.run_id)
     sums = [swarm.summary(p.name) for p in peers]
@@ -105,4 +105,20 @@ def test_two_peers_with_different_private_corpora_train_one_model_and_keep_their
     leaks += _files_containing(tmp_path / "swarm" / "ckpt-peer0", needles)  # what a joiner downloads: θ, state
     leaks += [f"{log}" for log in (tmp_path / "swarm").glob("*.log") if CANARY in log.read_text(errors="replace")]
     assert not leaks, leaks
-    assert not any(n in records for n in needles), "a DHT record of the run carries the canary"
+    assert not [n for n in needles if n in records], "a DHT record of the run carries the canary"
+    _export_loads_and_generates(tmp_path / "swarm" / "ckpt-peer1", tmp_path / "model")
+
+
+def _export_loads_and_generates(ckpt: Path, out: Path) -> None:
+    """The product of the run, in Hugging Face format: tokenizer from the peer's copy of the spec."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from p2p_photon.export import export_checkpoint
+
+    export_checkpoint(ckpt, out)
+    assert "public eval set" in (out / "README.md").read_text()
+    tok, model = AutoTokenizer.from_pretrained(str(out)), AutoModelForCausalLM.from_pretrained(str(out))
+    ids = tok("def main(", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False).shape[1] == ids.shape[1] + 4
