@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Tokenizing a private corpus: our streaming path (`corpus.tokenize_corpus`: reading, held-out split,
 shards, progress.json for resuming) against the tokenizers library's own batch encoding of the same
-texts, in MB/s of input, with the peak RSS of each (every measurement in its own process).
+texts, in MB/s of input by wall time and by CPU time (user + system, all threads: the fair figure on
+shared, busy cores), with the peak RSS of each (every measurement in its own process).
 
     nice -n 10 python scripts/bench_tokenize.py            # 1 GB synthetic corpus (generated, not committed)
     python scripts/bench_tokenize.py --mb 8 --out /tmp/t.json   # smoke run
@@ -93,6 +94,7 @@ def measure(kind: str, corpus: Path, tokenizer: Path, cache: Path) -> dict:
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
     res = json.loads(out)
     res["mb_per_s"] = res["bytes"] / 1e6 / res["seconds"]
+    res["mb_per_cpu_s"] = res["bytes"] / 1e6 / max(res.get("cpu_seconds", 0), 1e-9)
     return res
 
 
@@ -110,7 +112,9 @@ def main(argv=None) -> int:
         fn = worker_ours if args.worker == "ours" else worker_baseline
         extra = [Path(args.cache)] if args.worker == "ours" else []
         res = fn(Path(args.corpus), Path(args.tokenizer), *extra)
-        res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        res["peak_rss_mb"] = usage.ru_maxrss / 1024
+        res["cpu_seconds"] = usage.ru_utime + usage.ru_stime  # all threads: fair on shared, busy cores
         print(json.dumps(res))
         return 0
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-tokenize-"))
@@ -129,13 +133,14 @@ def run(work: Path, mb: int, out: Path) -> int:
     base = measure("baseline", corpus, tokenizer, work / "cache")
     ours = measure("ours", corpus, tokenizer, work / "cache")
     ratio = ours["mb_per_s"] / base["mb_per_s"]
+    ratio_cpu = ours["mb_per_cpu_s"] / base["mb_per_cpu_s"]
     print(f"{'path':<22}{'MB/s':>8}{'tokens':>14}{'peak RSS MB':>14}")
     for name, r in (("tokenizers batch", base), ("ours (streaming)", ours)):
         print(f"{name:<22}{r['mb_per_s']:>8.2f}{r['tokens']:>14,}{r['peak_rss_mb']:>14.0f}")
-    print(f"ratio ours/tokenizers: {ratio:.3f} (target >= 0.8); our peak RSS {ours['peak_rss_mb']:.0f} MB "
-          "(target < 1024)")
+    print(f"ratio ours/tokenizers: {ratio:.3f} by wall time, {ratio_cpu:.3f} by CPU time (target >= 0.8); our "
+          f"peak RSS {ours['peak_rss_mb']:.0f} MB (target < 1024)")
     result = dict(corpus_mb=size / 1e6, files=mb, tokenizer_vocab=8192, ours=ours, tokenizers_batch=base,
-                  ratio=ratio, targets=dict(ratio=0.8, peak_rss_mb=1024),
+                  ratio=ratio, ratio_cpu=ratio_cpu, targets=dict(ratio=0.8, peak_rss_mb=1024),
                   ok=ratio >= 0.8 and ours["peak_rss_mb"] < 1024,
                   machine="2 shared CPU cores (nice -n 10)", command=" ".join(sys.argv))
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import sysconfig
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -54,25 +55,41 @@ def _files_containing(root: Path, needles: list[bytes]) -> list[str]:
     return hits
 
 
-def _dht_records(maddrs: list[str], run_id: str) -> bytes:
-    """Every record of the run in the DHT (progress, run list, spec servers), serialized."""
-    from hivemind.utils import MSGPackSerializer
+class _RecordWatcher:
+    """Reads every record of the run from the DHT (progress, run list, spec servers) while the peers run,
+    from a client-mode node of its own; `blobs` holds what it read, serialized."""
 
-    from p2p_photon.config import DHTConfig
-    from p2p_photon.network import shutdown_dht, start_dht
-    from p2p_photon.progress import progress_key
+    def __init__(self, maddrs: list[str], run_id: str):
+        from p2p_photon.config import DHTConfig
+        from p2p_photon.network import start_dht
+        from p2p_photon.progress import progress_key
 
-    dht = start_dht(DHTConfig(run_id=run_id, initial_peers=tuple(maddrs), client_mode=True), reaper=False)
-    try:
-        blobs = []
-        for key in (progress_key(run_id), runspec.RUNS_KEY, f"{run_id}_spec"):
-            found = dht.get(key, latest=True, return_future=True).result(timeout=30)
-            assert found is not None or key != progress_key(run_id), "no progress records to inspect"
-            if found is not None:
-                blobs.append(MSGPackSerializer.dumps({k: v.value for k, v in found.value.items()}))
-        return b"".join(blobs)
-    finally:
-        shutdown_dht(dht)
+        self.keys = (progress_key(run_id), runspec.RUNS_KEY, f"{run_id}_spec")
+        self.progress_seen, self.blobs, self.stop = False, [], threading.Event()
+        self.dht = start_dht(DHTConfig(run_id=run_id, initial_peers=tuple(maddrs), client_mode=True), reaper=False)
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        from hivemind.utils import MSGPackSerializer
+
+        while not self.stop.wait(2.0):
+            for key in self.keys:
+                try:
+                    found = self.dht.get(key, latest=True, return_future=True).result(timeout=60)
+                except Exception:  # a slow answer: the next pass asks again
+                    continue
+                if found is not None and isinstance(found.value, dict):
+                    self.progress_seen |= key == self.keys[0]
+                    self.blobs.append(MSGPackSerializer.dumps({k: v.value for k, v in found.value.items()}))
+
+    def close(self) -> bytes:
+        from p2p_photon.network import shutdown_dht
+
+        self.stop.set()
+        self.thread.join(timeout=90)
+        shutdown_dht(self.dht)
+        return b"".join(self.blobs)
 
 
 @pytest.mark.swarm
@@ -88,9 +105,13 @@ def test_two_peers_with_different_private_corpora_train_one_model_and_keep_their
         maddrs = swarm.start_bootstrap(extra=["--run", str(run.dir)])
         peers = [swarm.start_peer(i, data=str(d), overrides=[f"data.cache_dir={tmp_path / f'cache-{i}'}"])
                  for i, d in enumerate((a, b))]
-        codes = swarm.wait(peers, timeout=800)
+        watcher = _RecordWatcher(maddrs, run.run_id)
+        try:
+            codes = swarm.wait(peers, timeout=800)
+        finally:
+            records = watcher.close()
         assert codes == [0, 0], [swarm.tail(p) for p in peers]
-        records = _dht_records(maddrs, run.run_id)
+        assert watcher.progress_seen, "the watcher read no progress record of the run"
     sums = [swarm.summary(p.name) for p in peers]
     assert sums[0]["rounds"] == sums[1]["rounds"] == 2
     assert sums[0]["theta"] == sums[1]["theta"], "the two peers did not end on one model"
