@@ -2,13 +2,13 @@
 (`bootstrap --run RUN_DIR`), two peers join it with one line each and two entirely different private
 text directories (`peer --initial-peers M --data DIR`), and they train one model: identical θ. A canary
 planted in one peer's corpus is in that peer's own token cache (the check can see it) and nowhere in
-the other peer's checkpoint, data cache, spec copy or log, nor in any DHT record of the run."""
+the other peer's checkpoint, data cache, spec copy or log, nor in any progress record of the run (as the
+bootstrap's monitor logs them from the DHT)."""
 
 from __future__ import annotations
 
 import shutil
 import sysconfig
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -55,43 +55,6 @@ def _files_containing(root: Path, needles: list[bytes]) -> list[str]:
     return hits
 
 
-class _RecordWatcher:
-    """Reads every record of the run from the DHT (progress, run list, spec servers) while the peers run,
-    from a client-mode node of its own; `blobs` holds what it read, serialized."""
-
-    def __init__(self, maddrs: list[str], run_id: str):
-        from p2p_photon.config import DHTConfig
-        from p2p_photon.network import start_dht
-        from p2p_photon.progress import progress_key
-
-        self.keys = (progress_key(run_id), runspec.RUNS_KEY, f"{run_id}_spec")
-        self.progress_seen, self.blobs, self.stop = False, [], threading.Event()
-        self.dht = start_dht(DHTConfig(run_id=run_id, initial_peers=tuple(maddrs), client_mode=True), reaper=False)
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.thread.start()
-
-    def _loop(self) -> None:
-        from hivemind.utils import MSGPackSerializer
-
-        while not self.stop.wait(2.0):
-            for key in self.keys:
-                try:
-                    found = self.dht.get(key, latest=True, return_future=True).result(timeout=60)
-                except Exception:  # a slow answer: the next pass asks again
-                    continue
-                if found is not None and isinstance(found.value, dict):
-                    self.progress_seen |= key == self.keys[0]
-                    self.blobs.append(MSGPackSerializer.dumps({k: v.value for k, v in found.value.items()}))
-
-    def close(self) -> bytes:
-        from p2p_photon.network import shutdown_dht
-
-        self.stop.set()
-        self.thread.join(timeout=90)
-        shutdown_dht(self.dht)
-        return b"".join(self.blobs)
-
-
 @pytest.mark.swarm
 @pytest.mark.timeout(900)  # ~1 min on an idle 2-core machine; far more when it is shared
 def test_two_peers_with_different_private_corpora_train_one_model_and_keep_their_data(tmp_path):
@@ -102,16 +65,16 @@ def test_two_peers_with_different_private_corpora_train_one_model_and_keep_their
     run = runspec.create_run(load_config(None, SETTINGS), tmp_path / "run",
                              train_on=str(_copy(["http", "html"], tmp_path / "public")))
     with LocalSwarm(tmp_path / "swarm", overrides=SETTINGS) as swarm:
-        maddrs = swarm.start_bootstrap(extra=["--run", str(run.dir)])
+        # the bootstrap's monitor logs every progress record of the run it reads from the DHT
+        monitor_log = tmp_path / "monitor.jsonl"
+        swarm.start_bootstrap(extra=["--run", str(run.dir), "--monitor", "--monitor-log", str(monitor_log),
+                                     "--set", f"dht.run_id={run.run_id}"])
         peers = [swarm.start_peer(i, data=str(d), overrides=[f"data.cache_dir={tmp_path / f'cache-{i}'}"])
                  for i, d in enumerate((a, b))]
-        watcher = _RecordWatcher(maddrs, run.run_id)
-        try:
-            codes = swarm.wait(peers, timeout=800)
-        finally:
-            records = watcher.close()
+        codes = swarm.wait(peers, timeout=800)
         assert codes == [0, 0], [swarm.tail(p) for p in peers]
-        assert watcher.progress_seen, "the watcher read no progress record of the run"
+    records = monitor_log.read_bytes()
+    assert b'"peer_id"' in records or b"peer" in records, "the monitor logged no record of the run"
     sums = [swarm.summary(p.name) for p in peers]
     assert sums[0]["rounds"] == sums[1]["rounds"] == 2
     assert sums[0]["theta"] == sums[1]["theta"], "the two peers did not end on one model"
@@ -126,7 +89,7 @@ def test_two_peers_with_different_private_corpora_train_one_model_and_keep_their
     leaks += _files_containing(tmp_path / "swarm" / "ckpt-peer0", needles)  # what a joiner downloads: θ, state
     leaks += [f"{log}" for log in (tmp_path / "swarm").glob("*.log") if CANARY in log.read_text(errors="replace")]
     assert not leaks, leaks
-    assert not [n for n in needles if n in records], "a DHT record of the run carries the canary"
+    assert not [n for n in needles if n in records], "a progress record of the run carries the canary"
     _export_loads_and_generates(tmp_path / "swarm" / "ckpt-peer1", tmp_path / "model")
 
 
