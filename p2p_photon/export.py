@@ -80,7 +80,7 @@ def find_checkpoint(path: str | Path) -> state.CheckpointPayload:
     p = Path(path)
     if not p.exists():
         raise ExportError(f"no checkpoint found: {p} does not exist")
-    if p.name.startswith(state.PREFIX) or (p / state.MANIFEST).exists():
+    if (p / state.MANIFEST).exists() or (p.name.startswith(state.PREFIX) and p.name[len(state.PREFIX):].isdigit()):
         ckpt = state.load_checkpoint(p)
     else:
         ckpt = _newest_valid(p)
