@@ -20,6 +20,7 @@ from p2p_photon.config import DHTConfig
 from p2p_photon.files import write_json_atomic
 from p2p_photon.network import NetworkError, shutdown_dht, start_dht, visible_maddrs
 from p2p_photon.progress import progress_validators
+from p2p_photon.runspec import RunSpec, serve
 from p2p_photon.watchdog import stop_on_signals
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ def run_bootstrap(
     maddrs_file: str | None,
     stop_event: threading.Event | None = None,
     on_ready: Callable[[hivemind.DHT], None] | None = None,
+    spec: RunSpec | None = None,
 ) -> int:
     """Serve as a bootstrap node until SIGINT/SIGTERM or `stop_event`; return 0 after a clean stop.
 
@@ -42,7 +44,7 @@ def run_bootstrap(
         raise NetworkError("a bootstrap node cannot run in client mode: set dht.client_mode = false")
     if not cfg.identity_path:
         logger.warning("no dht.identity_path: the bootstrap peer ID will change on every restart")
-    stop = stop_event or threading.Event()
+    stop, server = stop_event or threading.Event(), None
     # the bootstrap stores progress records for others: it validates them like every peer does
     dht = start_dht(cfg, client_mode=False, record_validators=progress_validators(cfg.run_id))
     try:
@@ -55,10 +57,16 @@ def run_bootstrap(
             if maddrs_file:
                 write_json_atomic(maddrs_file, info)
                 logger.info(f"wrote multiaddrs to {maddrs_file}")
+            if spec is not None:  # volunteers fetch the run's spec from here (and from every peer of the run)
+                server = serve(dht, spec)
+                print(f"hosting run {spec.run_id}: volunteers join with `p2p-photon peer "
+                      f"{info['initial_peers_arg']} --data DIR`", flush=True)
             if on_ready is not None:
                 on_ready(dht)
             return _serve(dht, stop)
     finally:
+        if server is not None:
+            server.stop()
         shutdown_dht(dht)
         logger.info("bootstrap node stopped")
 

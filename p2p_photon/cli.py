@@ -96,7 +96,10 @@ def cmd_peer(args: argparse.Namespace) -> int:
     from .peer import run_peer
 
     _initial_peers_from_file(args)
-    cfg = load_config(args.config, [*_dht_overrides(args), *args.overrides])  # checked before ranks start
+    if args.data:  # bring your own data: the run's spec comes from the swarm
+        cfg = _join_run(args)
+    else:
+        cfg = load_config(args.config, [*_dht_overrides(args), *args.overrides])  # checked before ranks start
     if args.nproc > 1:  # torchrun's launcher; each rank runs this command again without --nproc
         return launch_ranks(args.nproc, strip_nproc(args.argv))
     if world_from_env() > 1:  # a rank under torchrun
@@ -106,12 +109,45 @@ def cmd_peer(args: argparse.Namespace) -> int:
     return run_peer(cfg, resume=args.resume, summary_out=args.summary_out)
 
 
+def _join_run(args: argparse.Namespace):
+    """Fetch the run's spec (checked against its run id) and merge it with the local settings."""
+    from pathlib import Path
+
+    from . import corpus, runspec
+
+    corpus.list_corpus(args.data)  # a missing path or an unknown format fails now, before the network
+    flags = [o for o in _dht_overrides(args) if not o.startswith("dht.run_id=")]
+    local = load_config(args.config, [*flags, *args.overrides])  # local settings validated first
+    from .peer.parts import PeerParts
+
+    PeerParts.check_inputs(local)
+    spec = runspec.join_run(local.dht, args.run_id, Path(local.data.cache_dir) / "runs", args.spec_timeout)
+    return runspec.peer_config(args.config, [*flags, *args.overrides], spec, data=args.data,
+                               text_field=args.text_field)
+
+
+def cmd_run_new(args: argparse.Namespace) -> int:
+    from .runspec import create_run
+
+    spec = create_run(_config(args), args.out, tokenizer=args.tokenizer, train_on=args.train_tokenizer_on,
+                      eval_path=args.eval, text_field=args.text_field)
+    print(f"run {spec.run_id} written to {spec.dir} (eval set {spec.spec['eval']['tokens']:,} tokens, vocab "
+          f"{spec.spec['tokenizer']['vocab_size']}); host it with `p2p-photon bootstrap --run {spec.dir}`")
+    return 0
+
+
 def cmd_bootstrap(args: argparse.Namespace) -> int:
     from .bootstrap import run_bootstrap
 
+    spec = None
+    if args.run:
+        from .runspec import load_run
+
+        spec = load_run(args.run)
+        args.run_id = spec.run_id
     cfg = load_config(args.config, [*_dht_overrides(args), *args.overrides])
     if not args.monitor:
-        return run_bootstrap(cfg.dht, maddrs_file=args.maddrs_file)
+        return run_bootstrap(cfg.dht, maddrs_file=args.maddrs_file, spec=spec)
     from .monitor import host_monitor
 
     hosted = []
@@ -120,7 +156,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         hosted.append(host_monitor(dht, run_id=cfg.dht.run_id, http=args.monitor_http, log=args.monitor_log))
 
     try:
-        return run_bootstrap(cfg.dht, maddrs_file=args.maddrs_file, on_ready=on_ready)
+        return run_bootstrap(cfg.dht, maddrs_file=args.maddrs_file, on_ready=on_ready, spec=spec)
     finally:
         for m in hosted:
             m.stop()
@@ -237,11 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--print", action="store_true", help="print the resolved config")
     check.set_defaults(func=cmd_config_check)
 
-    p = sub.add_parser("data", help="data tools").add_subparsers(dest="data_cmd", required=True)
-    prep = p.add_parser("prepare", help="corpus -> tokenizer -> token shards (per-peer silos + held-out)")
-    _add_config_args(prep)
-    prep.add_argument("--corpus", help="override data.corpus: 'stdlib', a text file, a directory or a .jsonl")
-    prep.set_defaults(func=cmd_data_prepare)
+    _add_data_parser(sub)
 
     train = sub.add_parser("train", help="centralized baseline on one machine (union of all silos)")
     _add_config_args(train)
@@ -260,12 +292,14 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--summary-out", help="write a JSON summary (perplexity, rounds, bytes) at exit")
     peer.add_argument("--nproc", type=int, default=1, metavar="N",
                       help="one peer on N processes (devices): launches torchrun --standalone --nproc-per-node N")
+    _add_data_args(peer)
     peer.set_defaults(func=cmd_peer)
 
     boot = sub.add_parser("bootstrap", help="long-lived DHT node with a persistent identity")
     _add_config_args(boot)
     _add_dht_args(boot)
     boot.add_argument("--maddrs-file", help="write the node's multiaddrs here as JSON")
+    boot.add_argument("--run", metavar="RUN_DIR", help="host this run: serve its spec (from `run new`)")
     boot.add_argument("--monitor", action="store_true", help="also run the swarm monitor in this process")
     boot.add_argument("--monitor-http", metavar="HOST:PORT", help="with --monitor: serve the dashboard here")
     boot.add_argument("--monitor-log", metavar="JSONL",
@@ -281,9 +315,44 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("path")
     show.set_defaults(func=cmd_identity)
 
+    _add_run_parser(sub)
     _add_export_parser(sub)
     _add_monitor_parser(sub)
     return parser
+
+
+def _add_data_parser(sub: argparse._SubParsersAction) -> None:
+    """`data prepare [--corpus C]`: the shared corpus' silos (the demo's and experiments' path)."""
+    p = sub.add_parser("data", help="data tools").add_subparsers(dest="data_cmd", required=True)
+    prep = p.add_parser("prepare", help="corpus -> tokenizer -> token shards (per-peer silos + held-out)")
+    _add_config_args(prep)
+    prep.add_argument("--corpus", help="override data.corpus: 'stdlib', a text file, a directory or a .jsonl")
+    prep.set_defaults(func=cmd_data_prepare)
+
+
+def _add_data_args(peer: argparse.ArgumentParser) -> None:
+    """`peer --data PATH [--text-field F] [--spec-timeout S]`: join the swarm's run with a private corpus."""
+    peer.add_argument("--data", metavar="PATH", help="join the swarm's run with this private corpus (text files or "
+                      "a directory, .jsonl[.gz|.zst], .parquet, a datasets save_to_disk directory)")
+    peer.add_argument("--text-field", default="text", help="with --data: the JSONL field / column of the text")
+    peer.add_argument("--spec-timeout", type=float, default=30.0,
+                      help="with --data: seconds to find the run and fetch its spec from a peer")
+
+
+def _add_run_parser(sub: argparse._SubParsersAction) -> None:
+    """`run new --config F (--tokenizer T | --train-tokenizer-on CORPUS) [--eval PATH] -o RUN_DIR`."""
+    p = sub.add_parser("run", help="run specs: what every peer of a run shares").add_subparsers(
+        dest="run_cmd", required=True)
+    new = p.add_parser("new", help="write a run's spec: run-wide settings, tokenizer, public eval set")
+    _add_config_args(new)
+    tok = new.add_mutually_exclusive_group(required=True)
+    tok.add_argument("--tokenizer", metavar="TOKENIZER_JSON", help="the run's tokenizer (tokenizers format)")
+    tok.add_argument("--train-tokenizer-on", metavar="CORPUS", help="train a byte-level BPE (data.vocab_size) on it")
+    new.add_argument("--eval", metavar="PATH", help="a small public corpus every peer reports perplexity on "
+                     "(default with --train-tokenizer-on: held-out documents of that corpus)")
+    new.add_argument("--text-field", default="text", help="the JSONL field / column of the text")
+    new.add_argument("-o", "--out", required=True, metavar="RUN_DIR", help="the directory to write (new or empty)")
+    new.set_defaults(func=cmd_run_new)
 
 
 def _add_export_parser(sub: argparse._SubParsersAction) -> None:

@@ -68,6 +68,11 @@ class DataConfig:
     """Read at most this many MB of the corpus (0 = all); keeps preparation quick."""
     cache_dir: str = ".cache/p2p_photon"
     """Where prepared tokenizers and token shards are stored (relative to the working dir)."""
+    text_field: str = "text"
+    """The field (JSONL) or column (Parquet, datasets) that holds a document's text (`peer --text-field`)."""
+    run_spec: str = ""
+    """The verified copy of the run's spec (`runspec`) a peer joined with `peer --data`: its tokenizer and
+    public eval set are used, data.corpus is this peer's private corpus; '' = the shared-corpus path."""
 
     def validate(self) -> None:
         _check(256 < self.vocab_size <= 65536, "data.vocab_size", "must be in (256, 65536]")
@@ -76,6 +81,7 @@ class DataConfig:
         _check(0.0 < self.heldout_fraction < 0.5, "data.heldout_fraction", "must be in (0, 0.5)")
         _check(self.max_corpus_mb >= 0, "data.max_corpus_mb", "must be >= 0 (0 = all)")
         _check(bool(self.corpus), "data.corpus", "must be 'stdlib' or a path")
+        _check(bool(self.text_field), "data.text_field", "must be a field name")
 
 
 @dataclass(frozen=True, kw_only=True)

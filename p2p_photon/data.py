@@ -61,13 +61,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from p2p_photon.config import DataConfig
+from p2p_photon.config import Config, DataConfig
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-from .errors import UserError
+from .corpus import DataError
 from .ui import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -85,10 +85,6 @@ _STDLIB_SKIP_DIRS = frozenset(
     {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
 )
 _STDLIB_SKIP_PATHS = frozenset({"ensurepip/_bundled", "lib-dynload"})
-
-
-class DataError(UserError):
-    """A one-line, user-facing data error: names the problem and the fix."""
 
 
 def stdlib_root() -> Path:
@@ -907,3 +903,80 @@ def heldout_batches(prep: Prepared, *, seq_len: int, batch_size: int, n_batches:
         )
         for b in range(n_batches)
     ]
+
+
+# ----------------------------------------------------------------------------- a peer's data
+
+
+@dataclass(frozen=True)
+class PeerData:
+    """What a peer trains and evaluates on, whichever way its data came."""
+
+    tokenizer_hash: str
+    vocab_size: int
+    stream: TokenStream
+    eval_batches: list[torch.Tensor]
+    """The swarm's comparable held-out number: the run's public eval set (a spec run) or the shared
+    corpus' held-out split."""
+    local_heldout: list[torch.Tensor] | None = None
+    """This peer's own held-out split of its private corpus (a spec run), when it holds a full window."""
+
+
+def peer_data(cfg: Config, *, progress: bool = True) -> PeerData:
+    """The data of a peer: its silo of the shared corpus, or (data.run_spec) its private corpus
+    tokenized with the run's tokenizer, its own held-out split and the run's public eval set."""
+    seq, bs = cfg.model.seq_len, cfg.inner.batch_size
+    if not cfg.data.run_spec:
+        prep = load_prepared(prepare(cfg.data, cfg.seed, progress=progress))
+        stream = open_silo_stream(prep, [cfg.data.silo], seq_len=seq, batch_size=bs, seed=cfg.seed,
+                                  stream_id=cfg.data.silo)
+        return PeerData(prep.tokenizer_hash, prep.vocab_size, stream,
+                        heldout_batches(prep, seq_len=seq, batch_size=bs, n_batches=cfg.logging.eval_batches))
+    from . import corpus, runspec
+
+    spec = runspec.load_run(cfg.data.run_spec, cfg.dht.run_id)
+    out = corpus.tokenize_corpus(cfg.data.corpus, spec.tokenizer_path, Path(cfg.data.cache_dir) / "private",
+                                 vocab_size=spec.vocab_size, text_field=cfg.data.text_field,
+                                 heldout_fraction=cfg.data.heldout_fraction, seed=cfg.seed, progress=progress)
+    meta = json.loads((out / "meta.json").read_text())
+    dtype, need = np.dtype(meta["dtype"]).name, bs * (seq + 1)
+    if meta["tokens"]["train"] < need:
+        raise DataError(
+            f"data: corpus {cfg.data.corpus} is too small: {meta['tokens']['train']} training tokens, one batch "
+            f"needs inner.batch_size x (model.seq_len+1) = {need}; add text or lower inner.batch_size")
+    stream = TokenStream([out / "train.bin"], seq_len=seq, batch_size=bs, seed=cfg.seed, stream_id=0, dtype=dtype)
+    local = None
+    if meta["tokens"]["heldout"] >= seq + 1:
+        local = fixed_batches(out / "heldout.bin", dtype, seq_len=seq, batch_size=bs, n_batches=cfg.logging.eval_batches)
+    else:
+        logger.warning("the local held-out split of %s has %d tokens, less than one sequence: no local held-out "
+                       "metric (raise data.heldout_fraction or add text)", cfg.data.corpus, meta["tokens"]["heldout"])
+    public = fixed_batches(spec.eval_path, "uint32", seq_len=seq, batch_size=bs, n_batches=cfg.logging.eval_batches)
+    return PeerData(spec.spec["tokenizer"]["sha256"], spec.vocab_size, stream, public, local)
+
+
+def fixed_batches(path: Path, dtype: str, *, seq_len: int, batch_size: int, n_batches: int) -> list[torch.Tensor]:
+    """The first n_batches * batch_size windows of one shard in order (wrapping around)."""
+    window = seq_len + 1
+    shards = [_open_shard(path, dtype, window)]
+    offsets = np.array([0, len(shards[0])])
+    n = len(shards[0]) // window
+    return [torch.from_numpy(np.stack([_read_window(shards, offsets, ((b * batch_size + j) % n) * window, window)
+                                       for j in range(batch_size)])) for b in range(n_batches)]
+
+
+def write_silo_dirs(cfg: DataConfig, seed: int, out: str | Path) -> tuple[list[Path], Path]:
+    """The shared corpus split as `prepare` splits it, written as plain text files: out/silos/silo_{i}/ (each
+    demo peer's stand-in for private data) and out/heldout/ (the run's public eval set)."""
+    source, stats = _resolve_source(cfg.corpus), Counter()
+    docs = _read_corpus(source, int(cfg.max_corpus_mb * 1_000_000), stats, show=False)
+    _check_corpus(docs, source, stats)
+    split = _split(docs, cfg, seed)
+    root = Path(out)
+    parts = [(f"silos/silo_{i}", silo) for i, silo in enumerate(split.silos)] + [("heldout", split.heldout)]
+    for name, part in parts:
+        for d in part:
+            f = root / name / d.name.replace("#", ".part").replace(":", ".line")
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text(d.text, encoding="utf-8")
+    return [root / "silos" / f"silo_{i}" for i in range(len(split.silos))], root / "heldout"

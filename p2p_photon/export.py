@@ -80,7 +80,7 @@ def find_checkpoint(path: str | Path) -> state.CheckpointPayload:
     p = Path(path)
     if not p.exists():
         raise ExportError(f"no checkpoint found: {p} does not exist")
-    if p.name.startswith(state.PREFIX) or (p / state.MANIFEST).exists():
+    if (p / state.MANIFEST).exists() or (p.name.startswith(state.PREFIX) and p.name[len(state.PREFIX):].isdigit()):
         ckpt = state.load_checkpoint(p)
     else:
         ckpt = _newest_valid(p)
@@ -159,7 +159,10 @@ def _fit_problem(params: dict[str, torch.nn.Parameter], theta: dict[str, torch.T
 def run_tokenizer(cfg: Config, ckpt: state.CheckpointPayload, explicit: str | Path | None):
     """(Hugging Face tokenizer, prepared data or None): the run's tokenizer from the data cache, or the
     file given; either way it must be the one the run fingerprint names."""
-    if explicit is None:
+    if explicit is None and cfg.data.run_spec:  # a run joined with --data: the spec holds the tokenizer
+        prep = Path(cfg.data.run_spec)
+        tok = tokenizer_from_file(prep / "tokenizer.json", cfg, ckpt.meta["fingerprint"])
+    elif explicit is None:
         prep = find_prepared(cfg, ckpt)
         tok = prep.tokenizer()
     else:
@@ -235,19 +238,24 @@ def tokenizer_from_file(path: str | Path, cfg: Config, fp: str):
 # ----------------------------------------------------------------------------- the model card
 
 
-def _perplexity_text(model, prep: data.Prepared | None, cfg: Config, eval_ppl: bool) -> str:
+def _perplexity_text(model, prep: data.Prepared | Path | None, cfg: Config, eval_ppl: bool) -> str:
     """Held-out perplexity for the card, measured now (the checkpoint does not record one), or why not."""
     if not eval_ppl:
         return "unknown (not measured: --no-eval)"
     if prep is None:
         return "unknown (not measured: --tokenizer given, so the run's prepared held-out data was not read)"
-    batches = data.heldout_batches(prep, seq_len=cfg.model.seq_len, batch_size=cfg.inner.batch_size,
-                                   n_batches=cfg.logging.eval_batches)
+    if isinstance(prep, Path):  # a run spec's directory: its public eval set
+        batches = data.fixed_batches(prep / "eval.bin", "uint32", seq_len=cfg.model.seq_len,
+                                     batch_size=cfg.inner.batch_size, n_batches=cfg.logging.eval_batches)
+    else:
+        batches = data.heldout_batches(prep, seq_len=cfg.model.seq_len, batch_size=cfg.inner.batch_size,
+                                       n_batches=cfg.logging.eval_batches)
     logger.info("measuring held-out perplexity on %d batches", len(batches))
     with torch.no_grad():
         loss = evaluate(model, batches, cfg.inner, torch.device("cpu"))
     tokens = sum(b[:, 1:].numel() for b in batches)
-    return f"{perplexity(loss):.2f} (at export, on {tokens:,} tokens of the run's held-out split)"
+    where = "the run's public eval set" if isinstance(prep, Path) else "the run's held-out split"
+    return f"{perplexity(loss):.2f} (at export, on {tokens:,} tokens of {where})"
 
 
 def _outer_text(cfg: Config) -> str:

@@ -83,13 +83,17 @@ class LocalSwarm:
 
     def start_peer(self, index: int, overrides: list[str] = (), extra_args: list[str] = (),
                    name: str | None = None, script: str | None = None,
-                   env: dict[str, str] | None = None) -> Proc:
+                   env: dict[str, str] | None = None, data: str | None = None) -> Proc:
+        """A peer on silo `index` of the shared corpus, or (`data`) on that private corpus, joining the run
+        the bootstrap hosts (`start_bootstrap(extra=["--run", RUN_DIR])`)."""
         name = name or f"peer{index}"
         args = ["peer", "--initial-peers", *self.maddrs, "--summary-out", str(self.summary_path(name))]
         if self.config:
             args += ["--config", self.config]
-        sets = [f"data.silo={index}", f"checkpoint.dir={self.workdir / ('ckpt-' + name)}", *self.overrides,
-                *overrides]
+        if data:
+            args += ["--data", str(data)]
+        silo = [] if data else [f"data.silo={index}"]
+        sets = [*silo, f"checkpoint.dir={self.workdir / ('ckpt-' + name)}", *self.overrides, *overrides]
         for s in sets:
             args += ["--set", s]
         proc = self.spawn(name, [*args, *extra_args], script=script, extra_env=env)

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""The main job: a local swarm on 127.0.0.1 — a bootstrap node, N peers (each on its own non-IID
-silo of the embedded corpus) and the monitor — training one global model for a few rounds.
+"""The main job: a local swarm on 127.0.0.1 — a bootstrap node hosting a run, N peers (each joining it
+with its own non-IID silo of the embedded corpus as its private data directory) and the monitor —
+training one global model for a few rounds.
 
     python scripts/local_swarm.py --peers 3 --rounds 8
 
@@ -15,7 +16,6 @@ import json
 import socket
 import sys
 import time
-import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,26 +41,38 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     # on loopback every peer reaches matchmaking within a second: a 2 s window is plenty
-    overrides = [f"rounds.num_rounds={args.rounds}", f"data.num_silos={args.peers}",
-                 f"dht.run_id=demo-{uuid.uuid4().hex[:6]}", "logging.progress_bar=false",
+    overrides = [f"rounds.num_rounds={args.rounds}", f"data.num_silos={args.peers}", "logging.progress_bar=false",
                  "averaging.matchmaking_time=2.0", "logging.progress_interval=1.0", *args.overrides]
     cfg = load_config(args.config, overrides)
     workdir = Path(args.workdir) / time.strftime("%Y%m%d-%H%M%S")
-    print(f"[demo] preparing the default corpus ({cfg.data.corpus}, {args.peers} non-IID silos)", flush=True)
-    data.prepare(cfg.data, cfg.seed, progress=True)
-    print(f"[demo] starting a bootstrap node and {args.peers} peers on 127.0.0.1; logs in {workdir}", flush=True)
+    silos, spec = create_demo_run(cfg, args.config, overrides, workdir)
+    print(f"[demo] starting a bootstrap node hosting run {spec.run_id} and {args.peers} peers on 127.0.0.1, each "
+          f"with its silo as its private data; logs in {workdir}", flush=True)
     port, log = free_port(), workdir / "monitor.jsonl"
-    monitor = ["--monitor", "--monitor-http", f"127.0.0.1:{port}", "--monitor-log", str(log),
-               "--set", f"dht.run_id={cfg.dht.run_id}", "--set", f"rounds.target_samples_per_round="
-               f"{cfg.rounds.target_samples_per_round}", "--set", f"model.seq_len={cfg.model.seq_len}"]
+    monitor = ["--run", str(spec.dir), "--monitor", "--monitor-http", f"127.0.0.1:{port}", "--monitor-log", str(log)]
     with LocalSwarm(workdir, config=args.config, overrides=overrides, capture=False) as swarm:
         maddrs = swarm.start_bootstrap(extra=monitor)
         print(f"[demo] bootstrap: --initial-peers {' '.join(maddrs)}", flush=True)
         print(f"[demo] live dashboard: http://127.0.0.1:{port}/  (metrics log {log})", flush=True)
-        peers = [swarm.start_peer(i) for i in range(args.peers)]
+        peers = [swarm.start_peer(i, data=str(silos[i])) for i in range(args.peers)]
         codes = swarm.wait(peers, timeout=args.timeout)
     plot_swarm(log, workdir / "swarm.png")
     return report(swarm, [p.name for p in peers], codes)
+
+
+def create_demo_run(cfg, config: str, overrides: list[str], workdir: Path):
+    """Whoever creates the run splits the embedded corpus into non-IID silos (each demo peer's stand-in for
+    private data) and writes the run's spec: tokenizer trained on the silos, held-out documents as the
+    public eval set (what `p2p-photon run new --train-tokenizer-on SILOS --eval HELDOUT` does)."""
+    from p2p_photon.runspec import create_run
+
+    print(f"[demo] splitting the default corpus ({cfg.data.corpus}) into {cfg.data.num_silos} non-IID silos",
+          flush=True)
+    silos, heldout = data.write_silo_dirs(cfg.data, cfg.seed, workdir / "corpus")
+    print("[demo] creating the run: tokenizer trained on the silos, held-out documents as the eval set", flush=True)
+    spec = create_run(load_config(config, overrides), workdir / "run", train_on=str(workdir / "corpus" / "silos"),
+                      eval_path=str(heldout))
+    return silos, spec
 
 
 def free_port() -> int:

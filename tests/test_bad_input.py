@@ -426,3 +426,115 @@ def test_full_disk_mid_run_is_a_warning_and_the_peer_keeps_training(tmp_path, sw
     assert done["rounds"] == 2 and done["theta"] == swarm.summary("peer0")["theta"]  # it took part throughout
     assert [p.name for p in state.list_checkpoints(ckpt)] == [f"ckpt-{GOOD_ROUND:08d}"]
     assert checked_theta(ckpt) == theta and leftovers(ckpt) == []
+
+
+# ----------------------------------------------------------------------------- bring your own data (issue 14)
+
+
+RUN_SETS = ["model.seq_len=32", "data.vocab_size=512", "data.max_corpus_mb=0.3", "inner.batch_size=4"]
+
+
+def _texts(root: Path, n: int = 40) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (root / f"m{i}.py").write_text("".join(f"def f_{i}_{k}(x):\n    return x + {k}\n\n" for k in range(30)))
+    return root
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("byod")
+    r = cli("run", "new", "--train-tokenizer-on", str(_texts(root / "public")), "-o", str(root / "run"),
+            sets=RUN_SETS)
+    assert r.returncode == 0 and "written to" in r.stdout, r.stderr[-3000:]
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def hosted(run_dir, tmp_path_factory):
+    """A bootstrap hosting run_dir: (its maddrs, the run id)."""
+    root = tmp_path_factory.mktemp("host")
+    proc = spawn(root / "boot.log", "bootstrap", "--run", str(run_dir), "--maddrs-file", str(root / "b.json"))
+    try:
+        wait_until(lambda: (root / "b.json").exists() or proc.poll() is not None, 120,
+                   lambda: (root / "boot.log").read_text()[-3000:])
+        info = json.loads((root / "b.json").read_text())
+        yield info["maddrs"], info["run_id"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        finish(proc, 60)
+
+
+@pytest.mark.timeout(240)
+def test_run_new_with_a_file_that_is_not_a_tokenizer_is_a_one_line_error(tmp_path):
+    (tmp_path / "tok.json").write_text('{"model": "nope"}')
+    r = cli("run", "new", "--tokenizer", str(tmp_path / "tok.json"), "--eval", str(_texts(tmp_path / "ev", 2)),
+            "-o", str(tmp_path / "run"), sets=RUN_SETS)
+    assert "is not a tokenizer file" in one_error(r.stderr, 1, r.returncode)
+    assert not (tmp_path / "run").exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.timeout(240)
+def test_bootstrap_of_a_run_whose_files_do_not_match_its_spec_is_refused(run_dir, tmp_path):
+    copy = Path(shutil.copytree(run_dir, tmp_path / "run"))
+    (copy / "tokenizer.json").write_text((copy / "tokenizer.json").read_text().replace("<|endoftext|>", "<|eot|>"))
+    r = cli("bootstrap", "--run", str(copy))
+    assert "tokenizer.json does not match the spec's sha256" in one_error(r.stderr, 1, r.returncode)
+
+
+@pytest.mark.parametrize("name,content", [("corpus.zip", b"PK\x03\x04" + bytes(100)), ("blob", bytes(range(256)))])
+@pytest.mark.timeout(240)
+def test_peer_with_a_corpus_of_unknown_format_fails_before_the_network(tmp_path, name, content):
+    (tmp_path / name).write_bytes(content)
+    r = cli("peer", "--initial-peers", f"/ip4/127.0.0.1/tcp/9/p2p/{random_peer_id()}", "--data",
+            str(tmp_path / name), sets=[f"data.cache_dir={tmp_path / 'cache'}", f"checkpoint.dir={tmp_path / 'ck'}"])
+    line = one_error(r.stderr, 1, r.returncode)
+    assert "unknown corpus format" in line and ".jsonl.zst" in line and not (tmp_path / "cache").exists()
+
+
+def _join(hosted, tmp_path: Path, data: Path, *args: str, sets: list[str] = ()) -> subprocess.CompletedProcess:
+    maddrs, _ = hosted
+    return cli("peer", "--initial-peers", *maddrs, "--data", str(data), "--spec-timeout", "5", *args,
+               sets=[f"data.cache_dir={tmp_path / 'cache'}", f"checkpoint.dir={tmp_path / 'ck'}",
+                     "logging.progress_bar=false", *sets])
+
+
+@pytest.mark.swarm
+@pytest.mark.timeout(300)
+def test_joining_an_unknown_run_id_is_a_one_line_error(hosted, tmp_path):
+    r = _join(hosted, tmp_path, _texts(tmp_path / "mine", 2), "--run-id", "0123456789abcdef")
+    line = one_error(r.stderr, 1, r.returncode)
+    assert "unknown run id 0123456789abcdef" in line and hosted[1] in line
+    assert not (tmp_path / "cache" / "runs" / "0123456789abcdef").exists()
+
+
+@pytest.mark.swarm
+@pytest.mark.timeout(300)
+def test_a_corpus_too_small_for_one_batch_is_a_one_line_error(hosted, tmp_path):
+    (tmp_path / "tiny.txt").write_text("x = 1\n")
+    r = _join(hosted, tmp_path, tmp_path / "tiny.txt")
+    line = one_error(r.stderr, 1, r.returncode)
+    assert "is too small" in line and "one batch needs inner.batch_size x (model.seq_len+1) = 264" in line
+    private = tmp_path / "cache" / "private"
+    assert [p.name for p in private.iterdir() if p.name.startswith(".partial")] == []
+
+
+@pytest.mark.swarm
+@pytest.mark.timeout(300)
+def test_a_parquet_corpus_without_the_text_column_is_a_one_line_error(hosted, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["some text"] * 10}), tmp_path / "c.parquet")
+    r = _join(hosted, tmp_path, tmp_path / "c.parquet")
+    line = one_error(r.stderr, 1, r.returncode)
+    assert "has no column 'text' (columns: body)" in line and "--text-field" in line
+    assert [p.name for p in (tmp_path / "cache" / "private").iterdir() if not p.name.startswith(".lock")] == []
+
+
+@pytest.mark.swarm
+@pytest.mark.timeout(300)
+def test_overriding_a_run_wide_key_is_a_one_line_error_with_exit_2(hosted, tmp_path):
+    r = _join(hosted, tmp_path, _texts(tmp_path / "mine", 2), sets=["model.seq_len=64"])
+    line = one_error(r.stderr, 2, r.returncode)
+    assert "model.seq_len is run-wide" in line and "run-wide keys: seed, model.preset" in line

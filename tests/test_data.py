@@ -427,3 +427,18 @@ def test_truncated_text_is_cut_at_a_line_break_without_splitting_characters():
     assert _decode(raw[:3], truncated=True) == "caf"
     assert _chunk("ab\ncd\nef\n", 4) == ["ab\n", "cd\n", "ef\n"]
     assert "".join(_chunk("x" * 10, 4)) == "x" * 10
+
+
+def test_write_silo_dirs_writes_the_split_of_prepare_as_text_files(corpus_dir, tmp_path):
+    """The demo's stand-in for private data: the silos and held-out split of `prepare`, as directories."""
+    cfg = DataConfig(corpus=str(corpus_dir), vocab_size=300, num_silos=2, cache_dir=str(tmp_path / "c"),
+                     heldout_fraction=0.1)
+    silos, heldout = data.write_silo_dirs(cfg, 0, tmp_path / "out")
+    texts = [sorted(p.read_text() for p in d.rglob("*") if p.is_file()) for d in [*silos, heldout]]
+    assert len(silos) == 2 and all(texts)
+    prep = load_prepared(prepare(cfg, 0, progress=False))
+    manifest = [json.loads(line) for line in (prep.dir / "manifest.jsonl").read_text().splitlines()]
+    for i, d in enumerate([*silos, heldout]):
+        split = "heldout" if d == heldout else f"silo_{i}"
+        assert len(texts[i]) == sum(1 for m in manifest if m["split"] == split)
+    assert not set(texts[0]) & set(texts[1])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import shutil
 import sys
 import tempfile
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from hivemind.utils import get_dht_time
 
-from .. import data, state, trust
+from .. import data, runspec, state, trust
 from ..averaging import SwarmAverager
 from ..config import Config, fingerprint
 from ..errors import UsageError
@@ -58,15 +59,14 @@ class PeerParts:
 
     def setup(self) -> None:
         cfg = self.cfg
-        self.prep = data.load_prepared(data.prepare(cfg.data, cfg.seed, progress=cfg.logging.progress_bar))
-        self.fp = fingerprint(cfg, self.prep.tokenizer_hash)
+        self.data = data.peer_data(cfg, progress=cfg.logging.progress_bar)  # a silo, or a private corpus
+        self.fp = fingerprint(cfg, self.data.tokenizer_hash)
         self.device = resolve_device(cfg.inner)
-        self.model = build_model(cfg.model.preset, self.prep.vocab_size, cfg.model.seq_len, cfg.seed, self.device)
+        self.model = build_model(cfg.model.preset, self.data.vocab_size, cfg.model.seq_len, cfg.seed, self.device)
         self.gs = GlobalState(self.model, cfg.outer, self.fp)
         stream, trainer = self._stream_and_trainer()
         self.training = LocalTraining(cfg, self.model, trainer, stream, self.gs.counters)
-        self.heldout = data.heldout_batches(self.prep, seq_len=cfg.model.seq_len, batch_size=cfg.inner.batch_size,
-                                            n_batches=cfg.logging.eval_batches)
+        self.heldout = self.data.eval_batches  # the swarm's comparable number (the run's public eval set)
         self.initial_loss = self.evaluate()
         if self.resume:
             self.restore(state.load_latest(cfg.checkpoint.dir, self.fp))
@@ -75,11 +75,10 @@ class PeerParts:
     def _stream_and_trainer(self):
         """The peer's data stream and inner trainer; a multi-rank peer's come from its ranks (peer/ranks.py)."""
         cfg = self.cfg
-        if self.rank_group is not None:
-            return self.rank_group.parts(cfg, self.prep, self.model, self.device)
-        stream = data.open_silo_stream(self.prep, [cfg.data.silo], seq_len=cfg.model.seq_len,
-                                       batch_size=cfg.inner.batch_size, seed=cfg.seed, stream_id=cfg.data.silo)
-        return stream, InnerTrainer(self.model, cfg.inner, self.device)
+        if self.rank_group is not None:  # the shared corpus' silo, split across the ranks
+            prep = data.load_prepared(data.prepare(cfg.data, cfg.seed, progress=False))
+            return self.rank_group.parts(cfg, prep, self.model, self.device)
+        return self.data.stream, InnerTrainer(self.model, cfg.inner, self.device)
 
     def _start_network(self) -> None:
         """Progress records are signed with the peer's identity key (an ephemeral one in a private
@@ -92,6 +91,7 @@ class PeerParts:
         key = trust.signing_key_from_identity(prepare_identity(dht_cfg.identity_path)[0])
         validators = progress_validators(run_id, key, members=members, bind_peer_id=True)
         self.dht = start_dht(dht_cfg, record_validators=validators)
+        self.spec_server = runspec.serve(self.dht, runspec.load_run(cfg.data.run_spec)) if cfg.data.run_spec else None
         publisher = ProgressPublisher(self.dht, run_id, validators)
         self.view = SwarmView(self.dht, run_id, publisher, cfg.logging.progress_interval, members)
         self.averager = SwarmAverager(self.dht, [t.shape for t in self.gs.theta], prefix=f"{run_id}-{self.fp}",
@@ -236,6 +236,8 @@ class PeerParts:
             self._write_summary()
             self.publish(RoundStats(), "done")
             self._linger()
+        if getattr(self, "spec_server", None) is not None:
+            self.spec_server.stop()
         if self.averager is not None:
             self.averager.shutdown()
         shutdown_dht(self.dht)
@@ -266,6 +268,9 @@ class PeerParts:
             self.stop.wait(1.0)
 
     def _write_summary(self) -> None:
+        if self.data.local_heldout is not None:  # this peer's own metric, on its private held-out split
+            local = evaluate(self.model, self.data.local_heldout, self.cfg.inner, self.device)
+            logger.info("local held-out loss %.4f (perplexity %.2f) on this peer's own split", local, math.exp(local))
         opt_bytes = max(self.training.peak_opt_bytes, optimizer_state_bytes(self.training.trainer.optimizer))
         self.reporter.write_summary(self.summary_out, initial_loss=self.initial_loss, final_loss=self.evaluate(),
                                     optimizer_state_bytes=opt_bytes)

@@ -198,6 +198,9 @@ class PeerRanks:
 
 
 def check_supported(cfg: Config) -> None:
+    if cfg.data.run_spec:
+        raise UsageError("a multi-rank peer (--nproc) trains on the run's shared corpus silos only for now; "
+                         "join with --data as one process per peer (drop --nproc)")
     if cfg.outer.block_cycle:
         raise UsageError("outer.block_cycle is not supported by a multi-rank peer yet; run one process per "
                          "device, or turn block cycling off")
