@@ -27,6 +27,8 @@ tokens); this equals the final global step x batch x seq_len, which is checked.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import math
 import os
@@ -42,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-from benchlib import machine_info, reap_tagged_p2pd, stop_procs  # noqa: E402
+from benchlib import cpu_seconds, machine_info, other_cores, reap_tagged_p2pd, stop_procs  # noqa: E402
 
 from p2p_photon import data  # noqa: E402
 from p2p_photon.config import load_config  # noqa: E402
@@ -90,6 +92,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cache-dir", default=str(ROOT / ".cache" / "p2p_photon"), help="prepared data cache")
     p.add_argument("--run-timeout", type=float, default=None,
                    help="seconds per federated run (900; --quick 240)")
+    p.add_argument("--scale", action="store_true",
+                   help="issue 17's sweep: sizes x LRs, centralized vs Photon non-IID (bench/results/photon_scale.*; "
+                        "with --quick: nano, 2 peers, 2 LRs each, runs/ output); resumes from its JSON")
+    p.add_argument("--sizes", nargs="+", default=None, help="--scale: sizes in order (default nano tiny)")
+    p.add_argument("--max-extensions", type=int, default=None,
+                   help="--scale: LRs a sweep may add past an edge of its grid (default 2; --quick 0)")
+    p.add_argument("--no-diloco", action="store_true", help="--scale: skip DiLoCo at the largest size")
+    p.add_argument("--fresh", action="store_true", help="--scale: ignore the finished runs in the JSON")
+    p.add_argument("--report-only", action="store_true",
+                   help="--scale: train nothing; summarize, plot and list the missing runs from the JSONs")
+    p.add_argument("--merge", nargs="+", default=[],
+                   help="--scale: also take the finished runs of these JSONs (sizes swept by other invocations)")
     return p.parse_args(argv)
 
 
@@ -226,11 +240,11 @@ def centralized(plan: Plan) -> dict:
 # ----------------------------------------------------------------------------- federated
 
 
-def run_federated(swarm: LocalSwarm, plan: Plan, name: str) -> dict:
+def run_federated(swarm: LocalSwarm, plan: Plan, name: str, lr: float | None = None) -> dict:
     """N peer processes of one run (its own run_id) on the shared bootstrap; only peer 0 evaluates every
-    round."""
+    round. `lr`: the inner peak LR (default: the plan's Photon or DiLoCo LR)."""
     preset, split, *mode = name.split("_")
-    lr = plan.photon_lr if preset == "photon" else plan.diloco_lr
+    lr = lr or (plan.photon_lr if preset == "photon" else plan.diloco_lr)
     run_id = f"exp-{preset}-{split}-{uuid.uuid4().hex[:6]}"
     overrides = [*peer_overrides(plan, preset, split, lr), f"dht.run_id={run_id}",
                  f"averaging.overlap={'true' if 'overlap' in mode else 'false'}"]
@@ -468,6 +482,361 @@ def config_record(plan: Plan, params: int) -> dict:
 
 
 
+# ----------------------------------------------------------------------------- scale: sizes x learning rates
+
+
+@dataclass(frozen=True)
+class SizeSpec:
+    """One size of the scale sweep (issue 17): tokens per run, H, peer batch, and the LR grids each sweep
+    starts from (the centralized batch is N x the peer batch)."""
+
+    tokens: float
+    local_steps: int
+    central_lrs: tuple[float, ...]
+    photon_lrs: tuple[float, ...]
+    local_batch: int = 4
+    run_timeout: float = 1800.0
+    allreduce_timeout: float = 30.0
+
+
+# Token budgets sized for a two-hour slot on the shared 2-core CPU machine, run at nice 19 while other programs
+# kept ~2 cores busy (load average 10-29): a 524k-token nano centralized run took 330 s there (35 s on a free
+# machine), a 4-peer swarm spent ~5 min just starting, and a tiny run got ~0.06 core; tiny costs ~25x nano per
+# token, small ~100x (small does not fit). Every run of a size gets the same tokens; the grids
+# are x2 apart, the same for both sweeps, and a sweep extends past an edge by itself (max_extensions).
+SCALE_SIZES = {
+    "nano": SizeSpec(1.31e5, 16, (3e-3, 6e-3, 1.2e-2, 2.4e-2), (3e-3, 6e-3, 1.2e-2, 2.4e-2)),
+    "tiny": SizeSpec(2.46e4, 4, (4e-3, 8e-3, 2e-3, 1.6e-2), (4e-3, 8e-3, 2e-3, 1.6e-2), 4, 3000.0, 90.0),
+    "small": SizeSpec(2.5e4, 4, (5e-4, 1e-3, 2e-3, 4e-3), (5e-4, 1e-3, 2e-3, 4e-3), 4, 3600.0, 120.0),
+}
+QUICK_SCALE = {"nano": SizeSpec(3.3e4, 8, (3e-3, 1.2e-2), (3e-3, 1.2e-2), 8, 240.0)}
+SCALE_KINDS = ("central", "photon_noniid", "diloco_noniid")
+SCALE_TARGET_FACTOR = 1.1  # target ppl of a size = 1.1 x the worse of its best centralized and best Photon
+
+
+def size_plan(args: argparse.Namespace, size: str, spec: SizeSpec) -> Plan:
+    """The shared numbers of one size: make_plan with the size's model, tokens, H and timeouts."""
+    a = argparse.Namespace(**{**vars(args), "model": size, "tokens": spec.tokens, "local_steps": spec.local_steps,
+                              "local_batch": spec.local_batch, "central_lrs": [spec.central_lrs[0]],
+                              "run_timeout": spec.run_timeout})
+    plan = make_plan(a)
+    plan.averaging = [f"averaging.allreduce_timeout={spec.allreduce_timeout:g}"
+                      if o.startswith("averaging.allreduce_timeout=") else o for o in plan.averaging]
+    return plan
+
+
+def run_key(size: str, kind: str, lr: float) -> str:
+    return f"{size}/{kind}/{lr:g}"
+
+
+def score(run: dict | None) -> float:
+    """What a sweep minimizes: held-out ppl at the planned tokens (inf for a failed or diverged run)."""
+    if not run or "error" in run:
+        return math.inf
+    p = run.get("ppl_at_budget") or run.get("final_ppl")
+    return p if p is not None and math.isfinite(p) else math.inf
+
+
+def edge_extension(scores: dict[float, float], grid: tuple[float, ...], max_extensions: int) -> float | None:
+    """The next LR when the best score sits at an edge of the LRs run so far (x2 above, /2 below); None when
+    it is inside, or when `max_extensions` LRs beyond the grid were already added."""
+    if not scores or len(set(scores) - set(grid)) >= max_extensions:
+        return None
+    lrs = sorted(scores)
+    best = min(lrs, key=lambda lr: scores[lr])  # ties and all-inf: the lowest LR
+    if len(lrs) > 1 and best == lrs[-1] and math.isfinite(scores[best]):
+        return float(f"{best * 2:.3g}")
+    if len(lrs) > 1 and best == lrs[0]:
+        return float(f"{best / 2:.3g}")
+    return None
+
+
+def lr_sweep(grid: tuple[float, ...], done: dict[float, dict], run_one, max_extensions: int) -> dict[float, dict]:
+    """Run every LR of `grid` not in `done` (LR -> result), then extend past an edge while the best sits there."""
+    for lr in grid:
+        if lr not in done:
+            done[lr] = run_one(lr)
+    while (lr := edge_extension({k: score(v) for k, v in done.items()}, grid, max_extensions)) is not None:
+        done[lr] = run_one(lr)
+    return done
+
+
+def best_lr(done: dict[float, dict]) -> float | None:
+    ok = {lr: score(r) for lr, r in done.items() if math.isfinite(score(r))}
+    return min(sorted(ok), key=ok.get) if ok else None
+
+
+def runs_of(runs: dict[str, dict], size: str, kind: str) -> dict[float, dict]:
+    """LR -> result of one size and kind, from the flat `size/kind/lr` table."""
+    out = {}
+    for key, r in runs.items():
+        s, k, lr = key.split("/")
+        if s == size and k == kind:
+            out[float(lr)] = r
+    return dict(sorted(out.items()))
+
+
+def with_figures(run: dict, plan: Plan) -> dict:
+    if "error" not in run:
+        run["ppl_at_budget"] = ppl_at(run["curve"], plan.tokens)
+        run["tokens_per_s"] = run["tokens"] / run["wall_s"] if run["wall_s"] else None
+    return run
+
+
+def robustness(done: dict[float, dict]) -> dict:
+    """Final ppl (at the planned tokens) vs LR, and the LRs within 10% of the best."""
+    curve = [[lr, score(r) if math.isfinite(score(r)) else None] for lr, r in sorted(done.items())]
+    best = min((p for _, p in curve if p is not None), default=None)
+    near = [lr for lr, p in curve if p is not None and best is not None and p <= 1.1 * best]
+    return dict(curve=curve, lrs_within_10pct=near, best_at_edge=bool(curve) and best_lr(done) in
+                (curve[0][0], curve[-1][0]) and len(curve) > 1)
+
+
+def best_record(done: dict[float, dict], target: float | None) -> dict | None:
+    lr = best_lr(done)
+    if lr is None:
+        return None
+    r = done[lr]
+    return dict(lr=lr, ppl_at_budget=score(r), final_ppl=r["final_ppl"], tokens=r["tokens"], wall_s=r["wall_s"],
+                tokens_to_target=tokens_to_reach(r["curve"], target) if target else None, curve=r["curve"])
+
+
+def summarize_size(size: str, plan: Plan, params: int, runs: dict[str, dict]) -> dict:
+    """Per size: best centralized vs best Photon at equal tokens (ratio), tokens to a target, LR curves."""
+    central, photon = runs_of(runs, size, "central"), runs_of(runs, size, "photon_noniid")
+    diloco = runs_of(runs, size, "diloco_noniid")
+    bests = [score(d[best_lr(d)]) for d in (central, photon) if best_lr(d) is not None]
+    target = SCALE_TARGET_FACTOR * max(bests) if len(bests) == 2 else None
+    out = dict(params=params, tokens_per_run=plan.tokens, local_steps=plan.local_steps, rounds=plan.rounds,
+               central_batch=plan.central_batch, peer_batch=plan.batch, peers=plan.peers, target_ppl=target,
+               best_central=best_record(central, target), best_photon=best_record(photon, target),
+               best_diloco=best_record(diloco, target),
+               robustness={k: robustness(d) for k, d in (("central", central), ("photon_noniid", photon),
+                                                         ("diloco_noniid", diloco)) if d})
+    c, p = out["best_central"], out["best_photon"]
+    out["ratio_photon_to_central"] = p["ppl_at_budget"] / c["ppl_at_budget"] if c and p else None
+    return out
+
+
+def scale_verdict(summary: dict[str, dict]) -> dict:
+    """Does Photon's ppl ratio to centralized shrink from each size to the next?"""
+    ratios = [(s, v["ratio_photon_to_central"]) for s, v in summary.items() if v.get("ratio_photon_to_central")]
+    steps = [b < a for (_, a), (_, b) in zip(ratios, ratios[1:])]
+    return dict(ratios={s: r for s, r in ratios}, shrinks=all(steps) if steps else None)
+
+
+def plot_scale(summary: dict[str, dict], runs: dict[str, dict], path: Path, title: str) -> None:
+    """Left: ppl at the planned tokens vs LR (both sweeps, every size). Then one panel per size: the
+    held-out curves of the best centralized, best Photon (and DiLoCo) runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = list(summary)
+    fig, axes = plt.subplots(1, 1 + len(sizes), figsize=(5.5 * (1 + len(sizes)), 4.8), squeeze=False)
+    ax = axes[0][0]
+    colors = dict(zip(sizes, ("tab:blue", "tab:red", "tab:green", "tab:purple")))
+    styles = {"central": ("k", "-", "o"), "photon_noniid": (None, "--", "s"), "diloco_noniid": (None, ":", "*")}
+    for size, v in summary.items():
+        for kind, rb in v["robustness"].items():
+            pts = [(lr, p) for lr, p in rb["curve"] if p is not None]
+            if pts:
+                _, ls, m = styles[kind]
+                ax.plot(*zip(*pts), ls, marker=m, color=colors[size], label=f"{size} {kind}")
+    ax.set(xscale="log", yscale="log", xlabel="peak LR (centralized / Photon inner)",
+           ylabel="held-out ppl at the planned tokens", title="LR robustness")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    for ax, (size, v) in zip(axes[0][1:], summary.items()):
+        for name, rec, color in (("centralized", v["best_central"], "k"), ("photon", v["best_photon"], "tab:blue"),
+                                 ("diloco", v["best_diloco"], "tab:orange")):
+            if rec:
+                ax.plot(*zip(*rec["curve"]), "-", marker=".", color=color,
+                        label=f"{name} lr {rec['lr']:g} ({rec['ppl_at_budget']:.1f})")
+        if v["target_ppl"]:
+            ax.axhline(v["target_ppl"], color="grey", lw=0.8, ls=":", label=f"target {v['target_ppl']:.1f}")
+        ratio = v["ratio_photon_to_central"]
+        ax.set(yscale="log", xlabel="training tokens (all peers)", ylabel="held-out ppl",
+               title=f"{size} ({v['params'] / 1e6:.2f}M) photon/central {ratio:.2f}" if ratio else size)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def print_scale_table(summary: dict[str, dict]) -> None:
+    print(f"\n{'size':<6} {'params':>7} {'tokens':>8} {'central lr':>10} {'ppl':>7} {'photon lr':>9} {'ppl':>7} "
+          f"{'ratio':>6} {'tok->target c/p':>17} {'diloco':>7}")
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    for size, v in summary.items():
+        c, p, d = v["best_central"] or {}, v["best_photon"] or {}, v["best_diloco"] or {}
+        print(f"{size:<6} {v['params'] / 1e6:>6.2f}M {v['tokens_per_run']:>8d} {fmt(c.get('lr'), '10.2g')} "
+              f"{fmt(c.get('ppl_at_budget'), '7.1f')} {fmt(p.get('lr'), '9.2g')} {fmt(p.get('ppl_at_budget'), '7.1f')} "
+              f"{fmt(v['ratio_photon_to_central'], '6.2f')} "
+              f"{fmt(c.get('tokens_to_target'), '8.0f')}/{fmt(p.get('tokens_to_target'), '<8.0f')} "
+              f"{fmt(d.get('ppl_at_budget'), '7.1f')}")
+    print(flush=True)
+
+
+class ScaleRunner:
+    """Runs (size, kind, LR) one at a time, saving the JSON after each; a finished run is never repeated."""
+
+    def __init__(self, result: dict, save, workdir: Path):
+        self.result, self.save, self.workdir = result, save, workdir
+        self.stack = contextlib.ExitStack()
+        self.swarm: LocalSwarm | None = None
+
+    def run(self, size: str, plan: Plan, kind: str, lr: float) -> dict:
+        key = run_key(size, kind, lr)
+        runs = self.result["runs"]
+        if key in runs and "error" not in runs[key]:
+            return runs[key]
+        print(f"[experiment] {key} ...", flush=True)
+        before, t0 = cpu_seconds(), time.perf_counter()
+        try:
+            r = self._train(plan, kind, lr)
+        except Exception as e:  # recorded (and retried on a restart); the sweep goes on
+            logger.error("%s failed: %s", key, e)
+            r = dict(error=f"{type(e).__name__}: {e}")
+        r.update(other_cores=other_cores(before, cpu_seconds()), total_s=time.perf_counter() - t0,
+                 finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        runs[key] = with_figures(r, plan)
+        self.save()
+        print(f"[experiment] {key}: ppl@budget {score(r):.2f}, {r.get('tokens')} tokens, "
+              f"{r['total_s']:.0f}s, other programs {r['other_cores']:.2f} cores", flush=True)
+        return r
+
+    def _train(self, plan: Plan, kind: str, lr: float) -> dict:
+        if kind == "central":
+            return run_centralized(plan, lr, plan.central_steps, eval_every=plan.local_steps)
+        if self.swarm is None:  # one bootstrap for every federated run, set once it is up
+            swarm = self.stack.enter_context(LocalSwarm(self.workdir, threads_per_peer=1))
+            swarm.start_bootstrap()
+            self.swarm = swarm
+        return run_federated(self.swarm, plan, kind, lr)
+
+    def close(self) -> None:
+        self.stack.close()
+
+
+def scale_size(runner: ScaleRunner, size: str, spec: SizeSpec, plan: Plan, diloco: bool,
+               max_extensions: int) -> None:
+    """Both LR sweeps of one size (their grids interleaved, so that a sweep cut short still has both sides),
+    then DiLoCo at the best Photon inner LR when asked."""
+    for pair in zip(spec.central_lrs, spec.photon_lrs):
+        for kind, lr in zip(("central", "photon_noniid"), pair):
+            runner.run(size, plan, kind, lr)
+    for kind, grid in (("central", spec.central_lrs), ("photon_noniid", spec.photon_lrs)):
+        done = runs_of(runner.result["runs"], size, kind)
+        lr_sweep(grid, done, lambda lr, kind=kind: runner.run(size, plan, kind, lr), max_extensions)
+    best = best_lr(runs_of(runner.result["runs"], size, "photon_noniid"))
+    if diloco and best is not None:
+        runner.run(size, plan, "diloco_noniid", best)
+
+
+def planned_keys(size: str, spec: SizeSpec, runs: dict[str, dict], diloco: bool) -> list[str]:
+    """The runs a size's sweep needs before any extension: both grids, and DiLoCo at Photon's best LR."""
+    keys = [run_key(size, k, lr) for k, grid in (("central", spec.central_lrs), ("photon_noniid", spec.photon_lrs))
+            for lr in grid]
+    best = best_lr(runs_of(runs, size, "photon_noniid"))
+    return keys + ([run_key(size, "diloco_noniid", best if best is not None else math.nan)] if diloco else [])
+
+
+def load_previous(out: Path, plans: dict[str, dict]) -> dict[str, dict]:
+    """Finished runs of an earlier invocation whose size was planned exactly as now (resume, or --merge)."""
+    if not out.exists():
+        return {}
+    old = json.loads(out.read_text())
+    same = {s for s, p in old.get("sizes", {}).items() if plans.get(s) == p}
+    keep = {k: r for k, r in old.get("runs", {}).items() if k.split("/")[0] in same and "error" not in r}
+    print(f"[experiment] resuming {out}: {len(keep)} finished runs of {sorted(same) or 'no size'} kept", flush=True)
+    return keep
+
+
+def previous_runs(paths: list[Path], plans: dict[str, dict]) -> dict[str, dict]:
+    """load_previous over the output and the --merge files (sizes swept by separate invocations)."""
+    runs: dict[str, dict] = {}
+    for path in paths:
+        runs.update(load_previous(path, plans))
+    return runs
+
+
+def main_scale(args: argparse.Namespace) -> int:
+    specs = QUICK_SCALE if args.quick else SCALE_SIZES
+    sizes = args.sizes or (list(specs) if args.quick else ["nano", "tiny"])
+    unknown = [s for s in sizes if s not in specs]
+    if unknown:
+        raise SystemExit(f"no scale spec for {unknown} (have {list(specs)})")
+    out = Path(args.out) if args.out else (ROOT / "runs" / "experiment_photon" / "quick" / "photon_scale.json"
+                                           if args.quick else ROOT / "bench" / "results" / "photon_scale.json")
+    png = Path(args.png) if args.png else out.with_suffix(".png")
+    # absolute: LocalSwarm runs its processes in the workdir and hands them paths under it
+    workdir = Path(args.workdir).resolve() if args.workdir else ROOT / "runs" / "experiment_photon" / time.strftime(
+        "scale-%Y%m%d-%H%M%S")
+    tag = os.environ.setdefault(TAG_VAR, uuid.uuid4().hex)
+    max_ext = args.max_extensions if args.max_extensions is not None else (0 if args.quick else 2)
+    plans = {s: size_plan(args, s, specs[s]) for s in sizes}
+    plan_records = {s: json.loads(json.dumps(asdict(p))) for s, p in plans.items()}
+    for p in plans.values():
+        prepare_data(p)
+    params = {s: count_params(p) for s, p in plans.items()}
+    given = sys.argv[1:] if args.argv is None else args.argv
+    result = dict(mode=f"scale-{'quick' if args.quick else 'full'}", command=shlex.join(
+                      ["python", "scripts/experiment_photon.py", *given]),
+                  sizes=plan_records, specs={s: asdict(specs[s]) for s in sizes}, max_extensions=max_ext,
+                  machine=machine_info(),
+                  runs={} if args.fresh else previous_runs([*map(Path, args.merge), out], plan_records),
+                  complete=False, notes=SCALE_NOTES)
+    t0 = time.perf_counter()
+
+    def save() -> None:
+        result["summary"] = {s: summarize_size(s, plans[s], params[s], result["runs"]) for s in sizes}
+        result["verdict"] = scale_verdict(result["summary"])
+        write_json_atomic(out, result)
+
+    for s, p in plans.items():
+        print(f"[experiment] {s}: {params[s] / 1e6:.2f}M params, {p.rounds} rounds x H={p.local_steps} x "
+              f"{p.peers} peers x batch {p.batch} x seq {p.seq_len} = {p.tokens} tokens per run", flush=True)
+    runner = ScaleRunner(result, save, workdir)
+    try:
+        for s in sizes if not args.report_only else ():
+            scale_size(runner, s, specs[s], plans[s], diloco=s == sizes[-1] and not args.no_diloco,
+                       max_extensions=max_ext)
+    finally:
+        runner.close()
+    leaked = reap_tagged_p2pd(TAG_VAR, tag)
+    failed = [k for k, r in result["runs"].items() if "error" in r]
+    missing = [k for s in sizes for k in planned_keys(s, specs[s], result["runs"], s == sizes[-1] and not args.no_diloco)
+               if k not in result["runs"]]
+    result.update(complete=not failed and not missing, failed_runs=failed, missing_runs=missing, p2pd_leaked=leaked,
+                  wall_s_this_invocation=time.perf_counter() - t0, timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    save()
+    plot_scale(result["summary"], result["runs"], png,
+               f"Photon (non-IID, {plans[sizes[0]].peers} peers) vs centralized at equal tokens, per size")
+    print_scale_table(result["summary"])
+    print(f"[experiment] wrote {out} and {png}; verdict {result['verdict']}; leaked p2pd: {leaked or 'none'}")
+    return 1 if leaked or failed else 0
+
+
+SCALE_NOTES = dict(
+    design=("per size: centralized runs (batch = N x local batch, IID union of the silos) at every LR of its "
+            "grid, Photon runs (N peers, non-IID silos, FedAvg lr 1.0) at every inner LR of its grid, each "
+            "run with its own warmup + cosine schedule over the same tokens; a sweep whose best LR sits at an "
+            "edge adds LRs beyond it (x2 or /2, up to max_extensions); DiLoCo (Nesterov 0.7/0.9) runs once, "
+            "for the largest size, at Photon's best inner LR (not swept)"),
+    score=("ppl_at_budget: held-out ppl interpolated (log-linear) at the planned tokens per run; the best LR "
+           "of a sweep is the one with the lowest; federated runs overshoot the budget by a few samples"),
+    target=("per size: 1.1 x the worse of the best centralized and best Photon ppl at the budget; "
+            "tokens_to_target of each best run from its held-out curve"),
+    contention=("other_cores per run: cores other programs kept busy during it (a shared 2-core machine); "
+                "wall times are only comparable between runs with similar other_cores"),
+)
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -508,14 +877,17 @@ def attempt(name: str, fn) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    args.argv = argv
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname).1s %(name)s: %(message)s")
+    if args.scale:
+        return main_scale(args)
     plan = make_plan(args)
     quick_out = ROOT / "runs" / "experiment_photon" / "quick" / "photon.json"
     full_out = ROOT / "bench" / "results" / "photon.json"
     out = Path(args.out) if args.out else (quick_out if args.quick else full_out)
     png = Path(args.png) if args.png else out.with_suffix(".png")
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    workdir = Path(args.workdir) if args.workdir else ROOT / "runs" / "experiment_photon" / stamp
+    workdir = Path(args.workdir).resolve() if args.workdir else ROOT / "runs" / "experiment_photon" / stamp
     tag = os.environ.setdefault(TAG_VAR, uuid.uuid4().hex)
     t_start, load_before = time.perf_counter(), os.getloadavg()
     print(f"[experiment] {plan.mode}: {plan.peers} peers, {plan.model}, "
