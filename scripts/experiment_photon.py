@@ -100,6 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="--scale: LRs a sweep may add past an edge of its grid (default 2; --quick 0)")
     p.add_argument("--no-diloco", action="store_true", help="--scale: skip DiLoCo at the largest size")
     p.add_argument("--fresh", action="store_true", help="--scale: ignore the finished runs in the JSON")
+    p.add_argument("--kinds", nargs="+", choices=SCALE_KINDS, default=list(SCALE_KINDS),
+                   help="--scale: which sweeps this invocation runs (DiLoCo: the largest size only)")
     p.add_argument("--report-only", action="store_true",
                    help="--scale: train nothing; summarize, plot and list the missing runs from the JSONs")
     p.add_argument("--merge", nargs="+", default=[],
@@ -509,7 +511,7 @@ SCALE_SIZES = {
     "tiny": SizeSpec(2.46e4, 4, (4e-3, 8e-3, 2e-3, 1.6e-2), (4e-3, 8e-3, 2e-3, 1.6e-2), 4, 3000.0, 90.0),
     "small": SizeSpec(2.5e4, 4, (5e-4, 1e-3, 2e-3, 4e-3), (5e-4, 1e-3, 2e-3, 4e-3), 4, 3600.0, 120.0),
 }
-QUICK_SCALE = {"nano": SizeSpec(3.3e4, 8, (3e-3, 1.2e-2), (3e-3, 1.2e-2), 8, 240.0)}
+QUICK_SCALE = {"nano": SizeSpec(3.3e4, 8, (3e-3, 1.2e-2), (1.2e-2,), 8, 240.0)}  # smoke: one swarm run
 SCALE_KINDS = ("central", "photon_noniid", "diloco_noniid")
 SCALE_TARGET_FACTOR = 1.1  # target ppl of a size = 1.1 x the worse of its best centralized and best Photon
 
@@ -598,7 +600,8 @@ def best_record(done: dict[float, dict], target: float | None) -> dict | None:
         return None
     r = done[lr]
     return dict(lr=lr, ppl_at_budget=score(r), final_ppl=r["final_ppl"], tokens=r["tokens"], wall_s=r["wall_s"],
-                tokens_to_target=tokens_to_reach(r["curve"], target) if target else None, curve=r["curve"])
+                tokens_to_target=tokens_to_reach(r["curve"], target) if target else None, curve=r["curve"],
+                theta_identical=r.get("theta_identical"), failed_rounds=r.get("failed_rounds"))
 
 
 def summarize_size(size: str, plan: Plan, params: int, runs: dict[str, dict]) -> dict:
@@ -660,7 +663,8 @@ def plot_scale(summary: dict[str, dict], runs: dict[str, dict], path: Path, titl
         ax.set(yscale="log", xlabel="training tokens (all peers)", ylabel="held-out ppl",
                title=f"{size} ({v['params'] / 1e6:.2f}M) photon/central {ratio:.2f}" if ratio else size)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -723,18 +727,20 @@ class ScaleRunner:
         self.stack.close()
 
 
-def scale_size(runner: ScaleRunner, size: str, spec: SizeSpec, plan: Plan, diloco: bool,
+def scale_size(runner: ScaleRunner, size: str, spec: SizeSpec, plan: Plan, kinds: tuple[str, ...],
                max_extensions: int) -> None:
-    """Both LR sweeps of one size (their grids interleaved, so that a sweep cut short still has both sides),
-    then DiLoCo at the best Photon inner LR when asked."""
-    for pair in zip(spec.central_lrs, spec.photon_lrs):
-        for kind, lr in zip(("central", "photon_noniid"), pair):
-            runner.run(size, plan, kind, lr)
-    for kind, grid in (("central", spec.central_lrs), ("photon_noniid", spec.photon_lrs)):
+    """The LR sweeps of one size (the grids interleaved, so that sweeps cut short still have both sides),
+    then DiLoCo at the best Photon inner LR when asked; `kinds` lets separate invocations share a size."""
+    grids = [(k, g) for k, g in (("central", spec.central_lrs), ("photon_noniid", spec.photon_lrs)) if k in kinds]
+    for i in range(max(len(g) for _, g in grids) if grids else 0):
+        for kind, grid in grids:
+            if i < len(grid):
+                runner.run(size, plan, kind, grid[i])
+    for kind, grid in grids:
         done = runs_of(runner.result["runs"], size, kind)
         lr_sweep(grid, done, lambda lr, kind=kind: runner.run(size, plan, kind, lr), max_extensions)
     best = best_lr(runs_of(runner.result["runs"], size, "photon_noniid"))
-    if diloco and best is not None:
+    if "diloco_noniid" in kinds and best is not None:
         runner.run(size, plan, "diloco_noniid", best)
 
 
@@ -804,8 +810,8 @@ def main_scale(args: argparse.Namespace) -> int:
     runner = ScaleRunner(result, save, workdir)
     try:
         for s in sizes if not args.report_only else ():
-            scale_size(runner, s, specs[s], plans[s], diloco=s == sizes[-1] and not args.no_diloco,
-                       max_extensions=max_ext)
+            kinds = tuple(k for k in args.kinds if k != "diloco_noniid" or (s == sizes[-1] and not args.no_diloco))
+            scale_size(runner, s, specs[s], plans[s], kinds, max_extensions=max_ext)
     finally:
         runner.close()
     leaked = reap_tagged_p2pd(TAG_VAR, tag)
@@ -832,6 +838,9 @@ SCALE_NOTES = dict(
            "of a sweep is the one with the lowest; federated runs overshoot the budget by a few samples"),
     target=("per size: 1.1 x the worse of the best centralized and best Photon ppl at the budget; "
             "tokens_to_target of each best run from its held-out curve"),
+    federated_quality=("a federated run's curve and final ppl are peer 0's evaluations of its global model; "
+                       "theta_identical false or failed_rounds > 0 mean the peers did not all end on one model "
+                       "or missed rounds (then tokens != tokens_check): such a run is reported, not cleaned"),
     contention=("other_cores per run: cores other programs kept busy during it (a shared 2-core machine); "
                 "wall times are only comparable between runs with similar other_cores"),
 )
