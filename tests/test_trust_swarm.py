@@ -43,7 +43,8 @@ def _run(tmp_path, overrides, attackers=(), honest=2):
 def test_poisoned_pseudo_gradients_leave_honest_peers_finite_and_close_to_a_clean_run(tmp_path, swarm_overrides):
     """Two honest peers alone, then the same two next to one peer sending Δ × 10⁶ and one sending NaN
     (uncompressed: int8 on the wire cannot carry a NaN). Clipping bounds the first, the second is
-    refused and banned; the honest peers' θ stays finite and their held-out loss within 5%."""
+    refused and banned without failing the honest peers' round; their θ stays finite and their held-out
+    loss within 5%."""
     names = ["honest0", "honest1"]
     run = [*swarm_overrides, "averaging.compression='none'", "rounds.num_rounds=3"]
     clean, _ = _run(tmp_path / "clean", run)
@@ -54,8 +55,7 @@ def test_poisoned_pseudo_gradients_leave_honest_peers_finite_and_close_to_a_clea
     for name, s in got.items():
         assert math.isfinite(s["final_loss"]), f"{name} ended with a non-finite model"
         assert s["final_loss"] <= baseline * 1.05, (s["final_loss"], baseline)
-        # the round in which the NaN is refused fails for its whole group (by design: nothing from a round with
-        # a detected attacker is applied); the peer retries it or catches up, and the rounds after it succeed
+        # the NaN is refused and its sender named in the group: the honest peers apply the same result without it
         ok = _ok_rounds(s)
         assert 2 in ok and len(ok) >= 2, (name, sorted(ok), [h.get("why") for h in s["history"] if not h.get("ok")])
     assert "sent non-finite values" in logs and "left out of this run's all-reduces" in logs
@@ -152,22 +152,32 @@ def test_an_attacker_rejoining_with_a_fresh_identity_every_round_fails_no_honest
     honest peers apply the identical result: at least 5 of 6 rounds succeed on every honest peer, θ is
     identical, and the held-out loss is within 5% of a clean run."""
     names = ["honest0", "honest1", "honest2"]
-    run = [*swarm_overrides, "averaging.compression='none'", "rounds.num_rounds=6", "averaging.target_group_size=4"]
+    # rounds of ~4x the other tests' target, so that a restarted attacker is up before the round it joins ends
+    run = [*swarm_overrides, "averaging.compression='none'", "rounds.num_rounds=6", "averaging.target_group_size=4",
+           "rounds.target_samples_per_round=384"]
     clean, _ = _run(tmp_path / "clean", run, honest=3)
     baseline = max(clean[n]["final_loss"] for n in names)
+
+    def attacker(k):
+        return swarm.start_peer(k % 3, name=f"attacker{k}", script=ATTACKER,
+                                env={"P2P_PHOTON_ATTACK": "nan" if k % 2 == 0 else "scale=1e6"})
+
     with LocalSwarm(tmp_path / "attacked", overrides=run) as swarm:
         swarm.start_bootstrap()
+        bad, attempts = attacker(0), 0
+        assert wait_until(lambda: "joined run" in _log(swarm, "attacker0"), timeout=300), swarm.tail(bad)
         honest = [swarm.start_peer(i, name=n) for i, n in enumerate(names)]
-        attempts = 0
         while any(p.alive() for p in honest) and attempts < 12:
-            name = f"attacker{attempts}"
-            bad = swarm.start_peer(attempts % 3, name=name, script=ATTACKER,
-                                   env={"P2P_PHOTON_ATTACK": "nan" if attempts % 2 == 0 else "scale=1e6"})
-            wait_until(lambda: re.search(r"round \d+ \|.*(peers|FAILED)", _log(swarm, name))  # noqa: B023
-                       or not any(p.alive() for p in honest), timeout=90)
+            # once this identity has taken part in a round, the next one is on its way and this one goes
+            wait_until(lambda: re.search(r"round \d+ \|.*(peers|FAILED)", _log(swarm, bad.name))  # noqa: B023
+                       or not any(p.alive() for p in honest), timeout=600)
+            attempts += 1
+            nxt = attacker(attempts)
             swarm.signal(bad, signal.SIGKILL)
             swarm.wait([bad], timeout=30)
-            attempts += 1
+            bad = nxt
+        swarm.signal(bad, signal.SIGKILL)
+        swarm.wait([bad], timeout=30)
         assert swarm.wait(honest, timeout=400) == [0, 0, 0], [swarm.tail(p) for p in honest]
         summaries = {n: swarm.summary(n) for n in names}
         logs = "".join(_log(swarm, n) for n in names)
