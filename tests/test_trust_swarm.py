@@ -164,9 +164,10 @@ def test_an_attacker_rejoining_with_a_fresh_identity_every_round_fails_no_honest
 
     with LocalSwarm(tmp_path / "attacked", overrides=run) as swarm:
         swarm.start_bootstrap()
-        bad, attempts = attacker(0), 0
-        assert wait_until(lambda: "joined run" in _log(swarm, "attacker0"), timeout=300), swarm.tail(bad)
         honest = [swarm.start_peer(i, name=n) for i, n in enumerate(names)]
+        assert wait_until(lambda: all("joined run" in _log(swarm, n) for n in names), timeout=300), \
+            [swarm.tail(p) for p in honest]
+        bad, attempts = attacker(0), 0  # joins a running swarm, as each of its successors does
         while any(p.alive() for p in honest) and attempts < 12:
             # once this identity has taken part in a round, the next one is on its way and this one goes
             wait_until(lambda: re.search(r"round \d+ \|.*(peers|FAILED)", _log(swarm, bad.name))  # noqa: B023
