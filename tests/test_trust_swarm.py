@@ -152,9 +152,10 @@ def test_an_attacker_rejoining_with_a_fresh_identity_every_round_fails_no_honest
     honest peers apply the identical result: at least 5 of 6 rounds succeed on every honest peer, θ is
     identical, and the held-out loss is within 5% of a clean run."""
     names = ["honest0", "honest1", "honest2"]
-    # rounds of ~4x the other tests' target, so that a restarted attacker is up before the round it joins ends
+    # rounds of 16x the other tests' target (~15 s on a quiet 2-core machine), so that a restarted attacker is up
+    # before the round it joins ends
     run = [*swarm_overrides, "averaging.compression='none'", "rounds.num_rounds=6", "averaging.target_group_size=4",
-           "rounds.target_samples_per_round=384"]
+           "rounds.target_samples_per_round=1536"]
     clean, _ = _run(tmp_path / "clean", run, honest=3)
     baseline = max(clean[n]["final_loss"] for n in names)
 
