@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import codecs
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -53,7 +52,7 @@ import sysconfig
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,7 +66,7 @@ if TYPE_CHECKING:
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-from .corpus import DataError
+from .corpus import DataError, file_lock
 from .ui import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -573,21 +572,6 @@ def _is_complete(path: Path) -> bool:
     return (path / "meta.json").is_file()
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Exclusive flock on `path`, so concurrent processes prepare one dataset only once."""
-    with open(path, "a+b") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logger.info("waiting for another process to finish preparing data (%s)", path)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _stage(description: str, total: int | None, show: bool) -> contextlib.AbstractContextManager:
     """One stage of `prepare` as a progress bar (on a TTY when `show`), or a log line every 10 s when
     `show` and stderr is not a TTY; silent when not `show` (tests, peers preparing in the background)."""
@@ -603,7 +587,7 @@ def prepare(cfg: DataConfig, seed: int, *, progress: bool = True) -> Path:
     if _is_complete(out):
         return out
     cache.mkdir(parents=True, exist_ok=True)
-    with _file_lock(cache / f".lock-{key}"):
+    with file_lock(cache / f".lock-{key}"):
         if _is_complete(out):  # another process finished it while we waited
             return out
         logger.info("preparing data %s from %s (%s)", out, source.root, source.kind)
