@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from .errors import UserError
+from .files import sha256_file
 from .ui import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -210,7 +211,7 @@ def _pieces_of(f: CorpusFile, text_field: str, stats: ReadStats) -> Iterator[tup
     else:
         docs = _dataset(f, text_field, stats)
     for text, nbytes in docs:
-        pieces = _pieces(text)
+        pieces = chunk_text(text, PIECE_CHARS)
         for k, piece in enumerate(pieces):
             yield piece, nbytes if k == 0 else 0, k == len(pieces) - 1
 
@@ -234,13 +235,12 @@ def _text_file(path: Path) -> Iterator[tuple[str, int, bool]]:
     yield carry + decoder.decode(b"", final=True), 0, True
 
 
-def _pieces(text: str) -> list[str]:
-    if len(text) <= PIECE_CHARS:
-        return [text]
+def chunk_text(text: str, size: int) -> list[str]:
+    """Cut `text` into pieces of at most ~`size` characters, at line breaks where possible."""
     pieces, start = [], 0
-    while len(text) - start > PIECE_CHARS:
-        cut = text.rfind("\n", start, start + PIECE_CHARS)
-        end = cut + 1 if cut > start else start + PIECE_CHARS
+    while len(text) - start > size:
+        cut = text.rfind("\n", start, start + size)
+        end = cut + 1 if cut > start else start + size
         pieces.append(text[start:end])
         start = end
     pieces.append(text[start:])
@@ -349,14 +349,6 @@ def cache_key(corpus: Corpus, tokenizer_sha: str, text_field: str, heldout_fract
     spec = dict(format=FORMAT_VERSION, corpus=corpus.fingerprint(), tokenizer=tokenizer_sha, field=text_field,
                 heldout_fraction=heldout_fraction, seed=seed)
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_tokenizer(path: str | Path):

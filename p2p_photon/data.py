@@ -66,7 +66,8 @@ if TYPE_CHECKING:
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-from .corpus import DataError, file_lock
+from .corpus import DataError, chunk_text, file_lock
+from .files import sha256_file
 from .ui import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -237,7 +238,7 @@ def _read_entry(entry: _Entry, budget: int, kind: str, stats: Counter) -> tuple[
     text, used = _load_text(entry.path, budget, stats)
     if not text:
         return [], used
-    pieces = _chunk(text, SINGLE_FILE_DOC_CHARS if kind == "text" else MAX_DOC_CHARS)
+    pieces = chunk_text(text, SINGLE_FILE_DOC_CHARS if kind == "text" else MAX_DOC_CHARS)
     if len(pieces) == 1:
         return [_Doc(entry.rel, entry.group, text)], used
     return [_Doc(f"{entry.rel}#{k}", entry.group, p) for k, p in enumerate(pieces)], used
@@ -272,18 +273,6 @@ def _decode(data: bytes, truncated: bool) -> str:
     text = codecs.getincrementaldecoder("utf-8")().decode(data, final=False)  # drops a split last char
     cut = text.rfind("\n")
     return text[: cut + 1] if cut >= 0 else text
-
-
-def _chunk(text: str, size: int) -> list[str]:
-    """Cut `text` into pieces of at most ~`size` characters, at line breaks where possible."""
-    pieces, start = [], 0
-    while len(text) - start > size:
-        cut = text.rfind("\n", start, start + size)
-        end = cut + 1 if cut > start else start + size
-        pieces.append(text[start:end])
-        start = end
-    pieces.append(text[start:])
-    return pieces
 
 
 def _read_jsonl(entry: _Entry, budget: int, stats: Counter) -> tuple[list[_Doc], int]:
@@ -540,10 +529,6 @@ def _check_tokens(tokens: dict[str, int], cfg: DataConfig) -> None:
         )
 
 
-def _sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 # ----------------------------------------------------------------------------- prepare
 
 
@@ -676,7 +661,7 @@ def _meta(
             "bad_jsonl_lines": stats["bad_jsonl_lines"],
         },
         "corpus": corpus,
-        "tokenizer_sha256": _sha256_file(out / "tokenizer.json"),
+        "tokenizer_sha256": sha256_file(out / "tokenizer.json"),
     }
 
 
@@ -741,7 +726,7 @@ def load_prepared(path: str | Path) -> Prepared:
             f"data: {root} is not a prepared data directory (no readable meta.json); "
             "run `p2p-photon data prepare` first"
         ) from None
-    digest = _sha256_file(root / "tokenizer.json") if (root / "tokenizer.json").is_file() else "missing"
+    digest = sha256_file(root / "tokenizer.json") if (root / "tokenizer.json").is_file() else "missing"
     if digest != meta.get("tokenizer_sha256"):
         raise DataError(
             f"data: {root}/tokenizer.json is missing or modified (hash mismatch); delete {root} "

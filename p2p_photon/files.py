@@ -8,6 +8,7 @@ hivemind nor torch, so the command line can read a maddrs file before it starts 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -49,3 +50,12 @@ def read_maddrs_file(path: str | os.PathLike) -> list[str]:
         raise NetworkError(f"--initial-peers-file {path}: not a bootstrap maddrs file ({e}); pass the file "
                            "written by `p2p-photon bootstrap --maddrs-file`") from None
     return [str(m) for m in maddrs]
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks (checkpoints, tokenizers, run specs)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -40,8 +40,9 @@ from typing import Any
 import numpy as np
 
 from .config import Config, ConfigError, apply_overrides, from_dict, read_toml
-from .corpus import EOS, DataError, is_heldout, load_tokenizer, sample_texts, sha256_file
+from .corpus import EOS, DataError, is_heldout, load_tokenizer, sample_texts
 from .errors import UsageError, UserError
+from .files import sha256_file
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,6 @@ write that fails (full disk, read-only directory) removes its partial copy and r
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import Config, to_toml
 from .errors import EXIT_USAGE, UserError
+from .files import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def _write_files(tmp: Path, p: CheckpointPayload) -> None:
     for f in tmp.iterdir():  # safetensors' save_file does not fsync
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    manifest = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
+    manifest = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
     _fsync_write(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
 
 
@@ -284,14 +284,6 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
 # ----------------------------------------------------------------------------- reading
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def verify(path: Path) -> None:
     """Raise CheckpointError unless every file listed in the manifest is present and intact."""
     manifest_path = path / MANIFEST
@@ -304,7 +296,7 @@ def verify(path: Path) -> None:
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"checkpoint {path} is missing {name}")
-        if _sha256(f) != digest:
+        if sha256_file(f) != digest:
             raise CheckpointError(f"checkpoint file {f} is corrupt or truncated (sha256 mismatch)")
 
 

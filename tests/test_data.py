@@ -420,7 +420,8 @@ def test_load_prepared_detects_missing_and_modified_data(noniid_dir, tmp_path):
 
 
 def test_truncated_text_is_cut_at_a_line_break_without_splitting_characters():
-    from p2p_photon.data import _chunk, _decode
+    from p2p_photon.corpus import chunk_text as _chunk
+    from p2p_photon.data import _decode
 
     raw = "caf\u00e9 ol\u00e9\n\u00e9t\u00e9\n".encode()
     assert _decode(raw[:-2], truncated=True) == "caf\u00e9 ol\u00e9\n"

@@ -171,17 +171,17 @@ class Spanner:
         self.dht, self.prefix, self.peer_id, self.run_stage = dht, prefix, peer_id, run_stage
         self.codec, self.board_wait, self.gather_s, self.stage_timeout = codec, board_wait, gather_s, stage_timeout
 
-    def span(self, averaged: list, peers: Mapping[str, Mapping[str, Any]], round_no: int, swarm_size: int,
+    def span(self, averaged: list, peers: Mapping[str, Mapping[str, Any]], round_no: int,
              member_caps: Mapping[str, float]) -> tuple[list, int, dict[str, int]]:
         """(the swarm's average, peers it covers, their steps and samples) from our group's stage-1
         `averaged`; AveragingFailed."""
         group = Group.from_metadata(peers)
         totals = totals_of(peers)
         if group.rep == self.peer_id:
-            return self._as_rep(averaged, group, totals, round_no, swarm_size, member_caps)
+            return self._as_rep(averaged, group, totals, round_no, member_caps)
         return self._as_member(averaged, group, totals, round_no)
 
-    def alone(self, deltas: list, weight: float, round_no: int, swarm_size: int, member_caps: Mapping[str, float],
+    def alone(self, deltas: list, weight: float, round_no: int, member_caps: Mapping[str, float],
               why: AveragingFailed, totals: dict[str, int]) -> tuple[list, int, dict[str, int]]:
         """Stage 1 found us no group (left over when the groups filled up, or our group failed): take part
         in stage 2 as a group of one, so our Δ still counts and we end with the swarm's θ; if no other
@@ -195,7 +195,7 @@ class Spanner:
             raise why
         return self._stage2(deltas, group, totals, board, round_no, member_caps)
 
-    def _as_rep(self, averaged, group: Group, totals: dict[str, int], round_no: int, swarm_size: int, member_caps
+    def _as_rep(self, averaged, group: Group, totals: dict[str, int], round_no: int, member_caps
                 ) -> tuple[list, int, dict[str, int]]:
         dkey = decision_key(self.prefix, round_no, group.group_id)
         try:

@@ -93,14 +93,13 @@ class SwarmAverager:
             if swarm_size is None or swarm_size <= 1:
                 raise
             mine = totals_of({self.peer_id: meta})
-            averaged, size, totals = self.spanner.alone(list(deltas), weight, round_no, swarm_size,
-                                                        weight_caps or {}, e, mine)
+            averaged, size, totals = self.spanner.alone(list(deltas), weight, round_no, weight_caps or {}, e, mine)
             return RoundResult(averaged, size, {self.peer_id: meta}, self._bytes[0], self._bytes[1],
                                time.perf_counter() - t0, totals=totals)
         residual_norm = self._carry_residuals(active)
         size, totals = len(peers), None
         if swarm_size is not None and size < swarm_size:
-            averaged, size, totals = self.spanner.span(averaged, peers, round_no, swarm_size, weight_caps or {})
+            averaged, size, totals = self.spanner.span(averaged, peers, round_no, weight_caps or {})
         return RoundResult(averaged, size, peers, self._bytes[0], self._bytes[1], time.perf_counter() - t0,
                            residual_norm=residual_norm, totals=totals)
 
