@@ -4,6 +4,7 @@ state, the overlapped round's local correction; compared against hand-computed v
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -159,12 +160,22 @@ def test_swarm_theta_is_the_hash_most_peers_hold_with_deterministic_ties():
     assert theta(liar, mine=a)[0] == a
 
 
-def test_a_tie_is_broken_only_when_every_peer_has_published_this_rounds_theta():
+def test_a_tie_is_broken_when_every_peer_has_published_this_rounds_theta_or_after_a_grace():
     cfg = load_config(None, [f"model.seq_len={SEQ}"])
     a, b = "a" * 16, "b" * 16
     view = _View([rec("p1", theta_round=5, theta_hash=a, total_samples=500), rec("p2", theta_round=4, theta_hash=b)])
     tracker = RoundTracker(cfg, FP, "me", view, banned=dict)
     assert tracker.fork(tracker.records(), 5, b, my_total=100) is None  # 1 vs 1 while p2 is stale: wait
+    # ... but not for ever: under churn some peer always lags, and a split swarm must become one again
+    tracker.tie_grace_s = 0.05
+    assert tracker.fork(tracker.records(), 5, b, my_total=100) is None
+    time.sleep(0.1)
+    assert tracker.fork(tracker.records(), 5, b, my_total=100) == a  # tied 1-1: the larger total samples
+    # another round's tie has its own clock
+    tracker.tie_grace_s = 3600.0
+    view.records_now = [rec("p1", theta_round=6, theta_hash=a, total_samples=500), rec("p2", theta_round=4)]
+    assert tracker.fork(tracker.records(), 6, b, my_total=100) is None
+    view.records_now = [rec("p1", theta_round=5, theta_hash=a, total_samples=500), rec("p2", theta_round=4, theta_hash=b)]
     view.records_now[1] = rec("p2", theta_round=5, theta_hash=a)
     assert tracker.fork(tracker.records(), 5, b, my_total=100) == a  # 2 vs 1
     view.records_now[1] = rec("p2", theta_round=5, theta_hash="c" * 16, total_samples=10)
@@ -290,3 +301,41 @@ def test_landing_swaps_our_delta_for_the_groups_step():
     flight.error = "no group"
     flight.done.set()
     assert flight.wait(0.01) == "no group"
+
+
+def test_healing_a_fork_takes_the_elected_theta_or_a_newer_one_the_swarm_confirms():
+    """Soak finding: the swarm moved on while a forked peer tried to download the θ it had elected, so
+    every donor held a newer θ, all were refused, and the fork stayed ('no peer served the swarm's θ')."""
+    import threading
+    from types import SimpleNamespace
+
+    from p2p_photon.peer.sync import StateSync
+
+    mine = _state(_model([1.0, 2.0], 0.5))
+    mine.counters.round = 5
+    elected, newer, stale = (_state(_model([w, 2.0], 0.5)) for w in (3.0, 4.0, 5.0))
+    elected.counters.round, newer.counters.round, stale.counters.round = 5, 7, 4
+
+    class Averager:
+        def __init__(self, donors):
+            self.donors = donors
+
+        def load_state_from_peers(self, timeout, exclude):
+            for name, gs in self.donors:
+                if name not in exclude:
+                    meta, tensors = gs.share()
+                    return name, meta, tensors
+            return None
+
+    def sync(donors, published):
+        records = [SimpleNamespace(theta_hash=h, fingerprint=mine.fp, state="training", peer_id=f"p{i}")
+                   for i, h in enumerate(published)]
+        return StateSync(mine, Averager(donors), lambda: records, "me", 1.0, threading.Event()).download(
+            attempts=1, want=elected.hash)
+
+    assert sync([("d1", elected)], [])[2] == "d1"
+    # the swarm moved on: a newer θ that another peer publishes heals the fork as well
+    assert sync([("d2", newer)], [newer.hash])[2] == "d2"
+    # ... but not one nobody else confirms, nor an older one
+    assert sync([("d2", newer)], [elected.hash]) is None
+    assert sync([("d3", stale), ("d1", elected)], [stale.hash])[2] == "d1"

@@ -87,3 +87,31 @@ def test_posts_form_waves_that_every_representative_derives_alike():
     assert stages.wave_of(board, "c", 4.0) == (100.0, 104.0, None)
     assert stages.wave_of(board, "d", 4.0) == (104.5, 108.5, 100.0)  # too late for the first wave
     assert stages.wave_of(board, "e", 4.0) == (180.0, 184.0, 104.5)  # a retry of the round, much later
+
+
+def _spanner(dht, stage_timeout=0.3):
+    def no_stage(run):
+        raise AssertionError("no stage should run")
+    return stages.Spanner(dht, "run", "me", no_stage, codec="none", board_wait=0.2, gather_s=0.0,
+                          stage_timeout=stage_timeout)
+
+
+def test_a_retry_after_failed_waves_proceeds_but_a_group_after_an_applied_wave_is_late():
+    """The livelock seen in CI: every failed attempt of a round leaves its post on the board, and the next
+    attempt, alone in a new wave after it, used to fail as 'late' forever. Only an earlier wave in which
+    a group applied an average makes a group late."""
+    from hivemind.utils import get_dht_time
+
+    dht, now = FakeDHT(), get_dht_time()
+    earlier = {"g1": {"t": now - 10, "members": ["a", "b"]}, "solo1": {"t": now - 9, "members": ["c"]}}
+    sp = _spanner(dht)
+    dht.store(stages.decision_key("run", 3, "g1"), subkey="a", value="failed", expiration_time=0)
+    assert sp._applied(earlier, 3) == 0  # a failed attempt; the solo never decides
+    dht.store(stages.decision_key("run", 3, "g1"), subkey="b", value="broadcast", expiration_time=0)
+    assert sp._applied(earlier, 3) == 0  # only the representative's (smallest id) decision counts
+    dht.store(stages.decision_key("run", 4, "g1"), subkey="a", value="single", expiration_time=0)
+    assert sp._applied(earlier, 4) == 1
+    # no decision yet: wait for it as long as the earlier group's stages can run, then count it as failed
+    t0 = get_dht_time()
+    assert sp._applied({"g2": {"t": t0, "members": ["d", "e"]}}, 3) == 0
+    assert 0.2 + 2 * 0.3 <= get_dht_time() - t0 < 0.2 + stages.PROPAGATION_S + 2 * 0.3 + 1.0

@@ -9,8 +9,9 @@ in two more stages, so that every peer of every group ends the round with the sa
              talking) posts (W_g, members, DHT time) under the round's DHT key. Posts form waves: a
              wave closes `board_wait` seconds (2 x matchmaking_time) after its first post, the next
              post opens the next wave (a retry of the round). Every rep derives the same waves from
-             the same posts, so the reps agree on their wave's groups without talking. A group alone
-             in its wave just after another one was too late: it fails the round and catches up.
+             the same posts, so the reps agree on their wave's groups without talking. A group whose
+             wave follows one in which a group applied an average was too late: it fails the round
+             and catches up (earlier waves that only failed, as a retry's, do not count).
              One group on the board: m_g is the swarm's average; done (the rep says so to g).
     stage 2  the representatives, one per group, average m_g weighted by W_g in ONE group (the stage's
              target group size is the number of groups on the board, and every rep joins only the
@@ -233,7 +234,8 @@ class Spanner:
     def _as_member(self, averaged, group: Group, totals: dict[str, int], round_no: int
                    ) -> tuple[list, int, dict[str, int]]:
         dkey = decision_key(self.prefix, round_no, group.group_id)
-        decision = self._wait_decision(dkey, group.rep, self.board_wait + 2 * self.stage_timeout)
+        # the rep may first wait for an earlier wave's decisions (_applied), then run stage 2
+        decision = self._wait_decision(dkey, group.rep, 2 * (self.board_wait + PROPAGATION_S + 2 * self.stage_timeout))
         if decision == "single":
             return averaged, len(group.members), totals
         if decision != "broadcast":
@@ -261,8 +263,8 @@ class Spanner:
         wave opens with a post and closes `board_wait` seconds (DHT time) later; the next post after
         a close opens the next wave (a retry of the round, or a group too late for the wave before).
         Every rep derives the same waves from the same posts, so all agree on their wave's groups
-        (hence on stage 2's leader and size) without talking. A group alone in its wave right after
-        another wave of the round was late for it: the round fails for it (it catches up)."""
+        (hence on stage 2's leader and size) without talking. A group whose wave follows one in which a
+        group applied an average was late for it: the round fails for it (it catches up)."""
         key = board_key(self.prefix, round_no)
         mine = dict(weight=group.weight, members=list(group.members), t=get_dht_time())
         self.dht.store(key, subkey=group.group_id, value=mine, expiration_time=get_dht_time() + BOARD_TTL)
@@ -276,23 +278,54 @@ class Spanner:
         board = read_board(self.dht, self.prefix, round_no)
         board[group.group_id] = mine
         wave = {g: v for g, v in board.items() if start <= float(v.get("t", start)) <= close}
-        if len(wave) == 1 and before is not None and start - before < self.board_wait + 2 * self.stage_timeout:
-            raise AveragingFailed(f"across groups: our group finished {start - before:.1f}s after the round's "
-                                  f"other groups had closed their board ({self.board_wait:.0f}s)")
+        if before is not None:
+            earlier = {g: v for g, v in board.items() if float(v.get("t", start)) < start}
+            applied = self._applied(earlier, round_no)
+            if applied:
+                raise AveragingFailed(f"across groups: {applied} other group(s) had already averaged this round "
+                                      f"when ours finished ({start - before:.1f}s after their board opened); "
+                                      f"we catch up with their θ")
         return wave
+
+    def _applied(self, earlier: Mapping[str, dict], round_no: int) -> int:
+        """How many groups of earlier waves of this round applied an average ('single' or 'broadcast'):
+        waits for their representatives' decisions, each at most as long as its stages can run. Earlier
+        waves whose groups all failed (a retry of the round after a failed attempt) do not make ours late:
+        without this, every retry found its previous attempt's post on the board and failed again."""
+        pending = {g: min(v["members"]) for g, v in earlier.items() if not g.startswith("solo")}
+        deadline = max((float(earlier[g].get("t", 0.0)) for g in pending), default=0.0) \
+            + self.board_wait + PROPAGATION_S + 2 * self.stage_timeout
+        while pending:
+            for g, rep in list(pending.items()):
+                decision = self._decision(decision_key(self.prefix, round_no, g), rep)
+                if decision in ("single", "broadcast"):
+                    return 1 + sum(self._decision(decision_key(self.prefix, round_no, o), r) in ("single", "broadcast")
+                                   for o, r in pending.items() if o != g)
+                if decision is not None:
+                    del pending[g]
+            if not pending or get_dht_time() > deadline:
+                return 0
+            time.sleep(POLL_S)
+        return 0
 
     def _decide(self, key: str, decision: str) -> None:
         self.dht.store(key, subkey=self.peer_id, value=decision, expiration_time=get_dht_time() + BOARD_TTL)
+
+    def _decision(self, key: str, rep: str) -> str | None:
+        found = self.dht.get(key, latest=True)
+        if found is not None and isinstance(found.value, dict) and rep in found.value:
+            decision = found.value[rep].value
+            if isinstance(decision, str):
+                return decision
+        return None
 
     def _wait_decision(self, key: str, rep: str, timeout: float) -> str | None:
         """What the representative decided for our group ('single', 'broadcast', 'failed'), None if it
         did not say within `timeout` seconds."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            found = self.dht.get(key, latest=True)
-            if found is not None and isinstance(found.value, dict) and rep in found.value:
-                decision = found.value[rep].value
-                if isinstance(decision, str):
-                    return decision
+            decision = self._decision(key, rep)
+            if decision is not None:
+                return decision
             time.sleep(POLL_S)
         return None

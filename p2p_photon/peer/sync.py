@@ -40,7 +40,8 @@ class StateSync:
             if got is not None:
                 donor, meta, tensors = got
                 problem = self.gs.problem_with(meta, tensors)
-                if problem is None and want is not None and meta["theta"] != want:
+                elected = want is not None and meta["theta"] == want
+                if problem is None and want is not None and not elected and not self._newer(meta, donor):
                     problem = f"it holds θ {meta['theta'][:8]}, the swarm's is {want[:8]}"
                 if problem is not None:
                     logger.warning("rejected the state served by peer %s: %s; trying another donor", donor[-8:],
@@ -48,7 +49,7 @@ class StateSync:
                     refused.append(donor)
                     continue
                 # a θ the swarm's records already elected (`want`) needs no second confirmation
-                unconfirmed = None if want else self.unconfirmed(int(meta["round"]), meta["theta"], donor)
+                unconfirmed = None if elected else self.unconfirmed(int(meta["round"]), meta["theta"], donor)
                 if unconfirmed is None:
                     return meta, tensors, donor
                 logger.info("state of peer %s not used yet: %s", donor[-8:], unconfirmed)  # retried after a pause
@@ -58,6 +59,12 @@ class StateSync:
                 time.sleep(delay)
                 delay *= 2
         return None
+
+    def _newer(self, meta: dict, donor: str) -> bool:
+        """Healing a fork, a donor may already hold a later round's θ than the one the swarm elected (the
+        swarm moved on meanwhile): that state heals the fork too, once another peer confirms it."""
+        return int(meta["round"]) > self.gs.counters.round and \
+            self.unconfirmed(int(meta["round"]), meta["theta"], donor) is None
 
     def unconfirmed(self, round_no: int, claimed: str, donor: str) -> str | None:
         """Why the donor's θ is not confirmed by the swarm, or None. Hashes, not rounds, are compared

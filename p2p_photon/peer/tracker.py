@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+import time
 from collections.abc import Callable, Iterable, Mapping
 
 from hivemind.utils import get_dht_time
@@ -143,6 +144,10 @@ class RoundTracker:
                  banned: Callable[[], Mapping[str, str]]):
         self.cfg, self.fp, self.peer_id, self.view, self._banned = cfg, fingerprint, peer_id, view, banned
         self._ignored_claims: set[str] = set()
+        self._tie_since: dict[int, float] = {}  # θ round -> when we first saw it tied with a lagging peer
+        # a lagging peer publishes its θ of a round within about one round's averaging; past that, a tie
+        # is broken anyway (under churn some peer always lags, and a 2+2 split must not last for ever)
+        self.tie_grace_s = 3 * cfg.averaging.step_timeout + cfg.averaging.allreduce_timeout
 
     def records(self, fresh: bool = False) -> list[ProgressRecord]:
         """The swarm's records (fetched now if `fresh`, else the cached view) without banned peers'."""
@@ -182,14 +187,19 @@ class RoundTracker:
 
     def fork(self, records: list[ProgressRecord], theta_round: int, my_hash: str, my_total: int) -> str | None:
         """The swarm's θ hash if ours is not it (a fork: groups that averaged apart), else None. A tie is
-        broken only once every live peer has published its θ of this round: a stale record must not
-        make an honest peer follow a broken one."""
+        broken once every live peer has published its θ of this round (a stale record must not make an
+        honest peer follow a broken one), or when it has lasted `tie_grace_s` (some peer always lags
+        under churn; two halves of a split swarm must not keep their θ for ever)."""
         best, held = swarm_theta(records, me=self.peer_id, fingerprint=self.fp, theta_round=theta_round,
                                  my_hash=my_hash, my_total=my_total)
         if best == my_hash:
             return None
         if held[best] == held[my_hash] and any(m.theta_round < theta_round for m in self.mates(records)):
-            return None
+            for old in [r for r in self._tie_since if r < theta_round]:
+                del self._tie_since[old]
+            since = self._tie_since.setdefault(theta_round, time.monotonic())
+            if time.monotonic() - since < self.tie_grace_s:
+                return None
         logger.warning("θ forked at round %d: %d peer(s) hold %s, %d (this one included) hold ours %s; "
                        "re-synchronizing with the swarm's", theta_round, held[best], best[:8], held[my_hash],
                        my_hash[:8])
