@@ -102,17 +102,29 @@ def _env_with_package_on_path() -> dict[str, str]:
     return env
 
 
+class StartupInterrupted(Exception):
+    """SIGINT/SIGTERM arrived while the process was still starting (see stop_on_signals)."""
+
+
 @contextlib.contextmanager
-def stop_on_signals(stop: threading.Event, what: str = "shutting down") -> Iterator[None]:
+def stop_on_signals(stop: threading.Event, what: str = "shutting down",
+                    starting: threading.Event | None = None) -> Iterator[None]:
     """In the main thread, SIGINT/SIGTERM set `stop` (the caller finishes its work and leaves cleanly);
-    the previous handlers come back afterwards. Install it after forking DHT/averager children."""
+    the previous handlers come back afterwards. Install it after forking DHT/averager children. While
+    `starting` is set, a signal also raises StartupInterrupted in the main thread: start-up (data
+    preparation, a DHT that takes minutes to come up, the state download) has no step to finish, and
+    a peer must not ignore a stop request for that long."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, _frame: object) -> None:
-        logger.info(f"received {signal.Signals(signum).name}: {what}")
         stop.set()
+        if starting is not None and starting.is_set():
+            starting.clear()  # once: the clean-up that follows must not be interrupted again
+            logger.info(f"received {signal.Signals(signum).name} during start-up: leaving")
+            raise StartupInterrupted(signal.Signals(signum).name)
+        logger.info(f"received {signal.Signals(signum).name}: {what}")
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

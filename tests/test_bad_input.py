@@ -21,6 +21,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -179,6 +180,22 @@ def test_unreachable_bootstrap_retries_then_gives_up_with_a_clear_message(tmp_pa
                     "bootstrap node is running")
     assert "initial peers not reachable yet, retrying in" in r.stderr  # the retries are visible
     assert state.list_checkpoints(ckpt) == []  # a peer that never joined writes no checkpoint
+
+    # a stop request during start-up is obeyed at once, not after the start-up's minutes of retries
+    log = tmp_path / "peer.log"
+    proc = spawn(log, "peer", "--initial-peers", bootstrap,
+                 sets=lone_peer_sets(data_cache, ckpt, "dht.bootstrap_timeout=600"))
+    try:
+        wait_until(lambda: "retrying in" in log.read_text() or proc.poll() is not None, 120,
+                   lambda: f"the peer to retry its initial peers:\n{log.read_text()[-3000:]}")
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = finish(proc, 60)
+    finally:
+        finish(proc, 1)
+    assert code == 0 and time.monotonic() - t0 < 30, (code, log.read_text()[-3000:])
+    assert "received SIGTERM during start-up" in log.read_text() and "Traceback" not in log.read_text()
+    assert state.list_checkpoints(ckpt) == []
 
 
 @pytest.mark.parametrize("command", ["bootstrap", "peer"])

@@ -26,7 +26,7 @@ import torch
 
 from ..averaging import AveragingFailed
 from ..config import Config
-from ..watchdog import stop_on_signals
+from ..watchdog import StartupInterrupted, stop_on_signals
 from .contribution import ContributionPolicy
 from .overlap import InFlight, carry_progress, launch, progress_since, swap_in_group_step
 from .parts import PeerParts
@@ -46,10 +46,14 @@ class Peer(PeerParts):
         self.inflight: InFlight | None = None  # overlapped mode: the all-reduce running while the next round trains
         self.failed_at, self.failed_here = -1, 0  # consecutive failed attempts at one round
 
-    def run(self) -> int:
+    def run(self, starting: threading.Event | None = None) -> int:
+        """Start up (`starting` is cleared once this peer has joined: a signal before that interrupts
+        start-up at once, one after it finishes the step), then train until stopped or done."""
         try:
             self.setup()
             self.join()
+            if starting is not None:
+                starting.clear()
             while not self.stop.is_set() and not self._all_rounds_done():
                 report = self.overlapped_round() if self._overlapping() else self.blocking_round()
                 if report is not None and not self.after_round(report):
@@ -288,6 +292,11 @@ def run_peer(cfg: Config, *, resume: bool = False, summary_out: str | None = Non
     """`p2p-photon peer`: run until stopped (SIGINT/SIGTERM finish the step, checkpoint and leave)."""
     PeerParts.check_inputs(cfg)  # fail fast on bad addresses and paths, before minutes of data preparation
     policy = policy_class(cfg.averaging.max_delta_norm_ratio)
-    stop = threading.Event()
-    with stop_on_signals(stop, "finishing the current step, checkpointing and leaving"):
-        return Peer(cfg, resume=resume, stop_event=stop, summary_out=summary_out, policy=policy).run()
+    stop, starting = threading.Event(), threading.Event()
+    starting.set()
+    try:
+        with stop_on_signals(stop, "finishing the current step, checkpointing and leaving", starting):
+            return Peer(cfg, resume=resume, stop_event=stop, summary_out=summary_out, policy=policy).run(starting)
+    except StartupInterrupted as e:
+        logger.info("stopped by %s during start-up: nothing trained, nothing written", e)
+        return 0
