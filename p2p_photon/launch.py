@@ -20,6 +20,16 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 
+def _end_with_parent() -> None:
+    """In the child, before exec (Linux): SIGTERM when the launcher dies, even by SIGKILL, so that no
+    peer of a killed demo or test keeps training on its own (each then stops as on any SIGTERM)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 @dataclass
 class Proc:
     name: str
@@ -41,7 +51,7 @@ class LocalSwarm:
     maddrs: list[str] = field(default_factory=list)
 
     def __post_init__(self):
-        self.workdir = Path(self.workdir)
+        self.workdir = Path(self.workdir).resolve()  # the children run in it: paths given to them must be absolute
         self.workdir.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ processes
@@ -59,7 +69,8 @@ class LocalSwarm:
         log = self.workdir / f"{name}.log" if self.capture else None
         out = open(log, "w") if log else None
         popen = subprocess.Popen(cmd, stdout=out or None, stderr=subprocess.STDOUT if out else None,
-                                 env=self._env(name, extra_env), cwd=self.workdir, stdin=subprocess.DEVNULL)
+                                 env=self._env(name, extra_env), cwd=self.workdir, stdin=subprocess.DEVNULL,
+                                 preexec_fn=_end_with_parent)
         if out:
             out.close()
         proc = Proc(name, popen, log)

@@ -1,0 +1,49 @@
+"""LocalSwarm (launch.py) itself: what the demo, the tests and the benchmarks rely on."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+from tests.helpers import python_env, wait_until
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is gone for our purposes
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def test_children_end_when_the_launcher_is_killed_and_a_relative_workdir_works(tmp_path):
+    """Soak finding: a launcher killed with SIGKILL left its peers training on their own; and a relative
+    workdir broke the paths handed to the children (they run inside it)."""
+    child = tmp_path / "child.py"
+    child.write_text("import os, sys, time\nopen(sys.argv[1], 'w').write(str(os.getpid()))\ntime.sleep(300)\n")
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text(textwrap.dedent(f"""
+        import time
+        from p2p_photon.launch import LocalSwarm
+        swarm = LocalSwarm("rel-work")
+        swarm.spawn("c", [str(swarm.workdir / "pid")], script={str(child)!r})
+        time.sleep(300)
+    """))
+    proc = subprocess.Popen([sys.executable, str(launcher)], cwd=tmp_path, env=python_env())
+    pid_file = tmp_path / "rel-work" / "pid"
+    try:
+        wait_until(lambda: pid_file.exists() and pid_file.read_text(), 60, "the child to start")
+        pid = int(pid_file.read_text())
+        assert _alive(pid)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        wait_until(lambda: not _alive(pid), 10, "the child to end with its launcher")
+    finally:
+        proc.kill()
+        if pid_file.exists() and pid_file.read_text() and _alive(int(pid_file.read_text())):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    assert (tmp_path / "rel-work" / "c.log").exists() and not (tmp_path / "rel-work" / "rel-work").exists()
