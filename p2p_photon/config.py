@@ -336,8 +336,10 @@ class LoggingConfig:
     """Seconds between progress records published to the DHT."""
     eval_batches: int = 16
     """Held-out batches per evaluation."""
-    eval_every_rounds: int = 0
-    """Evaluate the global model on the held-out split every K rounds (0 = only at start and end)."""
+    eval_every_rounds: int = 5
+    """Evaluate the global model on the held-out split (the run's public eval set) every K rounds, and
+    at start and end (0 = only at start and end); the progress records carry the newest result to the
+    monitor's `held-out ppl`."""
     record_steps: bool = False
     """Keep every local step's (round, global step, loss, lr) in the peer's --summary-out JSON."""
     progress_bar: bool = True

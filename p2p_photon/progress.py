@@ -90,6 +90,10 @@ class ProgressRecord(BaseModel):
     theta_round: Count = 0
     """The round of the global model whose hash is `theta_hash` (= `round`, except in overlapped mode,
     where a peer trains round r+1 while it holds θ of round r): peers compare hashes per θ round."""
+    eval_loss: NonNegative | None = None
+    """Held-out loss of the global model of θ round `eval_round` on the run's public eval set (the same
+    for every peer of a run, so the swarm has one comparable number); None before the first evaluation."""
+    eval_round: Count = 0
     bans: Annotated[list[Annotated[str, Field(max_length=MAX_BAN_CHARS)]], Field(max_length=MAX_BANS)] = []
     """The peers this one refused data from and left out of its all-reduces, newest last, each
     "<peer id>: <why>" (only on proof: non-finite values, wrong sizes, a weight above its cap)."""

@@ -52,7 +52,8 @@ def test_monitor_reports_two_training_peers_with_rising_rounds(tmp_path, swarm_o
     from p2p_photon.monitor import Monitor, serve_dashboard
 
     run_id, log = _run_id(swarm_overrides), tmp_path / "monitor.jsonl"
-    with LocalSwarm(tmp_path / "swarm", overrides=[*swarm_overrides, "rounds.num_rounds=0"]) as swarm:
+    run = [*swarm_overrides, "rounds.num_rounds=0", "logging.eval_every_rounds=1"]
+    with LocalSwarm(tmp_path / "swarm", overrides=run) as swarm:
         maddrs = swarm.start_bootstrap()
         peers = [swarm.start_peer(i) for i in range(2)]
         opts = MonitorOptions(run_id=run_id, interval=1.0, log_path=str(log))
@@ -82,6 +83,11 @@ def _watch_rounds(url: str, swarm, peers) -> tuple[dict[str, int], dict[str, int
             first.setdefault(row["peer_id"], row["round"])
             last[row["peer_id"]] = row["round"]
         alive = [r for r in state["peers"] if r["alive"]]
+        if min_round >= 2:  # peers evaluate every round: the swarm line carries the held-out perplexity
+            ppl = state["swarm"]["eval_ppl"]
+            assert ppl is None or (1.0 < ppl < 5000 and "held-out ppl" in state["summary"]), state["swarm"]
+            if ppl is None or state["swarm"]["eval_round"] < 1:
+                return False
         return len(alive) == 2 and all(r["round"] >= min_round for r in alive)
 
     assert wait_until(lambda: seen(0), timeout=90, interval=1.0), [swarm.tail(p) for p in peers]
@@ -277,14 +283,15 @@ def test_terminal_table_and_summary_line_render_every_peer():
     from rich.console import Console
 
     rows = [_row("12D3KooWaaaaBBBB1111", loss=3.2, steps=5, last_seen_s=1.0, failed_rounds=0,
-                 bytes_sent=2_500_000, state="training"),
+                 bytes_sent=2_500_000, state="training", eval_ppl=812.37),
             _row("12D3KooWccccDDDD2222", alive=False, loss=0.0, steps=0, last_seen_s=45.0, failed_rounds=1,
-                 bytes_sent=0, state="gone")]
+                 bytes_sent=0, state="gone", eval_ppl=None)]
     state = dict(run_id="r", peers=rows, swarm=dict(swarm_summary(rows), invalid_records=2))
     console = Console(width=140, record=True, file=io.StringIO())
     console.print(peer_table(state))
     text = console.export_text()
     assert "aBBBB1111"[-8:] in text and "DDDD2222" in text and "2.5MB" in text and "45s ago" in text
+    assert "ppl" in text and "812" in text
     expected = "round 3 | samples 40/96 | eta 6s | peers 1/2 | tok/s 640 | θ same | invalid 2"
     assert summary_line(state) == expected
 
@@ -415,3 +422,26 @@ def test_bans_show_who_by_whom_and_why():
     assert "bans 1" in line and "BANNED" in line and "by honest01: sent non-finite values" in line
     assert "bans" not in summary_line(dict(run_id="r", peers=rows[1:], swarm=dict(swarm_summary(rows[1:]),
                                                                                   invalid_records=0)))
+
+
+@pytest.mark.timeout(10)
+def test_the_swarm_line_shows_the_median_held_out_perplexity_of_the_newest_evaluated_round():
+    import math
+
+    from p2p_photon.monitor.state import peer_row
+    from p2p_photon.monitor.view import heldout_text
+
+    rows = [_row("a", eval_loss=math.log(900.0), eval_round=4), _row("b", eval_loss=math.log(700.0), eval_round=5),
+            _row("c", eval_loss=math.log(500.0), eval_round=5), _row("d", eval_loss=math.log(600.0), eval_round=5),
+            _row("e"), _row("x", fingerprint="other", eval_loss=math.log(2.0), eval_round=9)]
+    s = swarm_summary(rows)
+    # round 5's three values 500, 600, 700: median 600; round 4's older value and another run's are left out
+    assert (s["eval_ppl"], s["eval_round"]) == (600.0, 5)
+    assert heldout_text(s) == " | held-out ppl 600 (θ 5)"
+    assert swarm_summary([_row("e")])["eval_ppl"] is None and heldout_text(swarm_summary([_row("e")])) == ""
+    # the record carries it; the table row turns it into a perplexity
+    from p2p_photon.monitor.state import PeerView
+
+    rec = _record("12D3KooWpeer0001", eval_loss=math.log(50.0), eval_round=2)
+    row = peer_row(PeerView(rec, seen_at=0.0, observations=1), now=1.0, gone_after=30.0)
+    assert row["eval_ppl"] == 50.0 and row["eval_round"] == 2

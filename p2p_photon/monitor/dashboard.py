@@ -60,7 +60,9 @@ SWARM_GAUGES = (("round", "round", "Global round"), ("alive_peers", "alive_peers
                 ("eta_seconds", "eta_s", "Estimated seconds until the round ends"),
                 ("theta_same", "theta_same", "1 if the peers agree on the hash of the newest global model"),
                 ("distinct_theta", "distinct_theta", "Distinct hashes of the newest global model (>1: a fork)"),
-                ("invalid_records", "invalid_records", "Progress records skipped in the latest poll"))
+                ("invalid_records", "invalid_records", "Progress records skipped in the latest poll"),
+                ("heldout_perplexity", "eval_ppl", "Median held-out perplexity of the newest evaluated global model "
+                 "on the run's public eval set"))
 
 
 def parse_http_address(text: str) -> tuple[str, int]:
@@ -132,7 +134,8 @@ const COLS = {columns};
 function fmt(key, row) {{
   const v = row[key];
   if (key === "loss") return v > 0 ? v.toFixed(3) : "-";
-  if (key === "tokens_per_s") return Math.abs(v) >= 1e6 ? v.toExponential(2).replace(/e\+(\d)$/, "e+0$1")
+  if (key === "eval_ppl" && v === null) return "-";
+  if (key === "tokens_per_s" || key === "eval_ppl") return Math.abs(v) >= 1e6 ? v.toExponential(2).replace(/e\+(\d)$/, "e+0$1")
     : Math.abs(v) >= 100 ? Math.round(v).toLocaleString("en-US") : String(Number(v.toPrecision(3)));
   if (key === "last_seen_s") return Math.round(v) + "s ago";
   if (key === "bytes_sent") {{ let n = v, u = ["B", "KB", "MB", "GB", "TB"], i = 0;

@@ -11,6 +11,7 @@ carry is the run's. A record saying 0 did not say; when no record says, the valu
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
@@ -63,7 +64,8 @@ def peer_row(view: PeerView, now: float, gone_after: float) -> dict[str, Any]:
     last_seen = max(0.0, now - view.seen_at)
     gone = last_seen > gone_after
     row = rec.model_dump()
-    row.update(peer=rec.peer_id[-8:], last_seen_s=round(last_seen, 1), gone=gone,
+    ppl = None if rec.eval_loss is None else round(math.exp(min(rec.eval_loss, 50.0)), 2)
+    row.update(peer=rec.peer_id[-8:], last_seen_s=round(last_seen, 1), gone=gone, eval_ppl=ppl,
                alive=not gone and rec.state != "done", state="gone" if gone else rec.state,
                observations=view.observations)
     return row
@@ -88,8 +90,19 @@ def swarm_summary(rows: Sequence[dict]) -> dict[str, Any]:
         tokens_per_s=sum(r["tokens_per_s"] for r in alive), alive_peers=len(alive), known_peers=len(rows),
         fingerprint=fingerprint, other_fingerprint_peers=len(alive) - len(members),
         theta_same=(len(hashes) == 1) if members else None, theta_hashes=sorted(hashes),
-        theta_round=theta_round, distinct_theta=len(hashes), bans=swarm_bans(rows),
+        theta_round=theta_round, distinct_theta=len(hashes), bans=swarm_bans(rows), **heldout(members),
     )
+
+
+def heldout(members: Sequence[dict]) -> dict[str, Any]:
+    """The swarm's held-out perplexity: the median over the peers that evaluated the newest θ round
+    any of them evaluated, on the run's public eval set (every peer of a run has the same one)."""
+    rated = [r for r in members if r.get("eval_loss") is not None]
+    if not rated:
+        return dict(eval_ppl=None, eval_round=None)
+    newest = max(r["eval_round"] for r in rated)
+    losses = sorted(r["eval_loss"] for r in rated if r["eval_round"] == newest)
+    return dict(eval_ppl=round(math.exp(min(losses[(len(losses) - 1) // 2], 50.0)), 2), eval_round=newest)
 
 
 def swarm_bans(rows: Sequence[dict]) -> list[dict[str, str]]:

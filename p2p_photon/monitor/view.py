@@ -19,7 +19,7 @@ from rich.text import Text
 logger = logging.getLogger(__name__)
 
 PEER_COLUMNS = (("peer", "peer"), ("round", "round"), ("steps", "steps"), ("samples", "samples"),
-                ("loss", "loss"), ("tok/s", "tokens_per_s"), ("seen", "last_seen_s"),
+                ("loss", "loss"), ("ppl", "eval_ppl"), ("tok/s", "tokens_per_s"), ("seen", "last_seen_s"),
                 ("failed", "failed_rounds"), ("sent", "bytes_sent"), ("state", "state"))
 """(header, row key) of the per-peer table, shared by the terminal and the web page."""
 
@@ -37,7 +37,15 @@ def summary_line(state: dict) -> str:
     ban_text = "".join(f" | BANNED {b['who']} by {b['by']}: {b['why']}" for b in bans[:3])
     return (f"round {rnd} | samples {s['samples']}/{target} | eta {fmt_eta(s['eta_s'])} | "
             f"peers {s['alive_peers']}/{s['known_peers']} | tok/s {fmt_num(s['tokens_per_s'])} | {theta} | "
-            f"invalid {s['invalid_records']}" + (f" | bans {len(bans)}" if bans else "") + ban_text)
+            f"invalid {s['invalid_records']}" + heldout_text(s) + (f" | bans {len(bans)}" if bans else "")
+            + ban_text)
+
+
+def heldout_text(s: dict) -> str:
+    """' | held-out ppl 812.4 (θ 7)': the swarm's comparable number (see monitor.state.heldout)."""
+    if s.get("eval_ppl") is None:
+        return ""
+    return f" | held-out ppl {fmt_num(s['eval_ppl'])} (θ {s['eval_round']})"
 
 
 def format_cell(key: str, row: dict) -> str:
@@ -45,6 +53,8 @@ def format_cell(key: str, row: dict) -> str:
     value = row[key]
     if key == "loss":
         return f"{value:.3f}" if value > 0 else "-"
+    if key == "eval_ppl":
+        return "-" if value is None else fmt_num(value)
     if key == "tokens_per_s":
         return fmt_num(value)
     if key == "last_seen_s":

@@ -100,6 +100,8 @@ class PeerParts:
         self.peer_id = self.averager.peer_id
         self.tracker = RoundTracker(cfg, self.fp, self.peer_id, self.view, banned=self._banned)
         self.reporter = Reporter(cfg, self.gs, self.policy, self.peer_id, publisher, self.view, self._banned)
+        if math.isfinite(self.initial_loss):  # of the seeded init (θ round 0), until the first round's evaluation
+            self.reporter.eval_loss, self.reporter.eval_round = self.initial_loss, 0
         self.sync = StateSync(self.gs, self.averager, self.view.refresh, self.peer_id,
                               cfg.averaging.state_download_timeout, self.stop)
         logger.info("peer %s joined run %s (fingerprint %s, silo %d, model %s)", self.peer_id[-8:], run_id,
@@ -272,5 +274,8 @@ class PeerParts:
             local = evaluate(self.model, self.data.local_heldout, self.cfg.inner, self.device)
             logger.info("local held-out loss %.4f (perplexity %.2f) on this peer's own split", local, math.exp(local))
         opt_bytes = max(self.training.peak_opt_bytes, optimizer_state_bytes(self.training.trainer.optimizer))
-        self.reporter.write_summary(self.summary_out, initial_loss=self.initial_loss, final_loss=self.evaluate(),
+        final = self.evaluate()
+        if math.isfinite(final):  # the 'done' record that follows carries it to the monitor
+            self.reporter.eval_loss, self.reporter.eval_round = final, self.gs.counters.round
+        self.reporter.write_summary(self.summary_out, initial_loss=self.initial_loss, final_loss=final,
                                     optimizer_state_bytes=opt_bytes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,6 +57,8 @@ class Reporter:
         self.publisher, self.view = publisher, view
         self.last_rate = 0.0  # tokens/s of the latest training
         self.last_wait_s = 0.0  # seconds the last round spent outside training (averaging, sync)
+        self.eval_loss: float | None = None  # the latest held-out loss of the global model, and its θ round
+        self.eval_round = 0
 
     def publish(self, st: RoundStats, phase: str, train_round: int, now: bool = False) -> None:
         """State changes are published at once; progress during training goes through the view's thread."""
@@ -70,7 +73,8 @@ class Reporter:
             failed_rounds=c.failed_rounds, bytes_sent=c.bytes_sent, bytes_received=c.bytes_received,
             utilization=min(1.0, st.train_s / busy) if busy > 0 else 0.0, time=get_dht_time(), state=phase,
             target_samples=self.cfg.rounds.target_samples_per_round, seq_len=self.cfg.model.seq_len,
-            theta_round=c.round, bans=ban_entries(self.banned()))
+            theta_round=c.round, bans=ban_entries(self.banned()), eval_loss=self.eval_loss,
+            eval_round=self.eval_round)
         rec = self.policy.record(rec)
         if now or phase != "training" or not self.view.is_alive():
             self.publisher.publish(rec)
@@ -93,6 +97,8 @@ class Reporter:
                               sent=report.sent, why=report.why, eval_loss=report.eval_loss, wall_s=st.wall_s,
                               train_s=st.train_s, allreduce_s=report.seconds, time=time.time(),
                               global_step=c.global_step, total_samples=c.total_samples))
+        if report.eval_loss is not None and math.isfinite(report.eval_loss):
+            self.eval_loss, self.eval_round = float(report.eval_loss), c.round
         if report.eval_loss is not None:
             logger.info("round %d | held-out perplexity of the global model %.2f", report.round,
                         perplexity(report.eval_loss))
