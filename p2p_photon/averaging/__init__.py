@@ -27,8 +27,15 @@ DHT API only), `state_download.py` (donor order, reading a donor's stream), `hiv
 checks each reliance), `swarm_averager.py` (SwarmAverager, what the peer uses).
 """
 
-from .protocol import ROUND_BITS, AveragingFailed, RoundResult, banned_message, weight_problem
+from .protocol import (
+           ROUND_BITS,
+           AveragedWithoutUs,
+           AveragingFailed,
+           RoundResult,
+           banned_message,
+           weight_problem,
+)
 from .swarm_averager import SwarmAverager
 
-__all__ = ["ROUND_BITS", "AveragingFailed", "RoundResult", "SwarmAverager", "banned_message",
+__all__ = ["ROUND_BITS", "AveragedWithoutUs", "AveragingFailed", "RoundResult", "SwarmAverager", "banned_message",
            "weight_problem"]

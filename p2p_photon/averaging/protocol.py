@@ -27,6 +27,11 @@ class AveragingFailed(RuntimeError):
     """A round's all-reduce did not complete (no group, timeout, peer failure, inconsistent group)."""
 
 
+class AveragedWithoutUs(AveragingFailed):
+    """Other groups of the swarm already averaged this round (ours finished too late to join them): the
+    peer should download the swarm's newer state now rather than retry the round."""
+
+
 @dataclass
 class RoundResult:
     deltas: list[torch.Tensor | None]  # the group's averaged Δ per tensor (None: not averaged this round)

@@ -7,9 +7,11 @@ in two more stages, so that every peer of every group ends the round with the sa
              identical, and knows W_g = Σ of its members' weights (from the group's metadata).
     board    g's representative (its member with the smallest peer id, so all members agree without
              talking) posts (W_g, members, DHT time) under the round's DHT key. Posts form waves: a
-             wave closes `board_wait` seconds (2 x matchmaking_time) after its first post, the next
+             wave closes `board_wait` seconds (averaging.step_timeout) after its first post, the next
              post opens the next wave (a retry of the round). Every rep derives the same waves from
-             the same posts, so the reps agree on their wave's groups without talking. A group whose
+             the same posts, so the reps agree on their wave's groups without talking; a rep stops
+             waiting as soon as its wave covers the peers it expects to average the round (usually
+             all groups post within a second or two of each other). A group whose
              wave follows one in which a group applied an average was too late: it fails the round
              and catches up (earlier waves that only failed, as a retry's, do not count).
              One group on the board: m_g is the swarm's average; done (the rep says so to g).
@@ -58,7 +60,7 @@ import torch
 from hivemind.utils import get_dht_time
 
 from . import consensus
-from .protocol import BROADCAST, AveragingFailed, check_broadcast, group_bits, totals_of
+from .protocol import BROADCAST, AveragedWithoutUs, AveragingFailed, check_broadcast, group_bits, totals_of
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +126,8 @@ def read_board(dht, prefix: str, round_no: int) -> dict[str, dict]:
 
 
 def covered(board: Mapping[str, dict]) -> int:
-    return sum(len(v["members"]) for v in board.values())
+    """Distinct peers of these posts (a peer that retried within one wave counts once)."""
+    return len({m for v in board.values() for m in v["members"]})
 
 
 def stage2_caps(board: Mapping[str, dict], member_caps: Mapping[str, float]) -> dict[str, float]:
@@ -173,34 +176,37 @@ class Spanner:
         self.codec, self.board_wait, self.gather_s, self.stage_timeout = codec, board_wait, gather_s, stage_timeout
 
     def span(self, averaged: list, peers: Mapping[str, Mapping[str, Any]], round_no: int,
-             member_caps: Mapping[str, float]) -> tuple[list, int, dict[str, int]]:
+             member_caps: Mapping[str, float], expected: int = 0) -> tuple[list, int, dict[str, int]]:
         """(the swarm's average, peers it covers, their steps and samples) from our group's stage-1
-        `averaged`; AveragingFailed."""
+        `averaged`; `expected`: the peers we believe average this round (a wave holding them all closes
+        early); AveragingFailed."""
         group = Group.from_metadata(peers)
         totals = totals_of(peers)
         if group.rep == self.peer_id:
-            return self._as_rep(averaged, group, totals, round_no, member_caps)
+            return self._as_rep(averaged, group, totals, round_no, member_caps, expected)
         return self._as_member(averaged, group, totals, round_no)
 
     def alone(self, deltas: list, weight: float, round_no: int, member_caps: Mapping[str, float],
-              why: AveragingFailed, totals: dict[str, int]) -> tuple[list, int, dict[str, int]]:
+              why: AveragingFailed, totals: dict[str, int], expected: int = 0) -> tuple[list, int, dict[str, int]]:
         """Stage 1 found us no group (left over when the groups filled up, or our group failed): take part
         in stage 2 as a group of one, so our Δ still counts and we end with the swarm's θ; if no other
         group posted to the board, the round fails with `why`."""
         group = Group("solo" + self.peer_id[-12:], (self.peer_id,), float(weight))
         try:
-            board = self._post_and_wait(group, round_no)
+            board = self._post_and_wait(group, round_no, expected)
+        except AveragedWithoutUs:
+            raise
         except AveragingFailed:
             raise why from None
         if len(board) <= 1:
             raise why
         return self._stage2(deltas, group, totals, board, round_no, member_caps)
 
-    def _as_rep(self, averaged, group: Group, totals: dict[str, int], round_no: int, member_caps
+    def _as_rep(self, averaged, group: Group, totals: dict[str, int], round_no: int, member_caps, expected: int
                 ) -> tuple[list, int, dict[str, int]]:
         dkey = decision_key(self.prefix, round_no, group.group_id)
         try:
-            board = self._post_and_wait(group, round_no)
+            board = self._post_and_wait(group, round_no, expected)
         except AveragingFailed:
             self._decide(dkey, "failed")
             raise
@@ -258,12 +264,14 @@ class Spanner:
         sender = check_broadcast(peers)
         return x, int(peers[sender].get("spanned", 0)), totals_of({sender: peers[sender].get("swarm_totals") or {}})
 
-    def _post_and_wait(self, group: Group, round_no: int) -> dict[str, dict]:
+    def _post_and_wait(self, group: Group, round_no: int, expected: int = 0) -> dict[str, dict]:
         """Post our group, then the round's board as every representative sees it. Posts form waves: a
         wave opens with a post and closes `board_wait` seconds (DHT time) later; the next post after
         a close opens the next wave (a retry of the round, or a group too late for the wave before).
         Every rep derives the same waves from the same posts, so all agree on their wave's groups
-        (hence on stage 2's leader and size) without talking. A group whose wave follows one in which a
+        (hence on stage 2's leader and size) without talking. A rep stops waiting early once its wave
+        covers the `expected` peers (the usual case: no wait beyond the slowest group's stage 1); a
+        group that posts into the wave after that was not expected, and fails stage 2. A group whose wave follows one in which a
         group applied an average was late for it: the round fails for it (it catches up)."""
         key = board_key(self.prefix, round_no)
         mine = dict(weight=group.weight, members=list(group.members), t=get_dht_time())
@@ -272,7 +280,11 @@ class Spanner:
             board = read_board(self.dht, self.prefix, round_no)
             board[group.group_id] = mine
             start, close, before = wave_of(board, group.group_id, self.board_wait)
-            if get_dht_time() > close + PROPAGATION_S:
+            now = get_dht_time()
+            if now > close + PROPAGATION_S:
+                break
+            if expected and covered({g: v for g, v in board.items() if start <= float(v.get("t", start)) <= close
+                                     }) >= expected and now > mine["t"] + POLL_S:
                 break
             time.sleep(POLL_S)
         board = read_board(self.dht, self.prefix, round_no)
@@ -282,7 +294,7 @@ class Spanner:
             earlier = {g: v for g, v in board.items() if float(v.get("t", start)) < start}
             applied = self._applied(earlier, round_no)
             if applied:
-                raise AveragingFailed(f"across groups: {applied} other group(s) had already averaged this round "
+                raise AveragedWithoutUs(f"across groups: {applied} other group(s) had already averaged this round "
                                       f"when ours finished ({start - before:.1f}s after their board opened); "
                                       f"we catch up with their θ")
         return wave

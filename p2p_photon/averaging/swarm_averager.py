@@ -65,7 +65,7 @@ class SwarmAverager:
         self._one_round = threading.Lock()
         self.spanner = Spanner(dht, prefix, self.peer_id, self._run_stage,
                                codec=stage_codec(self.codec.lossy),
-                               board_wait=2 * cfg.matchmaking_time, gather_s=cfg.step_timeout,
+                               board_wait=cfg.step_timeout, gather_s=cfg.step_timeout,
                                stage_timeout=2 * cfg.step_timeout + cfg.allreduce_timeout)
 
     def average(self, deltas: Sequence[torch.Tensor | None], *, round_no: int, weight: float,
@@ -93,13 +93,15 @@ class SwarmAverager:
             if swarm_size is None or swarm_size <= 1:
                 raise
             mine = totals_of({self.peer_id: meta})
-            averaged, size, totals = self.spanner.alone(list(deltas), weight, round_no, weight_caps or {}, e, mine)
+            averaged, size, totals = self.spanner.alone(list(deltas), weight, round_no, weight_caps or {}, e, mine,
+                                                        expected=swarm_size)
             return RoundResult(averaged, size, {self.peer_id: meta}, self._bytes[0], self._bytes[1],
                                time.perf_counter() - t0, totals=totals)
         residual_norm = self._carry_residuals(active)
         size, totals = len(peers), None
         if swarm_size is not None and size < swarm_size:
-            averaged, size, totals = self.spanner.span(averaged, peers, round_no, weight_caps or {})
+            averaged, size, totals = self.spanner.span(averaged, peers, round_no, weight_caps or {},
+                                                       expected=swarm_size)
         return RoundResult(averaged, size, peers, self._bytes[0], self._bytes[1], time.perf_counter() - t0,
                            residual_norm=residual_norm, totals=totals)
 

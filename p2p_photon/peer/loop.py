@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from ..averaging import AveragingFailed
+from ..averaging import AveragedWithoutUs, AveragingFailed
 from ..config import Config
 from ..watchdog import StartupInterrupted, stop_on_signals
 from .contribution import ContributionPolicy
@@ -111,7 +111,7 @@ class Peer(PeerParts):
         try:
             res = self.averager.average(deltas, active=active, **self._request(st, r, records))
         except AveragingFailed as e:
-            return self.fail_round(st, str(e))
+            return self.fail_round(st, str(e), moved_on=isinstance(e, AveragedWithoutUs))
         self.policy.remember(norm, active)
         self._apply(res, reset_local=True)
         return RoundReport.averaged(r, st, res)
@@ -233,8 +233,10 @@ class Peer(PeerParts):
 
     # ------------------------------------------------------------------ failed rounds
 
-    def fail_round(self, st: RoundStats, why: str, keep_work: bool = True) -> RoundReport:
-        """Counted and published; the local work is kept for the next attempt unless the swarm moved on."""
+    def fail_round(self, st: RoundStats, why: str, keep_work: bool = True, moved_on: bool = False) -> RoundReport:
+        """Counted and published; the local work is kept for the next attempt unless the swarm moved on
+        (`moved_on`: other groups averaged this round without us; their newer state is downloaded at once,
+        even when they are not yet a majority of the peers we see)."""
         c, r = self.gs.counters, self.gs.counters.round
         c.failed_rounds += 1
         logger.warning("round %d failed (%s); failed rounds so far: %d", r, why, c.failed_rounds)
@@ -243,6 +245,9 @@ class Peer(PeerParts):
         self.failed_at = r
         report = RoundReport.failed(r, st, why)
         if self._catch_up():
+            return report
+        if moved_on and self.sync_from_peers(attempts=2):
+            logger.info("took the state the other groups of round %d averaged", r)
             return report
         if self.failed_here >= STUCK_AFTER and self.sync_from_peers(attempts=1):
             logger.warning("%d failed attempts at round %d: re-synchronized with the swarm", self.failed_here, r)
