@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from p2p_photon.averaging import consensus, stages
@@ -115,3 +117,37 @@ def test_a_retry_after_failed_waves_proceeds_but_a_group_after_an_applied_wave_i
     t0 = get_dht_time()
     assert sp._applied({"g2": {"t": t0, "members": ["d", "e"]}}, 3) == 0
     assert 0.2 + 2 * 0.3 <= get_dht_time() - t0 < 0.2 + stages.PROPAGATION_S + 2 * 0.3 + 1.0
+
+
+def test_a_member_notices_a_silent_representative_within_the_bound_of_its_phase(monkeypatch):
+    """A rep marks 'posted' and 'stage2' before it decides; each phase has its own bound (soak finding: the
+    members of a group whose rep was killed between stages waited 129 s)."""
+    import threading
+
+    monkeypatch.setattr(stages, "STAGE1_SLACK_S", 0.1)
+    monkeypatch.setattr(stages, "PROPAGATION_S", 0.05)
+    dht = FakeDHT()
+    sp = _spanner(dht, stage_timeout=0.3)  # board_wait 0.2
+    key = stages.decision_key("run", 1, "g")
+
+    def timed(rep):
+        t0 = time.monotonic()
+        out = sp._follow_rep(key, rep)
+        return out, time.monotonic() - t0
+
+    (decision, phase), took = timed("never")  # no mark after stage 1: gone within slack + propagation
+    assert decision is None and "never after stage 1" in phase and 0.15 <= took < 1.0
+    dht.store(key, subkey="posted-rep", value="posted", expiration_time=0)
+    (decision, phase), took = timed("posted-rep")  # 0.2 + 0.05 + 2 x 0.3 + 0.1 = 0.95 s
+    assert decision is None and "posted" in phase and 0.9 <= took < 2.0
+
+    def rep_runs():
+        for mark in ("posted", "stage2", "broadcast"):
+            dht.store(key, subkey="live-rep", value=mark, expiration_time=0)
+            time.sleep(0.12)
+
+    thread = threading.Thread(target=rep_runs)
+    thread.start()
+    (decision, phase), took = timed("live-rep")
+    thread.join()
+    assert decision == "broadcast" and phase == "stage2"

@@ -67,6 +67,8 @@ logger = logging.getLogger(__name__)
 BOARD_TTL = 300.0
 POLL_S = 0.1
 PROPAGATION_S = 1.0  # DHT time margin after the board closes before it is read for the last time
+STAGE1_SLACK_S = 10.0  # a representative marks 'posted' right after stage 1 (as its members end it too)
+FINAL = ("single", "broadcast", "failed")
 
 
 def stage_bits(round_no: int, stage: int, group_id: str = "") -> str:
@@ -205,6 +207,7 @@ class Spanner:
     def _as_rep(self, averaged, group: Group, totals: dict[str, int], round_no: int, member_caps, expected: int
                 ) -> tuple[list, int, dict[str, int]]:
         dkey = decision_key(self.prefix, round_no, group.group_id)
+        self._decide(dkey, "posted")  # our members now know we are alive and waiting for the wave
         try:
             board = self._post_and_wait(group, round_no, expected)
         except AveragingFailed:
@@ -213,6 +216,7 @@ class Spanner:
         if len(board) <= 1:
             self._decide(dkey, "single")
             return averaged, len(group.members), totals
+        self._decide(dkey, "stage2")
         try:
             x, spanned, swarm_totals = self._stage2(averaged, group, totals, board, round_no, member_caps)
         except AveragingFailed:
@@ -240,13 +244,12 @@ class Spanner:
     def _as_member(self, averaged, group: Group, totals: dict[str, int], round_no: int
                    ) -> tuple[list, int, dict[str, int]]:
         dkey = decision_key(self.prefix, round_no, group.group_id)
-        # the rep may first wait for an earlier wave's decisions (_applied), then run stage 2
-        decision = self._wait_decision(dkey, group.rep, 2 * (self.board_wait + PROPAGATION_S + 2 * self.stage_timeout))
+        decision, phase = self._follow_rep(dkey, group.rep)
         if decision == "single":
             return averaged, len(group.members), totals
         if decision != "broadcast":
             raise AveragingFailed(f"across groups: our group's representative {group.rep[-8:]} "
-                                  f"{'failed' if decision else 'did not answer'}")
+                                  + ("failed" if decision else f"went silent ({phase})"))
         zeros = [None if t is None else torch.zeros_like(t) for t in averaged]
         return self._broadcast(zeros, group, round_no, source=False, spanned=0, totals={})
 
@@ -313,7 +316,7 @@ class Spanner:
                 if decision in ("single", "broadcast"):
                     return 1 + sum(self._decision(decision_key(self.prefix, round_no, o), r) in ("single", "broadcast")
                                    for o, r in pending.items() if o != g)
-                if decision is not None:
+                if decision == "failed":
                     del pending[g]
             if not pending or get_dht_time() > deadline:
                 return 0
@@ -331,13 +334,22 @@ class Spanner:
                 return decision
         return None
 
-    def _wait_decision(self, key: str, rep: str, timeout: float) -> str | None:
-        """What the representative decided for our group ('single', 'broadcast', 'failed'), None if it
-        did not say within `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+    def _follow_rep(self, key: str, rep: str) -> tuple[str | None, str]:
+        """(what the representative decided for our group: 'single', 'broadcast', 'failed', or None if it
+        went silent; the phase it was last seen in). It marks its phases ('posted': on the board and
+        waiting for its wave; 'stage2': averaging with the other representatives), each with its own
+        bound, so a rep that dies is noticed within its phase's bound rather than the whole round's
+        (a soak stalled 129 s on a rep killed between stages)."""
+        bounds = {None: STAGE1_SLACK_S + PROPAGATION_S,
+                  "posted": self.board_wait + PROPAGATION_S + 2 * self.stage_timeout + STAGE1_SLACK_S,
+                  "stage2": self.stage_timeout + self.gather_s + STAGE1_SLACK_S}
+        seen, since = None, time.monotonic()
+        while True:
             decision = self._decision(key, rep)
-            if decision is not None:
-                return decision
+            if decision in FINAL:
+                return decision, str(seen)
+            if decision in bounds and decision != seen:
+                seen, since = decision, time.monotonic()
+            if time.monotonic() - since > bounds[seen]:
+                return None, f"last seen: {seen or 'never after stage 1'}, {bounds[seen]:.0f}s ago"
             time.sleep(POLL_S)
-        return None
