@@ -9,6 +9,22 @@ import pytest
 from tests.helpers import SMALL_DATA, no_leaked_p2pd
 
 
+def pytest_addoption(parser):
+    parser.addoption("--extended", action="store_true",
+                     help="also run the extended end-to-end tests (marked `extended`: several minutes more)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`extended` tests (long end-to-end runs whose properties the suite also checks in shorter tests)
+    run only with --extended, so that the suite stays within its 15 minutes on 2 cores."""
+    if config.getoption("--extended"):
+        return
+    keep = [i for i in items if i.get_closest_marker("extended") is None]
+    if len(keep) < len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i.get_closest_marker("extended") is not None])
+        items[:] = keep
+
+
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory):
     """Prepare the small stdlib corpus once per session; peers then hit the cache."""

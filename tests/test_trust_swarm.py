@@ -40,6 +40,7 @@ def _run(tmp_path, overrides, attackers=(), honest=2):
         return summaries, "".join(_log(swarm, n) for n in names)
 
 
+@pytest.mark.extended
 def test_poisoned_pseudo_gradients_leave_honest_peers_finite_and_close_to_a_clean_run(tmp_path, swarm_overrides):
     """Two honest peers alone, then the same two next to one peer sending Δ × 10⁶ and one sending NaN
     (uncompressed: int8 on the wire cannot carry a NaN). Clipping bounds the first, the second is
@@ -112,6 +113,7 @@ def _log(swarm, name):
     return path.read_text() if path.exists() else ""
 
 
+@pytest.mark.extended
 def test_an_outsider_cannot_join_or_change_a_closed_swarm(tmp_path, swarm_overrides):
     keys = tmp_path / "keys"
     ids = {n: identity_new(keys / f"{n}.key") for n in ("m0", "m1", "m2", "outsider")}
@@ -145,6 +147,7 @@ def test_an_outsider_cannot_join_or_change_a_closed_swarm(tmp_path, swarm_overri
     assert not _ok_rounds(outsider), "the outsider completed a round with the members"
 
 
+@pytest.mark.extended
 def test_an_attacker_rejoining_with_a_fresh_identity_every_round_fails_no_honest_round(tmp_path, swarm_overrides):
     """Three honest peers in an open swarm; an attacker sends NaN Δ or Δ × 10⁶ (alternately, uncompressed)
     and is killed and restarted with a fresh identity after each round it takes part in, so bans never
