@@ -322,6 +322,9 @@ class CheckpointConfig:
     """Write a checkpoint every K rounds (and always at shutdown); 0 = only at shutdown."""
     keep: int = 2
     """How many most recent checkpoints to keep."""
+    export_hf: bool = False
+    """Also write the global model in Hugging Face format to `<dir>/hf` after every checkpoint (what
+    `p2p-photon export` writes; replaced atomically each time, so it is always one complete model)."""
 
     def validate(self) -> None:
         _check(self.every_rounds >= 0, "checkpoint.every_rounds", "must be >= 0")

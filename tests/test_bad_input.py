@@ -137,7 +137,7 @@ def good_ckpt(tmp_path_factory, data_cache) -> Path:
     root = tmp_path_factory.mktemp("good")
     ckpt = root / "ckpt"
     log = root / "peer.log"
-    proc = spawn(log, "peer", sets=lone_peer_sets(data_cache, ckpt))
+    proc = spawn(log, "peer", sets=lone_peer_sets(data_cache, ckpt, "checkpoint.export_hf=true"))
     try:
         wait_until(lambda: "joined run" in log.read_text() or proc.poll() is not None, 180,
                    lambda: f"the lone peer to join its run:\n{log.read_text()[-3000:]}")
@@ -145,6 +145,12 @@ def good_ckpt(tmp_path_factory, data_cache) -> Path:
     finally:
         assert finish(proc, 120) == 0, log.read_text()[-3000:]
     first = ckpt / "ckpt-00000000"
+    # checkpoint.export_hf: the final checkpoint's model is also there in Hugging Face format
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(ckpt / "hf", local_files_only=True)
+    assert theta_hash(hf) == state.load_checkpoint(first).meta["theta"]
+    shutil.rmtree(ckpt / "hf")
     payload = state.load_checkpoint(first)
     payload.meta["round"], payload.config = GOOD_ROUND, load_config(first / "config.toml")
     state.save_checkpoint(ckpt, payload)

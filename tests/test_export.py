@@ -252,3 +252,21 @@ def test_relative_cache_dir_is_also_found_from_the_peers_working_dir(tmp_path):
     assert dirs == [Path(".cache/p2p").resolve(), (tmp_path / "runs" / "a" / ".cache" / "p2p").resolve()]
     absolute = load_config(None, [f"data.cache_dir={tmp_path / 'c'}"])
     assert _cache_dirs(absolute, tmp_path / "x" / "ckpt-00000001") == [tmp_path / "c"]
+
+
+def test_a_peer_with_export_hf_writes_the_model_after_each_checkpoint_and_a_failure_only_warns(run, tmp_path,
+                                                                                               caplog):
+    """checkpoint.export_hf: what the peer calls after writing a checkpoint (peer.parts.export_hf)."""
+    from p2p_photon import state
+    from p2p_photon.hashing import theta_hash
+    from p2p_photon.peer.parts import export_hf
+
+    out = tmp_path / "hf"
+    older, newest = sorted(state.list_checkpoints(run.dir))
+    export_hf(older, out)
+    assert theta_hash(_load_hf(out)[0]) == run.hashes[1]
+    export_hf(newest, out)  # replaced by the next checkpoint's model
+    assert theta_hash(_load_hf(out)[0]) == run.hashes[2] and _leftovers(tmp_path) == []
+    export_hf(tmp_path / "no-such-ckpt", out)  # a warning; the earlier export stays whole
+    assert "checkpoint.export_hf: could not write" in caplog.text
+    assert theta_hash(_load_hf(out)[0]) == run.hashes[2]

@@ -229,10 +229,11 @@ class Spanner:
                 member_caps) -> tuple[list, int, dict[str, int]]:
         """The representatives' average of their groups' results: (x, peers it covers, their totals)."""
         try:
+            leader = min(min(v["members"]) for v in board.values())
             policy = dict(codec=self.codec, aggregator=None, error_feedback=False, target_group_size=len(board),
-                          weight_caps=stage2_caps(board, member_caps), leader=min(min(v["members"]) for v in board.values()))
+                          weight_caps=stage2_caps(board, member_caps), leader=leader)
             x, reps = self.run_stage(StageRun(averaged, 2, stage_bits(round_no, 2), group.weight, policy,
-                                              dict(groups=len(board), group_totals=totals), self.gather_s))
+                                              dict(groups=len(board), group_totals=totals), self._gather(leader)))
         except AveragingFailed as e:
             raise AveragingFailed(f"across groups (stage 2): {e}") from None
         if len(reps) < len(board):
@@ -261,11 +262,19 @@ class Spanner:
             x, peers = self.run_stage(StageRun(tensors, 3, stage_bits(round_no, 3, group.group_id),
                                                1.0 if source else 0.0, policy,
                                                dict(source=source, spanned=spanned, swarm_totals=totals),
-                                               self.gather_s))
+                                               self._gather(group.rep)))
         except AveragingFailed as e:
             raise AveragingFailed(f"across groups (stage 3): {e}") from None
         sender = check_broadcast(peers)
         return x, int(peers[sender].get("spanned", 0)), totals_of({sender: peers[sender].get("swarm_totals") or {}})
+
+    def _gather(self, leader: str) -> float:
+        """How long we wait for a stage's group: the leader `gather_s`, the others twice that. hivemind's
+        leader refuses a follower whose request expires before its own declaration (BAD_EXPIRATION_TIME),
+        and the members of a stage start it a little apart; with equal waits, a member that started
+        earlier than the leader was refused and, joining no one else, failed the stage ('could not find
+        a group'). With twice the wait, a member may start up to `gather_s` before the leader."""
+        return self.gather_s if leader == self.peer_id else 2 * self.gather_s
 
     def _post_and_wait(self, group: Group, round_no: int, expected: int = 0) -> dict[str, dict]:
         """Post our group, then the round's board as every representative sees it. Posts form waves: a

@@ -38,6 +38,17 @@ class FingerprintMismatch(UsageError):
     """The swarm of this run_id trains something else (model, tokenizer, seed, outer optimizer, round target)."""
 
 
+def export_hf(ckpt: Path, out: Path) -> None:
+    """checkpoint.export_hf: the checkpoint just written, as a Hugging Face model directory (replaced
+    atomically). A failure is a warning: the checkpoint itself is written, training goes on."""
+    from ..export import export_checkpoint
+
+    try:
+        export_checkpoint(ckpt, out, force=True, eval_ppl=False)
+    except Exception as e:  # noqa: BLE001 - exporting is a convenience; it must never stop a peer
+        logger.warning("checkpoint.export_hf: could not write %s: %s; the checkpoint %s is complete", out, e, ckpt)
+
+
 class PeerParts:
     def __init__(self, cfg: Config, *, resume: bool, stop_event: threading.Event | None, summary_out: str | None,
                  policy: ContributionPolicy):
@@ -206,6 +217,8 @@ class PeerParts:
                 logger.warning("checkpoint of round %d failed: %s; training goes on", self.gs.counters.round, e)
                 return None
         logger.info("checkpoint %s (round %d, θ %s)", path, self.gs.counters.round, payload.meta["theta"][:8])
+        if self.cfg.checkpoint.export_hf:
+            export_hf(path, Path(self.cfg.checkpoint.dir) / "hf")
         return path
 
     def restore(self, ckpt: state.CheckpointPayload | None) -> None:
