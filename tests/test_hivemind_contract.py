@@ -25,7 +25,7 @@ from hivemind.averaging import allreduce, averager, key_manager, matchmaking, pa
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.load_balancing import load_balance_peers
-from hivemind.averaging.matchmaking import Matchmaking
+from hivemind.averaging.matchmaking import Matchmaking, PotentialLeaders
 from hivemind.averaging.partition import TensorPartContainer, TensorPartReducer
 from hivemind.compression import CompressionInfo
 from hivemind.p2p import PeerID, ServicerBase
@@ -176,6 +176,40 @@ def test_our_matchmaking_never_asks_an_unwelcome_leader(avg, monkeypatch):
     assert avg._matchmaking is mm
     assert asyncio.run(mm._request_join_group(OTHER)) is None
     assert asyncio.run(mm._request_join_group(ME)) == "group" and asked == [ME]
+
+
+def test_a_designated_leader_that_refused_us_is_asked_again_until_the_search_ends(avg, monkeypatch):
+    """Stages 2 and 3 designate their leader; hivemind asks each (leader, expiration) once per step, so a
+    passing refusal (not declared yet) would leave the member without a group: we ask again."""
+    from hivemind.utils import get_dht_time
+
+    from p2p_photon.averaging import hivemind_backend
+
+    answers = [None, None, "group"]
+    asked = []
+
+    async def request_join_group(leader):
+        asked.append(leader)
+        return answers.pop(0)
+
+    monkeypatch.setattr(hivemind_backend, "JOIN_RETRY_S", 0.01)
+    search = SimpleNamespace(search_end_time=get_dht_time() + 30)
+    mm = SimpleNamespace(_request_join_group=request_join_group, assembled_group=SimpleNamespace(done=lambda: False),
+                         is_looking_for_group=True, potential_leaders=search)
+    avg._matchmaking = mm
+    avg._policy["leader"] = ME.to_base58()
+    try:
+        assert asyncio.run(mm._request_join_group(ME)) == "group" and asked == [ME] * 3
+        assert asyncio.run(mm._request_join_group(OTHER)) is None and len(asked) == 3  # only the designated one
+        answers[:] = [None] * 100
+        search.search_end_time = get_dht_time()  # the step's search is over: no more asking
+        assert asyncio.run(mm._request_join_group(ME)) is None and len(asked) == 4
+    finally:
+        avg._policy["leader"] = None
+    # what the retry reads from hivemind's Matchmaking
+    assert "self.assembled_group = asyncio.Future()" in src(Matchmaking.__init__)
+    assert isinstance(Matchmaking.is_looking_for_group, property)
+    assert "self.search_end_time = step.deadline" in src(PotentialLeaders.begin_search)
 
 
 def test_matchmaking_asks_every_leader_through_its_request_join_group_attribute():

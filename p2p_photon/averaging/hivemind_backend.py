@@ -47,6 +47,7 @@ from .state_download import donors_by_priority, read_state
 logger = logging.getLogger(__name__)
 
 HIVEMIND_VERSION = "1.1.12"
+JOIN_RETRY_S = 0.5  # pause between requests to a stage's designated leader that refused us
 CONTRACT_TESTS = "tests/test_hivemind_contract.py"
 _version_warned = False
 
@@ -409,9 +410,19 @@ class _Averager(DecentralizedAverager):
                 logger.debug("not joining the group of non-member or banned peer %s", leader.to_base58()[-8:])
                 return None
             chosen = self._policy.get("leader")
-            if chosen is not None and leader.to_base58() != chosen:  # a stage with a designated leader
+            if chosen is None:
+                return await request_join_group(leader)
+            if leader.to_base58() != chosen:  # a stage with a designated leader
                 return None
-            return await request_join_group(leader)
+            # hivemind tries each (leader, expiration) once per step; a designated leader that refused us
+            # for a passing reason (not declared or not looking yet: the stage's members start it a moment
+            # apart) would never be asked again, and with no one else to join we would fail the stage
+            while True:
+                joined = await request_join_group(leader)
+                if joined is not None or matchmaking.assembled_group.done() or not matchmaking.is_looking_for_group \
+                        or get_dht_time() > matchmaking.potential_leaders.search_end_time - 2 * JOIN_RETRY_S:
+                    return joined
+                await asyncio.sleep(JOIN_RETRY_S)
 
         matchmaking._request_join_group = request_join_welcome_group
         self.__dict__["_matchmaking_"] = matchmaking
