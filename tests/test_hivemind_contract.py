@@ -170,7 +170,7 @@ def test_our_matchmaking_never_asks_an_unwelcome_leader(avg, monkeypatch):
         asked.append(leader)
         return "group"
 
-    mm = SimpleNamespace(_request_join_group=request_join_group)
+    mm = SimpleNamespace(_request_join_group=request_join_group, group_key_manager=SimpleNamespace())
     monkeypatch.setattr(avg, "_members", frozenset({ME.to_base58()}))
     avg._matchmaking = mm
     assert avg._matchmaking is mm
@@ -195,7 +195,7 @@ def test_a_designated_leader_that_refused_us_is_asked_again_until_the_search_end
     monkeypatch.setattr(hivemind_backend, "JOIN_RETRY_S", 0.01)
     search = SimpleNamespace(search_end_time=get_dht_time() + 30)
     mm = SimpleNamespace(_request_join_group=request_join_group, assembled_group=SimpleNamespace(done=lambda: False),
-                         is_looking_for_group=True, potential_leaders=search)
+                         is_looking_for_group=True, potential_leaders=search, group_key_manager=SimpleNamespace())
     avg._matchmaking = mm
     avg._policy["leader"] = ME.to_base58()
     try:
@@ -210,6 +210,18 @@ def test_a_designated_leader_that_refused_us_is_asked_again_until_the_search_end
     assert "self.assembled_group = asyncio.Future()" in src(Matchmaking.__init__)
     assert isinstance(Matchmaking.is_looking_for_group, property)
     assert "self.search_end_time = step.deadline" in src(PotentialLeaders.begin_search)
+
+
+def test_the_key_manager_sizes_its_buckets_by_the_group_when_it_has_no_target(avg):
+    """A stage-2 group may hold more peers than averaging.target_group_size; with that target the key
+    manager's bucket sampling raised inside the leader (the extra member got INTERNAL_ERROR)."""
+    from hivemind.averaging.key_manager import GroupKeyManager
+
+    upd = src(GroupKeyManager.update_key_on_group_assembled)
+    assert "num_buckets = self.target_group_size" in upd and "next_power_of_two(group_info.group_size)" in upd
+    mm = SimpleNamespace(_request_join_group=None, group_key_manager=SimpleNamespace(target_group_size=2))
+    avg._matchmaking = mm
+    assert mm.group_key_manager.target_group_size is None
 
 
 def test_matchmaking_asks_every_leader_through_its_request_join_group_attribute():

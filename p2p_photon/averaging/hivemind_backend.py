@@ -425,6 +425,12 @@ class _Averager(DecentralizedAverager):
                 await asyncio.sleep(JOIN_RETRY_S)
 
         matchmaking._request_join_group = request_join_welcome_group
+        # hivemind moves a peer's group bits after each all-reduce by sampling target_group_size buckets
+        # for the group's members; a stage whose group is larger than the configured target (stage 2 with
+        # more groups than averaging.target_group_size) made that raise inside the leader, which then
+        # refused the extra member (INTERNAL_ERROR). We set the group bits before every stage ourselves,
+        # so the key manager may size its buckets by the group it got (None: the next power of two).
+        matchmaking.group_key_manager.target_group_size = None
         self.__dict__["_matchmaking_"] = matchmaking
 
     # Overrides hivemind's private _aggregate_with_group(group_info, min_vector_size, **kwargs), called by
