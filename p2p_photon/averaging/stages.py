@@ -269,12 +269,15 @@ class Spanner:
         return x, int(peers[sender].get("spanned", 0)), totals_of({sender: peers[sender].get("swarm_totals") or {}})
 
     def _gather(self, leader: str) -> float:
-        """How long we wait for a stage's group: the leader `gather_s`, the others twice that. hivemind's
-        leader refuses a follower whose request expires before its own declaration (BAD_EXPIRATION_TIME),
-        and the members of a stage start it a little apart; with equal waits, a member that started
-        earlier than the leader was refused and, joining no one else, failed the stage ('could not find
-        a group'). With twice the wait, a member may start up to `gather_s` before the leader."""
-        return self.gather_s if leader == self.peer_id else 2 * self.gather_s
+        """How long we wait for a stage's group: the leader `gather_s` plus the board's window (reps leave
+        the board up to a window apart: one sees its wave complete at once, another, expecting one more
+        peer, waits for the window to close), the others twice that. hivemind's leader refuses a follower
+        whose request expires before its own declaration (BAD_EXPIRATION_TIME); with equal waits, a rep
+        that started earlier than the leader was refused and, joining no one else, failed the stage
+        ('could not find a group'). With twice the wait, a member may start a whole wait before the
+        leader. The leader starts the stage as soon as every group's rep has joined."""
+        base = self.gather_s + self.board_wait + PROPAGATION_S
+        return base if leader == self.peer_id else 2 * base
 
     def _post_and_wait(self, group: Group, round_no: int, expected: int = 0) -> dict[str, dict]:
         """Post our group, then the round's board as every representative sees it. Posts form waves: a
@@ -351,7 +354,7 @@ class Spanner:
         (a soak stalled 129 s on a rep killed between stages)."""
         bounds = {None: STAGE1_SLACK_S + PROPAGATION_S,
                   "posted": self.board_wait + PROPAGATION_S + 2 * self.stage_timeout + STAGE1_SLACK_S,
-                  "stage2": self.stage_timeout + self.gather_s + STAGE1_SLACK_S}
+                  "stage2": self.stage_timeout + 2 * (self.gather_s + self.board_wait + PROPAGATION_S) + STAGE1_SLACK_S}
         seen, since = None, time.monotonic()
         while True:
             decision = self._decision(key, rep)
