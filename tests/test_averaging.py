@@ -219,12 +219,12 @@ def _averagers(dhts, n=3, members=None, shapes=SHAPES, **cfg_kw):
     return [SwarmAverager(d, shapes, prefix=prefix, cfg=cfg, members=members) for d in dhts[:n]]
 
 
-def _round(avgs, deltas, weights, round_no, caps=None, swarm_size=None):
+def _round(avgs, deltas, weights, round_no, caps=None, swarm_size=None, timeout=30):
     """All averagers average concurrently; returns results (or the AveragingFailed raised)."""
     def one(i):
         try:
             return avgs[i].average(deltas[i], round_no=round_no, weight=weights[i],
-                                   meta=dict(fingerprint="fp"), weight_caps=caps, timeout=30,
+                                   meta=dict(fingerprint="fp"), weight_caps=caps, timeout=timeout,
                                    swarm_size=swarm_size)
         except AveragingFailed as e:
             return e
@@ -437,6 +437,24 @@ def test_state_download_through_the_averager_process_and_donor_exclusion(dhts):
         assert joiner.load_state_from_peers(timeout=5, exclude=[donor.peer_id]) is None
     finally:
         _shutdown([donor, joiner])
+
+
+@pytest.mark.swarm
+def test_a_peer_left_alone_in_stage_one_still_joins_the_rounds_average(dhts):
+    """Three peers in groups of two: one pair and one peer alone, which learns it only when its stage-1
+    step times out. The board's window outlasts that timeout, so the lone peer joins stage 2 as a group of
+    one and all three end with the weighted mean of all three (it used to miss the wave and fail every
+    round: tests/test_groups.py's 5 x 2 swarm lost a peer's work per round)."""
+    deltas, weights = _deltas(3, seed=12), [8.0, 24.0, 40.0]
+    avgs = _averagers(dhts, n=3, compression="none", target_group_size=2)
+    try:
+        results = _round(avgs, deltas, weights, round_no=9, swarm_size=3, timeout=6)
+    finally:
+        _shutdown(avgs)
+    assert all(not isinstance(r, Exception) for r in results), results
+    assert len({theta_hash(r.deltas) for r in results}) == 1 and all(r.group_size == 3 for r in results)
+    assert sorted(len(r.gathered) for r in results) == [1, 2, 2]  # stage 1: the pair, and the one alone
+    assert _rel_err(results[0].deltas, _mean(deltas, weights)) < 1e-6
 
 
 @pytest.mark.swarm

@@ -7,7 +7,8 @@ in two more stages, so that every peer of every group ends the round with the sa
              identical, and knows W_g = Σ of its members' weights (from the group's metadata).
     board    g's representative (its member with the smallest peer id, so all members agree without
              talking) posts (W_g, members, DHT time) under the round's DHT key. Posts form waves: a
-             wave closes `board_wait` seconds (averaging.step_timeout) after its first post, the next
+             wave closes `board_wait` seconds (the stage-1 timeout + 2 x matchmaking_time: a peer left alone
+             in stage 1 learns it only at that timeout, and its post must still make the wave) after its first post, the next
              post opens the next wave (a retry of the round). Every rep derives the same waves from
              the same posts, so the reps agree on their wave's groups without talking; a rep stops
              waiting as soon as its wave covers the peers it expects to average the round (usually

@@ -65,7 +65,7 @@ class SwarmAverager:
         self._one_round = threading.Lock()
         self.spanner = Spanner(dht, prefix, self.peer_id, self._run_stage,
                                codec=stage_codec(self.codec.lossy),
-                               board_wait=cfg.step_timeout, gather_s=cfg.step_timeout,
+                               board_wait=cfg.step_timeout + 2 * cfg.matchmaking_time, gather_s=cfg.step_timeout,
                                stage_timeout=2 * cfg.step_timeout + cfg.allreduce_timeout)
 
     def average(self, deltas: Sequence[torch.Tensor | None], *, round_no: int, weight: float,
@@ -86,6 +86,9 @@ class SwarmAverager:
         self._bytes = [0, 0]
         self._meta, self._active, self._round = meta, active, round_no
         self._timeout = timeout or self.cfg.step_timeout
+        # a peer left without a stage-1 group learns it only when its stage-1 step times out: the board's
+        # window outlasts that, so the lone peer's post still joins its round's wave
+        self.spanner.board_wait = self._timeout + 2 * self.cfg.matchmaking_time
         try:
             averaged, peers = self._run_stage(StageRun(list(deltas), 1, stage_bits(round_no, 1), weight,
                                                        dict(weight_caps=dict(weight_caps or {})), {}))
