@@ -113,6 +113,10 @@ def test_a_retry_after_failed_waves_proceeds_but_a_group_after_an_applied_wave_i
     assert sp._applied(earlier, 3) == 0  # only the representative's (smallest id) decision counts
     dht.store(stages.decision_key("run", 4, "g1"), subkey="a", value="single", expiration_time=0)
     assert sp._applied(earlier, 4) == 1
+    # without waiting (checked as soon as we post, before our own wave's window): what is known now
+    t0 = get_dht_time()
+    assert sp._applied(earlier, 4, wait=False) == 1
+    assert sp._applied({"g2": {"t": t0, "members": ["d", "e"]}}, 3, wait=False) == 0 and get_dht_time() - t0 < 0.5
     # no decision yet: wait for it as long as the earlier group's stages can run, then count it as failed
     t0 = get_dht_time()
     assert sp._applied({"g2": {"t": t0, "members": ["d", "e"]}}, 3) == 0

@@ -292,6 +292,12 @@ class Spanner:
         key = board_key(self.prefix, round_no)
         mine = dict(weight=group.weight, members=list(group.members), t=get_dht_time())
         self.dht.store(key, subkey=group.group_id, value=mine, expiration_time=get_dht_time() + BOARD_TTL)
+        board = read_board(self.dht, self.prefix, round_no)
+        board[group.group_id] = mine
+        start, _, before = wave_of(board, group.group_id, self.board_wait)
+        if before is not None:  # already known to be late: say so now, not after our own wave's window
+            self._raise_if_applied({g: v for g, v in board.items() if float(v.get("t", start)) < start},
+                                   round_no, start - before, wait=False)
         while True:
             board = read_board(self.dht, self.prefix, round_no)
             board[group.group_id] = mine
@@ -307,15 +313,18 @@ class Spanner:
         board[group.group_id] = mine
         wave = {g: v for g, v in board.items() if start <= float(v.get("t", start)) <= close}
         if before is not None:
-            earlier = {g: v for g, v in board.items() if float(v.get("t", start)) < start}
-            applied = self._applied(earlier, round_no)
-            if applied:
-                raise AveragedWithoutUs(f"across groups: {applied} other group(s) had already averaged this round "
-                                      f"when ours finished ({start - before:.1f}s after their board opened); "
-                                      f"we catch up with their θ")
+            self._raise_if_applied({g: v for g, v in board.items() if float(v.get("t", start)) < start},
+                                   round_no, start - before)
         return wave
 
-    def _applied(self, earlier: Mapping[str, dict], round_no: int) -> int:
+    def _raise_if_applied(self, earlier: Mapping[str, dict], round_no: int, late_s: float, wait: bool = True) -> None:
+        applied = self._applied(earlier, round_no, wait)
+        if applied:
+            raise AveragedWithoutUs(f"across groups: {applied} other group(s) had already averaged this round "
+                                    f"when ours finished ({late_s:.1f}s after their board opened); "
+                                    f"we catch up with their θ")
+
+    def _applied(self, earlier: Mapping[str, dict], round_no: int, wait: bool = True) -> int:
         """How many groups of earlier waves of this round applied an average ('single' or 'broadcast'):
         waits for their representatives' decisions, each at most as long as its stages can run. Earlier
         waves whose groups all failed (a retry of the round after a failed attempt) do not make ours late:
@@ -331,7 +340,7 @@ class Spanner:
                                    for o, r in pending.items() if o != g)
                 if decision == "failed":
                     del pending[g]
-            if not pending or get_dht_time() > deadline:
+            if not pending or not wait or get_dht_time() > deadline:
                 return 0
             time.sleep(POLL_S)
         return 0
