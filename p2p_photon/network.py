@@ -352,6 +352,10 @@ def shutdown_dht(dht: hivemind.DHT | None) -> None:
             dht.join(timeout=5)
     except Exception as e:  # e.g. called from another process, or a broken pipe
         logger.debug(f"DHT shutdown: {e!r}")
+    with contextlib.suppress(Exception):  # never leave a live child: the interpreter would wait for it at exit
+        if dht.pid is not None and dht.is_alive():
+            dht.kill()
+            dht.join(timeout=2)
     tag = _tags.pop(dht, None)
     if tag is not None:
         with contextlib.suppress(Exception):

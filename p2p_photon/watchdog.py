@@ -102,6 +102,18 @@ def _env_with_package_on_path() -> dict[str, str]:
     return env
 
 
+def _default_signals_in_child() -> None:
+    """After a fork (hivemind's DHT and averager processes): SIGTERM and SIGINT back to their defaults.
+    Without this a child inherited our handler, which only sets an event in the child, so `terminate()`
+    of a DHT process whose graceful shutdown failed did nothing, and the peer hung at exit joining it."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(ValueError, OSError):  # not the child's main thread: leave it
+            signal.signal(sig, signal.SIG_DFL)
+
+
+_at_fork_registered = False
+
+
 class StartupInterrupted(Exception):
     """SIGINT/SIGTERM arrived while the process was still starting (see stop_on_signals)."""
 
@@ -114,9 +126,13 @@ def stop_on_signals(stop: threading.Event, what: str = "shutting down",
     `starting` is set, a signal also raises StartupInterrupted in the main thread: start-up (data
     preparation, a DHT that takes minutes to come up, the state download) has no step to finish, and
     a peer must not ignore a stop request for that long."""
+    global _at_fork_registered
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    if not _at_fork_registered:
+        os.register_at_fork(after_in_child=_default_signals_in_child)
+        _at_fork_registered = True
 
     def handler(signum: int, _frame: object) -> None:
         stop.set()

@@ -47,3 +47,31 @@ def test_children_end_when_the_launcher_is_killed_and_a_relative_workdir_works(t
         if pid_file.exists() and pid_file.read_text() and _alive(int(pid_file.read_text())):
             os.kill(int(pid_file.read_text()), signal.SIGKILL)
     assert (tmp_path / "rel-work" / "c.log").exists() and not (tmp_path / "rel-work" / "rel-work").exists()
+
+
+def test_a_forked_child_of_a_process_that_handles_sigterm_still_ends_on_sigterm(tmp_path):
+    """hivemind's DHT and averager processes are forked children of the peer; they inherited the peer's
+    SIGTERM handler (which only sets an event), so terminate() of a DHT whose graceful shutdown failed did
+    nothing and the peer hung at exit joining it (seen: peers of killed test runs alive an hour later)."""
+    script = tmp_path / "fork.py"
+    script.write_text(textwrap.dedent("""
+        import multiprocessing as mp, threading, time
+        from p2p_photon.watchdog import stop_on_signals
+
+        def child():
+            time.sleep(60)
+
+        if __name__ == "__main__":
+            with stop_on_signals(threading.Event()):
+                p = mp.get_context("fork").Process(target=child)
+                p.start()
+                time.sleep(0.5)
+                t0 = time.monotonic()
+                p.terminate()
+                p.join(10)
+                print("ended" if not p.is_alive() else "alive", round(time.monotonic() - t0, 1))
+                if p.is_alive():
+                    p.kill()
+    """))
+    out = subprocess.run([sys.executable, str(script)], env=python_env(), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.startswith("ended"), (out.stdout, out.stderr[-2000:])

@@ -8,6 +8,7 @@ new quantization error to the next round.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -215,3 +216,7 @@ class SwarmAverager:
             self._averager.shutdown()
         except Exception as e:  # shutting down must never raise
             logger.debug("averager shutdown: %s", e)
+        with contextlib.suppress(Exception):  # never leave a live child: the interpreter would wait for it at exit
+            if self._averager.pid is not None and self._averager.is_alive():
+                self._averager.kill()
+                self._averager.join(timeout=2)
