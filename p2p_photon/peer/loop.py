@@ -47,8 +47,7 @@ class Peer(PeerParts):
         self.failed_at, self.failed_here = -1, 0  # consecutive failed attempts at one round
 
     def run(self, starting: threading.Event | None = None) -> int:
-        """Start up (`starting` is cleared once this peer has joined: a signal before that interrupts
-        start-up at once, one after it finishes the step), then train until stopped or done."""
+        """Start up (then clear `starting`: see stop_on_signals), train until stopped or done."""
         try:
             self.setup()
             self.join()
@@ -234,9 +233,8 @@ class Peer(PeerParts):
     # ------------------------------------------------------------------ failed rounds
 
     def fail_round(self, st: RoundStats, why: str, keep_work: bool = True, moved_on: bool = False) -> RoundReport:
-        """Counted and published; the local work is kept for the next attempt unless the swarm moved on
-        (`moved_on`: other groups averaged this round without us; their newer state is downloaded at once,
-        even when they are not yet a majority of the peers we see)."""
+        """Counted and published; local work kept for the next attempt unless the swarm moved on (`moved_on`:
+        others averaged this round without us: take their state now, even if they are not a majority)."""
         c, r = self.gs.counters, self.gs.counters.round
         c.failed_rounds += 1
         logger.warning("round %d failed (%s); failed rounds so far: %d", r, why, c.failed_rounds)
