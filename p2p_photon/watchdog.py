@@ -103,12 +103,14 @@ def _env_with_package_on_path() -> dict[str, str]:
 
 
 def _default_signals_in_child() -> None:
-    """After a fork (hivemind's DHT and averager processes): SIGTERM and SIGINT back to their defaults.
+    """After a fork (hivemind's DHT and averager processes): SIGTERM back to its default, SIGINT ignored.
     Without this a child inherited our handler, which only sets an event in the child, so `terminate()`
-    of a DHT process whose graceful shutdown failed did nothing, and the peer hung at exit joining it."""
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    of a DHT process whose graceful shutdown failed did nothing, and the peer hung at exit joining it.
+    SIGINT stays ignored in children, as hivemind intends: Ctrl-C reaches the whole process group, and
+    the parent shuts its children down in order (they still serve the final state while it lingers)."""
+    for sig, action in ((signal.SIGTERM, signal.SIG_DFL), (signal.SIGINT, signal.SIG_IGN)):
         with contextlib.suppress(ValueError, OSError):  # not the child's main thread: leave it
-            signal.signal(sig, signal.SIG_DFL)
+            signal.signal(sig, action)
 
 
 _at_fork_registered = False
