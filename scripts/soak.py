@@ -101,7 +101,7 @@ def prepare_data(cache: str) -> None:
 LINE = re.compile(r"^(\d\d):(\d\d):(\d\d) \S+ [A-Z] [\w.]+: (.*)$")
 OK = re.compile(r"^round (\d+) \| loss \S+ \| peers (\d+)/(\d+) \|.*\| θ ([0-9a-f]+)$")
 FAILED = re.compile(r"^round (\d+) \| loss \S+ \| FAILED \((.*)\) \| failed rounds \d+$")
-JOINED = re.compile(r"^peer \S+ joined run")
+JOINED = re.compile(r"^peer \S+ is on the DHT of run")
 SYNC = re.compile(r"^loaded state of round (\d+) \(global step \d+, θ ([0-9a-f]+)\)")
 RESUMED = re.compile(r"^resumed from \S+: round (\d+),")
 
@@ -610,7 +610,7 @@ def settings(args, soak: Soak) -> dict:
                 peer_overrides=soak.swarm.overrides,
                 note=("averaging timeouts set for a loaded 2-core machine: matchmaking_time 3 s, allreduce_timeout "
                       "40 s, round_timeout 90 s; checkpoint every round (for --resume); one torch thread per peer; "
-                      "joiner rounds are counted from its DHT join ('joined run' in its log), seconds from both its "
+                      "joiner rounds are counted from its DHT join ('is on the DHT' in its log), seconds from both its "
                       "process start and its join; the peer killed at each tick is drawn from the live peers that have "
                       "joined the DHT (a process still importing torch is not in the swarm yet), and a tick is skipped "
                       "(no kill, no start) when the kill would leave fewer than `quorum_after_kill` joined peers; the "

@@ -50,9 +50,7 @@ class Peer(PeerParts):
         """Start up (then clear `starting`: see stop_on_signals), train until stopped or done."""
         try:
             self.setup()
-            self.join()
-            if starting is not None:
-                starting.clear()
+            self.join(starting)
             while not self.stop.is_set() and not self._all_rounds_done():
                 report = self.overlapped_round() if self._overlapping() else self.blocking_round()
                 if report is not None and not self.after_round(report):
@@ -187,8 +185,8 @@ class Peer(PeerParts):
             swap_in_group_step(self.model, self.gs.theta, old, flight)
         return RoundReport.averaged(flight.round, flight.stats, flight.result)
 
-    def join(self) -> None:
-        super().join()
+    def join(self, starting: threading.Event | None = None) -> None:
+        super().join(starting)
         if self.inflight is None:
             self._join_pipeline()
 

@@ -115,8 +115,8 @@ class PeerParts:
             self.reporter.eval_loss, self.reporter.eval_round = self.initial_loss, 0
         self.sync = StateSync(self.gs, self.averager, self.view.refresh, self.peer_id,
                               cfg.averaging.state_download_timeout, self.stop)
-        logger.info("peer %s joined run %s (fingerprint %s, silo %d, model %s)", self.peer_id[-8:], run_id,
-                    self.fp, cfg.data.silo, cfg.model.preset)
+        logger.info("peer %s is on the DHT of run %s (fingerprint %s, silo %d, model %s)", self.peer_id[-8:],
+                    run_id, self.fp, cfg.data.silo, cfg.model.preset)
 
     def _banned(self) -> dict[str, str]:
         """Peers our averager banned for sending bad data (their records are ignored too)."""
@@ -139,8 +139,9 @@ class PeerParts:
 
     # ------------------------------------------------------------------ joining
 
-    def join(self) -> None:
-        """Refuse a foreign swarm; download state if the swarm is ahead of us."""
+    def join(self, starting: threading.Event | None = None) -> None:
+        """Refuse a foreign swarm; download state if the swarm is ahead of us. `starting` is cleared before
+        the peer counts as joined: a stop request from then on ends with the final checkpoint."""
         records = self.tracker.records(fresh=True)
         others = [r for r in records if r.peer_id != self.peer_id and r.state != "done"]
         foreign = [r for r in others if r.fingerprint != self.fp]
@@ -162,7 +163,10 @@ class PeerParts:
             logger.info("no other peers yet: starting from %s at round %d", start, self.gs.counters.round)
         self.publish(RoundStats(), "training", now=True)
         self.view.start()
+        if starting is not None:
+            starting.clear()
         self.joined = True
+        logger.info("peer %s joined run %s at round %d", self.peer_id[-8:], self.cfg.dht.run_id, self.gs.counters.round)
 
     # ------------------------------------------------------------------ state from the swarm
 
