@@ -8,6 +8,7 @@ SIGINT/SIGTERM or `stop_event`. Training does not depend on it once peers have m
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -46,6 +47,10 @@ def run_bootstrap(
         logger.warning("no dht.identity_path: the bootstrap peer ID will change on every restart")
     stop, server = stop_event or threading.Event(), None
     # the bootstrap stores progress records for others: it validates them like every peer does
+    # peers reach it by its address, so it is public: libp2p then runs its relay for peers behind NAT
+    # (dht.auto_relay) at once, without waiting for AutoNAT to confirm it
+    if cfg.reachability == "auto":
+        cfg = dataclasses.replace(cfg, reachability="public")
     dht = start_dht(cfg, client_mode=False, record_validators=progress_validators(cfg.run_id))
     try:
         with stop_on_signals(stop, "shutting down the bootstrap node"):

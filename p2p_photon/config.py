@@ -295,7 +295,20 @@ class DHTConfig:
     identity_path: str = ""
     """Private key file for a persistent peer ID (created if missing); '' = ephemeral."""
     client_mode: bool = False
-    """Do not accept incoming connections (for peers behind NAT)."""
+    """Accept no incoming connections (behind NAT without port forwarding): the peer still trains and
+    averages as a full member (it sends its parts of Δ and receives the averages, owning no slice),
+    downloads state and publishes progress, but serves no state and leads no group."""
+    reachability: str = "auto"
+    """'auto': libp2p's AutoNAT finds out whether others can connect to us; 'public': they can (a peer
+    with a public address or a forwarded port: it then also relays for peers behind NAT; the bootstrap
+    node is public unless told otherwise); 'private': they cannot (implied by dht.auto_relay)."""
+    auto_relay: bool = False
+    """Behind NAT without port forwarding: become reachable through a public peer's libp2p circuit relay
+    (the relays are dht.relays, or the initial peers if that is empty), so the peer owns a slice of
+    each all-reduce and serves state like a public one. Every public peer relays for others."""
+    relays: tuple[str, ...] = ()
+    """Multiaddrs (with /p2p/<id>) of public peers to reserve a relay slot with when dht.auto_relay is
+    on; empty = the initial peers."""
     startup_timeout: float = 60.0
     """Seconds to wait for the DHT daemon (p2pd) to start."""
     bootstrap_timeout: float = 30.0
@@ -310,6 +323,14 @@ class DHTConfig:
                "dht.run_id", "must be non-empty letters, digits, '-', '_' or '.'")
         _check(self.startup_timeout > 0, "dht.startup_timeout", "must be > 0")
         _check(self.bootstrap_timeout > 0, "dht.bootstrap_timeout", "must be > 0")
+        _check(self.reachability in ("auto", "public", "private"), "dht.reachability",
+               "must be 'auto', 'public' or 'private'")
+        _check(not (self.auto_relay and self.reachability == "public"), "dht.auto_relay",
+               "a peer behind NAT is not publicly reachable: leave dht.reachability at 'auto'")
+        _check(not (self.auto_relay and self.client_mode), "dht.auto_relay",
+               "a relayed peer accepts connections through its relay: turn dht.client_mode off")
+        _check(not self.auto_relay or bool(self.relays or self.initial_peers), "dht.auto_relay",
+               "needs a relay: set dht.relays or --initial-peers")
         _check(not self.members or bool(self.identity_path), "dht.members",
                "a closed swarm needs dht.identity_path (create one with `p2p-photon identity new PATH`)")
 

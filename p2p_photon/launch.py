@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,10 +63,10 @@ class LocalSwarm:
         return env
 
     def spawn(self, name: str, args: list[str], script: str | None = None,
-              extra_env: dict[str, str] | None = None) -> Proc:
+              extra_env: dict[str, str] | None = None, wrap: Sequence[str] = ()) -> Proc:
         """Run `p2p-photon ARGS` (or `python SCRIPT ARGS`, e.g. a test's hostile peer) as a child
-        process."""
-        cmd = [sys.executable, *([script] if script else ["-m", "p2p_photon.cli"]), *args]
+        process; `wrap` goes before it (e.g. `ip netns exec NS`: a command that execs what follows)."""
+        cmd = [*wrap, sys.executable, *([script] if script else ["-m", "p2p_photon.cli"]), *args]
         log = self.workdir / f"{name}.log" if self.capture else None
         out = open(log, "w") if log else None
         popen = subprocess.Popen(cmd, stdout=out or None, stderr=subprocess.STDOUT if out else None,
@@ -77,13 +78,13 @@ class LocalSwarm:
         self.procs.append(proc)
         return proc
 
-    def start_bootstrap(self, timeout: float = 90.0, extra: list[str] = ()) -> list[str]:
+    def start_bootstrap(self, timeout: float = 90.0, extra: list[str] = (), wrap: Sequence[str] = ()) -> list[str]:
         maddrs_file = self.workdir / "bootstrap.json"
         maddrs_file.unlink(missing_ok=True)
         args = ["bootstrap", "--maddrs-file", str(maddrs_file), *extra]
         if self.config:
             args += ["--config", self.config]
-        proc = self.spawn("bootstrap", args)
+        proc = self.spawn("bootstrap", args, wrap=wrap)
         deadline = time.monotonic() + timeout
         while not maddrs_file.exists():
             if not proc.alive() or time.monotonic() > deadline:
@@ -94,7 +95,7 @@ class LocalSwarm:
 
     def start_peer(self, index: int, overrides: list[str] = (), extra_args: list[str] = (),
                    name: str | None = None, script: str | None = None,
-                   env: dict[str, str] | None = None, data: str | None = None) -> Proc:
+                   env: dict[str, str] | None = None, data: str | None = None, wrap: Sequence[str] = ()) -> Proc:
         """A peer on silo `index` of the shared corpus, or (`data`) on that private corpus, joining the run
         the bootstrap hosts (`start_bootstrap(extra=["--run", RUN_DIR])`)."""
         name = name or f"peer{index}"
@@ -107,8 +108,7 @@ class LocalSwarm:
         sets = [*silo, f"checkpoint.dir={self.workdir / ('ckpt-' + name)}", *self.overrides, *overrides]
         for s in sets:
             args += ["--set", s]
-        proc = self.spawn(name, [*args, *extra_args], script=script, extra_env=env)
-        return proc
+        return self.spawn(name, [*args, *extra_args], script=script, extra_env=env, wrap=wrap)
 
     def summary_path(self, name: str) -> Path:
         return self.workdir / f"{name}.summary.json"

@@ -200,6 +200,9 @@ def _create_identity(p: Path) -> None:
 # ----------------------------------------------------------------------------- start / stop
 
 
+RELAY_WAIT_S = 30.0  # how long start-up waits for a relay reservation (dht.auto_relay)
+
+
 def start_dht(
     cfg: DHTConfig, *, record_validators: Sequence = (), client_mode: bool | None = None, reaper: bool = True
 ) -> hivemind.DHT:
@@ -233,7 +236,25 @@ def start_dht(
     if reaper:
         notify_reaper()
     logger.info(f"DHT started in {time.monotonic() - t0:.1f}s as peer {dht.peer_id}")
+    if kwargs.get("use_auto_relay"):
+        _report_relay(dht)
     return dht
+
+
+def _report_relay(dht: hivemind.DHT, wait: float = RELAY_WAIT_S) -> bool:
+    """Log the relay address others reach us through (a /p2p-circuit multiaddr), waiting up to `wait`
+    seconds for the relay reservation; a warning if there is none yet (libp2p keeps trying)."""
+    deadline = time.monotonic() + wait
+    while True:
+        relayed = [str(m) for m in dht.get_visible_maddrs(latest=True) if "p2p-circuit" in str(m)]
+        if relayed:
+            logger.info(f"reachable through relay: {relayed[0]}")
+            return True
+        if time.monotonic() > deadline:
+            logger.warning(f"no relay reservation after {wait:.0f}s: peers can reach us only over connections "
+                           "we open until one succeeds (check dht.relays: public peers of the run, with /p2p/<id>)")
+            return False
+        time.sleep(0.5)
 
 
 def _dht_kwargs(cfg: DHTConfig, record_validators: Sequence, client_mode: bool) -> dict:
@@ -252,6 +273,12 @@ def _dht_kwargs(cfg: DHTConfig, record_validators: Sequence, client_mode: bool) 
         startup_timeout=cfg.startup_timeout,
         record_validators=list(record_validators),
     )
+    if cfg.reachability != "auto":
+        kwargs["force_reachability"] = cfg.reachability
+    if cfg.auto_relay and not client_mode:
+        # we know we are behind NAT (the user says so): no AutoNAT probing, reserve a slot with the relays now
+        kwargs.update(use_auto_relay=True, force_reachability="private",
+                      trusted_relays=list(validate_maddrs(cfg.relays, "dht.relays", require_peer_id=True)) or list(initial))
     if cfg.identity_path:
         kwargs["identity_path"], peer_id = prepare_identity(cfg.identity_path)
         logger.info(f"using identity {kwargs['identity_path']} (peer ID {peer_id})")

@@ -94,6 +94,9 @@ class ProgressRecord(BaseModel):
     """Held-out loss of the global model of θ round `eval_round` on the run's public eval set (the same
     for every peer of a run, so the swarm has one comparable number); None before the first evaluation."""
     eval_round: Count = 0
+    client: bool = False
+    """The peer accepts no connections (dht.client_mode, e.g. behind NAT): it averages as a member of
+    groups that others lead, so client-mode peers alone cannot average."""
     bans: Annotated[list[Annotated[str, Field(max_length=MAX_BAN_CHARS)]], Field(max_length=MAX_BANS)] = []
     """The peers this one refused data from and left out of its all-reduces, newest last, each
     "<peer id>: <why>" (only on proof: non-finite values, wrong sizes, a weight above its cap)."""

@@ -212,11 +212,12 @@ def dhts():
         d.shutdown()
 
 
-def _averagers(dhts, n=3, members=None, shapes=SHAPES, **cfg_kw):
+def _averagers(dhts, n=3, members=None, shapes=SHAPES, clients=(), **cfg_kw):
     cfg = AveragingConfig(matchmaking_time=1.0, allreduce_timeout=30.0, min_group_size=2,
                           **{"aggregator": "mean", "target_group_size": n, **cfg_kw})
     prefix = f"t{next(_prefixes)}-fp"
-    return [SwarmAverager(d, shapes, prefix=prefix, cfg=cfg, members=members) for d in dhts[:n]]
+    return [SwarmAverager(d, shapes, prefix=prefix, cfg=cfg, members=members, client_mode=i in clients)
+            for i, d in enumerate(dhts[:n])]
 
 
 def _round(avgs, deltas, weights, round_no, caps=None, swarm_size=None, timeout=30):
@@ -271,6 +272,32 @@ def test_uncompressed_weighted_mean_is_bit_identical_and_bytes_are_measured(dhts
     mean_received = sum(r.bytes_received for r in results) / 3
     assert analytic <= mean_sent <= analytic * 1.01, (mean_sent, analytic)  # protobuf framing < 1%
     assert mean_received == pytest.approx(mean_sent, rel=1e-3)
+
+
+@pytest.mark.swarm
+def test_client_mode_peers_average_as_full_members_without_owning_a_slice(dhts):
+    """Two of three averagers in client mode (behind NAT: they accept no connections): the one that
+    does owns every slice; all three hold the bit-identical weighted mean of all three Δ. A client
+    sends its whole vector to the owner and receives it back averaged (4 bytes x P each way), the
+    owner sends each client the averages (2 x 4 x P) and receives their parts."""
+    avgs = _averagers(dhts, compression="none", clients=(1, 2))
+    assert [a.client_mode for a in avgs] == [False, True, True]
+    deltas, weights = _deltas(3, seed=3), [8.0, 24.0, 40.0]
+    try:
+        avgs[1].set_priority(5)  # a client serves no state: a no-op, not an error
+        results = _round(avgs, deltas, weights, round_no=2)
+    finally:
+        _shutdown(avgs)
+    assert all(not isinstance(r, Exception) for r in results), results
+    assert [r.group_size for r in results] == [3, 3, 3]
+    want = _mean(deltas, weights)
+    for got, w in zip(results[0].deltas, want):
+        assert torch.allclose(got, w, atol=1e-7, rtol=1e-6)
+    assert len({theta_hash(r.deltas) for r in results}) == 1
+    assert {m["client"] for m in results[0].gathered.values()} == {True, False}
+    for client in results[1:]:
+        assert 4 * P <= client.bytes_sent <= 4 * P * 1.01 and 4 * P <= client.bytes_received <= 4 * P * 1.01
+    assert 2 * 4 * P <= results[0].bytes_sent <= 2 * 4 * P * 1.01
 
 
 @pytest.mark.swarm

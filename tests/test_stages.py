@@ -37,6 +37,32 @@ def test_every_member_derives_the_same_group_rep_and_weight_from_the_metadata():
     assert stages.Group.from_metadata(dict(reversed(list(peers.items())))) == g
 
 
+def test_a_client_mode_peer_represents_its_group_only_when_it_is_alone_and_never_leads_stage_two():
+    """A client-mode peer accepts no connections: it cannot lead stage 2 or 3, so the smallest member
+    that accepts them represents its group; a lone client still posts its group, but the stage-2
+    leader is the smallest representative that is not a client (none: the stage fails, with why)."""
+    peers = {"Qma": {"nonce": "1", "weight": 1.0, "client": True}, "Qmb": {"nonce": "2", "weight": 2.0},
+             "Qmc": {"nonce": "3", "weight": 3.0, "client": False}}
+    g = stages.Group.from_metadata(peers)
+    assert g.members == ("Qma", "Qmb", "Qmc") and g.clients == {"Qma"} and g.rep == "Qmb"
+    post = g.post()
+    assert post["rep"] == "Qmb" and post["client"] is False and post["members"] == ["Qma", "Qmb", "Qmc"]
+    lone = stages.Group("soloQma", ("Qma",), 1.0, frozenset({"Qma"}))
+    assert lone.rep == "Qma" and lone.post()["client"] is True
+    board = {g.group_id: post, "soloQma": lone.post(),
+             "old": {"members": ["Qmd", "Qmz"], "weight": 1.0}}  # a post without a rep: its smallest member
+    assert [stages.rep_of(v) for v in board.values()] == ["Qmb", "Qma", "Qmd"]
+    assert stages.stage2_leader(board) == "Qmb"  # Qma is smaller, but a client
+    assert stages.stage2_caps(board, {"Qma": 1.0, "Qmb": 2.0, "Qmc": 3.0, "Qmd": 1.0, "Qmz": 1.0}) == \
+        {"Qmb": 6.0, "Qma": 1.0, "Qmd": 2.0}
+    try:
+        stages.stage2_leader({"soloQma": lone.post()})
+    except AveragingFailed as e:
+        assert "lone client-mode peer" in str(e)
+    else:
+        raise AssertionError("a board of lone clients has no stage-2 leader")
+
+
 def test_a_representative_may_send_no_more_weight_than_its_members_caps_allow():
     board = {"g1": {"weight": 30.0, "members": ["a", "b"]}, "g2": {"weight": 9.0, "members": ["c"]}}
     assert stages.stage2_caps(board, {"a": 10.0, "b": 20.0, "c": 5.0}) == {"a": 30.0, "c": 5.0}

@@ -276,7 +276,7 @@ class OwnerRunner(AllReduceRunner):
         except BaseException as e:
             self.failed_reducers.add(str(peer_id))
             if isinstance(e, Exception):
-                logger.debug("all-reduce with %s failed: %r", peer_id, e)
+                logger.warning("all-reduce with owner %s failed: %r", str(peer_id)[-8:], e)
             self.tensor_part_container.register_failed_reducer(peer_index)
             raise
 

@@ -95,16 +95,40 @@ class Group:
     group_id: str
     members: tuple[str, ...]
     weight: float  # W_g: the sum of the members' weights
+    clients: frozenset[str] = frozenset()  # members in client mode: they accept no connections
 
     @property
     def rep(self) -> str:
-        return self.members[0]
+        """The smallest member that accepts connections (it may have to lead stage 2, and it leads stage
+        3): a client-mode peer represents its group only when it is alone in it."""
+        return min((m for m in self.members if m not in self.clients), default=self.members[0])
 
     @classmethod
     def from_metadata(cls, peers: Mapping[str, Mapping[str, Any]]) -> Group:
         group_id = consensus.group_key("", 0, peers).rsplit("_", 1)[-1]
         weight = sum(float(m.get("weight", 0.0)) for m in peers.values())
-        return cls(group_id, tuple(sorted(peers)), weight)
+        clients = frozenset(p for p, m in peers.items() if m.get("client"))
+        return cls(group_id, tuple(sorted(peers)), weight, clients)
+
+    def post(self) -> dict[str, Any]:
+        """What the representative puts on the round's board."""
+        return dict(weight=self.weight, members=list(self.members), rep=self.rep, client=self.rep in self.clients,
+                    t=get_dht_time())
+
+
+def rep_of(post: Mapping[str, Any]) -> str:
+    """The representative of a group on the board."""
+    rep = post.get("rep")
+    return rep if isinstance(rep, str) and rep in post["members"] else min(post["members"])
+
+
+def stage2_leader(board: Mapping[str, dict]) -> str:
+    """Stage 2's leader: the smallest representative that accepts connections (AveragingFailed if every
+    group on the board is a lone client-mode peer: none of them can lead)."""
+    leader = min((rep_of(v) for v in board.values() if not v.get("client")), default=None)
+    if leader is None:
+        raise AveragingFailed("every group of the round is a lone client-mode peer: none of them can lead stage 2")
+    return leader
 
 
 def board_key(prefix: str, round_no: int) -> str:
@@ -139,7 +163,7 @@ def stage2_caps(board: Mapping[str, dict], member_caps: Mapping[str, float]) -> 
     if not member_caps:
         return {}
     biggest = max(member_caps.values())
-    return {min(v["members"]): sum(member_caps.get(m, biggest) for m in v["members"]) for v in board.values()}
+    return {rep_of(v): sum(member_caps.get(m, biggest) for m in v["members"]) for v in board.values()}
 
 
 def wave_of(board: Mapping[str, dict], group_id: str, wait: float) -> tuple[float, float, float | None]:
@@ -174,8 +198,9 @@ class Spanner:
     """Stages 2 and 3 for one peer (see the module docstring)."""
 
     def __init__(self, dht, prefix: str, peer_id: str, run_stage: Callable[[StageRun], tuple[list, dict]], *,
-                 codec: str, board_wait: float, gather_s: float, stage_timeout: float):
+                 codec: str, board_wait: float, gather_s: float, stage_timeout: float, client: bool = False):
         self.dht, self.prefix, self.peer_id, self.run_stage = dht, prefix, peer_id, run_stage
+        self.client = client  # we accept no connections: we never lead a stage
         self.codec, self.board_wait, self.gather_s, self.stage_timeout = codec, board_wait, gather_s, stage_timeout
 
     def span(self, averaged: list, peers: Mapping[str, Mapping[str, Any]], round_no: int,
@@ -194,7 +219,8 @@ class Spanner:
         """Stage 1 found us no group (left over when the groups filled up, or our group failed): take part
         in stage 2 as a group of one, so our Δ still counts and we end with the swarm's θ; if no other
         group posted to the board, the round fails with `why`."""
-        group = Group("solo" + self.peer_id[-12:], (self.peer_id,), float(weight))
+        group = Group("solo" + self.peer_id[-12:], (self.peer_id,), float(weight),
+                      frozenset([self.peer_id]) if self.client else frozenset())
         try:
             board = self._post_and_wait(group, round_no, expected)
         except AveragedWithoutUs:
@@ -230,7 +256,7 @@ class Spanner:
                 member_caps) -> tuple[list, int, dict[str, int]]:
         """The representatives' average of their groups' results: (x, peers it covers, their totals)."""
         try:
-            leader = min(min(v["members"]) for v in board.values())
+            leader = stage2_leader(board)
             policy = dict(codec=self.codec, aggregator=None, error_feedback=False, target_group_size=len(board),
                           weight_caps=stage2_caps(board, member_caps), leader=leader)
             x, reps = self.run_stage(StageRun(averaged, 2, stage_bits(round_no, 2), group.weight, policy,
@@ -241,7 +267,7 @@ class Spanner:
             logger.warning("round %d: only %d of the %d groups' representatives averaged together; the swarm "
                            "will hold more than one θ until the minority re-syncs", round_no, len(reps), len(board))
         swarm_totals = totals_of({p: m.get("group_totals") or {} for p, m in reps.items()})
-        return x, sum(len(v["members"]) for v in board.values() if min(v["members"]) in reps), swarm_totals
+        return x, sum(len(v["members"]) for v in board.values() if rep_of(v) in reps), swarm_totals
 
     def _as_member(self, averaged, group: Group, totals: dict[str, int], round_no: int
                    ) -> tuple[list, int, dict[str, int]]:
@@ -290,7 +316,7 @@ class Spanner:
         group that posts into the wave after that was not expected, and fails stage 2. A group whose wave follows one in which a
         group applied an average was late for it: the round fails for it (it catches up)."""
         key = board_key(self.prefix, round_no)
-        mine = dict(weight=group.weight, members=list(group.members), t=get_dht_time())
+        mine = group.post()
         self.dht.store(key, subkey=group.group_id, value=mine, expiration_time=get_dht_time() + BOARD_TTL)
         board = read_board(self.dht, self.prefix, round_no)
         board[group.group_id] = mine
@@ -329,7 +355,7 @@ class Spanner:
         waits for their representatives' decisions, each at most as long as its stages can run. Earlier
         waves whose groups all failed (a retry of the round after a failed attempt) do not make ours late:
         without this, every retry found its previous attempt's post on the board and failed again."""
-        pending = {g: min(v["members"]) for g, v in earlier.items() if not g.startswith("solo")}
+        pending = {g: rep_of(v) for g, v in earlier.items() if not g.startswith("solo")}
         deadline = max((float(earlier[g].get("t", 0.0)) for g in pending), default=0.0) \
             + self.board_wait + PROPAGATION_S + 2 * self.stage_timeout
         while pending:

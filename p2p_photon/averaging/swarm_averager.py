@@ -57,6 +57,9 @@ class SwarmAverager:
             client_mode=client_mode, declare_state_period=10.0, shutdown_timeout=5.0,
         )
         self.peer_id = str(self._averager.peer_id)
+        # a client-mode peer (behind NAT, no relay) accepts no connections: it sends its parts and receives
+        # the averages but owns no slice (hivemind gives it none), and it never leads or represents a group
+        self.client_mode = bool(self._averager.client_mode)
         self.dht, self.prefix = dht, prefix
         self.banned: dict[str, str] = {}
         # one round at a time: the group bits, the policy and the shared buffers belong to the round in
@@ -67,7 +70,7 @@ class SwarmAverager:
         self.spanner = Spanner(dht, prefix, self.peer_id, self._run_stage,
                                codec=stage_codec(self.codec.lossy),
                                board_wait=cfg.step_timeout + 2 * cfg.matchmaking_time, gather_s=cfg.step_timeout,
-                               stage_timeout=2 * cfg.step_timeout + cfg.allreduce_timeout)
+                               stage_timeout=2 * cfg.step_timeout + cfg.allreduce_timeout, client=self.client_mode)
 
     def average(self, deltas: Sequence[torch.Tensor | None], *, round_no: int, weight: float,
                 meta: dict[str, Any], active: Sequence[int] | None = None,
@@ -113,8 +116,8 @@ class SwarmAverager:
         """One all-reduce of a round's stage: (the average per tensor, peer id -> metadata of the group)."""
         round_no = self._round
         self._prepare(run)
-        gathered_meta = gather_metadata(dict(self._meta, weight=float(run.weight), stage=run.stage, **run.extra_meta),
-                                        round_no, self._active, run.policy.get("codec") or self.codec.name)
+        meta = dict(self._meta, weight=float(run.weight), stage=run.stage, client=self.client_mode, **run.extra_meta)
+        gathered_meta = gather_metadata(meta, round_no, self._active, run.policy.get("codec") or self.codec.name)
         peers = self._step(gathered_meta, run.weight, self._timeout + run.gather_s, run.gather_s)
         self._bytes[0] += int(self._wire[0])
         self._bytes[1] += int(self._wire[1])
@@ -198,8 +201,9 @@ class SwarmAverager:
 
     def set_priority(self, round_no: int) -> None:
         """Late joiners try the most advanced peers first (hivemind's state-sharing priority; a claim
-        anyone can make, so joiners verify what they download)."""
-        self._averager.state_sharing_priority = float(round_no)
+        anyone can make, so joiners verify what they download). A client-mode peer serves no state."""
+        if not self.client_mode:
+            self._averager.state_sharing_priority = float(round_no)
 
     def load_state_from_peers(self, timeout: float, exclude: Sequence[str] = ()
                               ) -> tuple[str, dict, list[torch.Tensor]] | None:

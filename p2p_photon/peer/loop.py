@@ -38,6 +38,11 @@ logger = logging.getLogger(__name__)
 STUCK_AFTER = 3  # consecutive failed attempts at one round before re-downloading the swarm's state
 
 
+NO_LEADER = ("every live peer of run %s is in client mode (accepts no connections), and client-mode peers cannot "
+             "average with each other: waiting for a peer that accepts connections (a public address, a forwarded "
+             "port, or dht.auto_relay)")
+
+
 class Peer(PeerParts):
     def __init__(self, cfg: Config, *, resume: bool = False, stop_event: threading.Event | None = None,
                  summary_out: str | None = None, policy: ContributionPolicy | None = None):
@@ -274,6 +279,8 @@ class Peer(PeerParts):
         if report.ok and cfg.logging.eval_every_rounds and c.round % cfg.logging.eval_every_rounds == 0:
             report.eval_loss = self.evaluate()
         self.reporter.log_round(report, self.tracker.present())
+        if not report.ok and self.tracker.only_clients(self.tracker.records()):
+            logger.warning(NO_LEADER, cfg.dht.run_id)
         if not report.ok and cfg.rounds.num_rounds and self.failed_here >= 2 and self.tracker.swarm_finished():
             # the others finished the run; they serve their final state a while (rounds.linger_seconds)
             if self.sync_from_peers(attempts=2):

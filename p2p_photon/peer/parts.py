@@ -109,6 +109,9 @@ class PeerParts:
                                       cfg=cfg.averaging, state_fn=self._share_state, members=members)
         self.averager.set_priority(self.policy.sharing_priority(self.gs.counters.round))
         self.peer_id = self.averager.peer_id
+        if self.averager.client_mode:
+            logger.info("client mode: accepting no connections; we send our parts of Δ and receive the averages "
+                        "(owning no slice) and serve no state")
         self.tracker = RoundTracker(cfg, self.fp, self.peer_id, self.view, banned=self._banned)
         self.reporter = Reporter(cfg, self.gs, self.policy, self.peer_id, publisher, self.view, self._banned)
         if math.isfinite(self.initial_loss):  # of the seeded init (θ round 0), until the first round's evaluation

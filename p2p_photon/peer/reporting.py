@@ -74,7 +74,7 @@ class Reporter:
             utilization=min(1.0, st.train_s / busy) if busy > 0 else 0.0, time=get_dht_time(), state=phase,
             target_samples=self.cfg.rounds.target_samples_per_round, seq_len=self.cfg.model.seq_len,
             theta_round=c.round, bans=ban_entries(self.banned()), eval_loss=self.eval_loss,
-            eval_round=self.eval_round)
+            eval_round=self.eval_round, client=self.cfg.dht.client_mode)
         rec = self.policy.record(rec)
         if now or phase != "training" or not self.view.is_alive():
             self.publisher.publish(rec)

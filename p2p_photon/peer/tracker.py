@@ -210,9 +210,21 @@ class RoundTracker:
         return majority_round([x.theta_round for x in self.mates(records)])
 
     def swarm_finished(self) -> bool:
-        """All other peers of this run we know of have published 'done' (a bounded run is over)."""
+        """All other peers of this run we know of have published 'done' (a bounded run is over); for a
+        client-mode peer, also when every peer that could lead a group (not in client mode) is done:
+        client-mode peers cannot average with each other."""
         mates = [x for x in self.view.records() if x.fingerprint == self.fp and x.peer_id != self.peer_id]
-        return bool(mates) and all(x.state == "done" for x in mates)
+        if not mates:
+            return False
+        if all(x.state == "done" for x in mates):
+            return True
+        return self.cfg.dht.client_mode and any(x.state == "done" for x in mates) \
+            and all(x.state == "done" or x.client for x in mates)
+
+    def only_clients(self, records: list[ProgressRecord]) -> bool:
+        """We are in client mode and so is every other live peer of the run: nobody can lead a group."""
+        live = [x for x in self.mates(records) if get_dht_time() - x.time < ALIVE_S and x.state != "done"]
+        return self.cfg.dht.client_mode and bool(live) and all(x.client for x in live)
 
     def weight_caps(self, records: list[ProgressRecord], my_rate: float) -> dict[str, float]:
         floor = self.cfg.rounds.target_samples_per_round + self.cfg.inner.batch_size * self.cfg.inner.grad_accum
