@@ -59,3 +59,46 @@ def test_two_peers_behind_nat_and_a_public_one_train_one_model(tmp_path, data_ca
     # a client sends its parts of Δ and gets the averages back: bytes on its wire, within its link
     assert home0["sent_per_round"] > 0 and home0["wire_sent"] >= home0["sent_per_round"]
     assert 0 < home0["uplink_fill"] <= 1.0, home0
+
+
+def test_a_peer_behind_nat_is_reached_through_a_public_peers_relay(tmp_path, internet_ok):
+    """dht.auto_relay: a DHT node behind NAT (nobody can connect to it) reserves a relay slot with the
+    bootstrap nodes (public, so they relay; libp2p reserves once it knows 4 relay candidates), and a
+    fresh public node that never talked to it reaches it through a /p2p-circuit address and calls it
+    over that connection."""
+    script = str(Path(REPO_ROOT) / "tests" / "relay_probe.py")
+    with netemu.Internet() as net:
+        boots = [net.public(f"boot{i}") for i in range(4)]
+        home, probe = net.behind_nat("home", up_mbit=20, down_mbit=100), net.public("probe")
+        assert not netemu.connects(probe, home)
+        files = []
+        for i, b in enumerate(boots):
+            files.append(tmp_path / f"boot{i}.json")
+            b.popen([PYTHON, "-m", "p2p_photon.cli", "bootstrap", "--host-maddrs", f"/ip4/{b.addr}/tcp/0",
+                     "--maddrs-file", str(files[-1]), "--set", "dht.run_id=relay"], env=python_env(),
+                    stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"boot{i}.log", "w"))
+        for f in files:
+            assert _wait_file(f), "a bootstrap node did not start"
+        natted = home.popen([PYTHON, script, "natted", home.addr, *map(str, files)], env=python_env(),
+                            stdout=subprocess.PIPE, stderr=open(tmp_path / "natted.log", "w"), text=True)
+        line = natted.stdout.readline().split()
+        assert line and line[0] == "peer", (tmp_path / "natted.log").read_text()[-2000:]
+        r = probe.run([PYTHON, script, "probe", probe.addr, line[1], *map(str, files)], env=python_env(),
+                      capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["ping_ok"], res
+    assert res["connected_via"] and "/p2p-circuit/" in res["connected_via"], res
+    assert res["addrs"] and all("/p2p-circuit" in a for a in res["addrs"]), res  # the only way in: the relay
+    assert "reserving a relay slot" in (tmp_path / "natted.log").read_text()
+
+
+def _wait_file(path: Path, timeout: float = 120.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
