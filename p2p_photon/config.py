@@ -304,8 +304,9 @@ class DHTConfig:
     node is public unless told otherwise); 'private': they cannot (implied by dht.auto_relay)."""
     auto_relay: bool = False
     """Behind NAT without port forwarding: become reachable through a public peer's libp2p circuit relay
-    (the relays are dht.relays, or the initial peers if that is empty), so the peer owns a slice of
-    each all-reduce and serves state like a public one. Every public peer relays for others."""
+    (the relays are dht.relays, or the initial peers if that is empty; public peers relay for others).
+    The peer then averages like a public one, owning a slice, with its traffic through the relay; that
+    is not measured yet: prefer dht.client_mode for training behind NAT."""
     relays: tuple[str, ...] = ()
     """Multiaddrs (with /p2p/<id>) of public peers to reserve a relay slot with when dht.auto_relay is
     on; empty = the initial peers."""

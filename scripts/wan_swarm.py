@@ -9,7 +9,7 @@ the bootstrap node's circuit relay as a full member. `--late K` starts peer K on
 finished round 0 (it downloads the state through its link).
 
     python scripts/wan_swarm.py                                   # 4 peers: 1000, 100, 100/20:nat, 10:nat; tiny model
-    python scripts/wan_swarm.py --quick                           # the suite's smoke: 100, 100/20:nat, 100/20:nat, nano, 5 rounds
+    python scripts/wan_swarm.py --quick                           # the suite's smoke: 100, 100/20:nat, 100/20:nat, nano, 8 rounds
     python scripts/wan_swarm.py --links 100 100/20:nat --rounds 6 --preset nano --relay
 
 Per peer and round it records training time, the averaging time (matchmaking and all-reduce), bytes
@@ -73,14 +73,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"one link per peer, UP[/DOWN][:nat] in Mbit/s (default {' '.join(DEFAULT_LINKS)}; "
                         f"--quick {' '.join(QUICK_LINKS)})")
     p.add_argument("--preset", default=None, help="model preset (default tiny; --quick nano)")
-    p.add_argument("--rounds", type=int, default=None, help="rounds (default 6; --quick 5)")
+    p.add_argument("--rounds", type=int, default=None, help="rounds (default 6; --quick 8)")
     p.add_argument("--samples", type=int, default=None, help="rounds.target_samples_per_round (default 192 x peers)")
     p.add_argument("--relay", action="store_true",
                    help="NAT'd peers reach the swarm through the bootstrap's relay (dht.auto_relay) instead of "
                         "client mode")
     p.add_argument("--late", type=int, default=None,
                    help="start this peer once peer 0 finished round 0 (default: --quick 2, else none)")
-    p.add_argument("--quick", action="store_true", help="smoke: 3 peers (two behind NAT, one late), nano, 5 rounds")
+    p.add_argument("--quick", action="store_true", help="smoke: 3 peers (two behind NAT, one late), nano, 8 rounds")
     p.add_argument("--timeout", type=float, default=1200.0, help="seconds the run may take (default 1200)")
     p.add_argument("--workdir", default=None, help="logs and summaries (default: runs/wan-<time>)")
     p.add_argument("--cache-dir", default=str(ROOT / ".cache" / "p2p_photon"), help="prepared data cache")
@@ -93,7 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     except ValueError as e:
         p.error(str(e))
     args.preset = args.preset or ("nano" if args.quick else "tiny")
-    args.rounds = args.rounds or (5 if args.quick else 6)
+    args.rounds = args.rounds or (8 if args.quick else 6)
     args.samples = args.samples or 192 * len(args.links)
     if args.late is None and args.quick:
         args.late = len(args.links) - 1

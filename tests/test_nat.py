@@ -46,7 +46,7 @@ def test_two_peers_behind_nat_and_a_public_one_train_one_model(tmp_path, data_ca
     pub, home0, home1 = res["peers"]
     rounds = res["round_theta"]
     n = len(rounds)
-    assert n == 5 and res["exit_codes"] == [0, 0, 0]
+    assert n == 8 and res["exit_codes"] == [0, 0, 0]
     assert home0["nat_verified"] and home1["nat_verified"] and pub["nat_verified"] is None
     assert home0["client_mode"] and home1["client_mode"] and not pub["client_mode"]
     assert [r["distinct_theta"] for r in rounds] == [1] * n, rounds  # one θ after every round
