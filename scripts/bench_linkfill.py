@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -145,6 +146,7 @@ def main(argv=None) -> int:
     if args.worker:
         worker(json.loads(args.spec))
         return 0
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: workers stopped, namespaces deleted
     why = netemu.why_unavailable()
     if why:
         print(f"error: {why}", file=sys.stderr)

@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import statistics
 import sys
 import time
@@ -243,6 +244,8 @@ def plot(fig: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # SIGTERM (a test's timeout, a CI cancel) unwinds like Ctrl-C: peers stopped, namespaces deleted
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     why = netemu.why_unavailable()
     if why:
         print(f"error: {why}", file=sys.stderr)

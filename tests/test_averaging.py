@@ -389,7 +389,7 @@ def test_a_forged_weight_is_refused_and_the_rest_average_the_honest_weighted_mea
     avgs = _averagers(dhts, compression="none")
     caps = {a.peer_id: 100.0 for a in avgs}  # what the peers' progress records allow
     try:
-        first = _round(avgs, deltas, weights, round_no=3, caps=caps)
+        first = _round(avgs, deltas, weights, round_no=3, caps=caps, timeout=12)  # the forger waits it out
         # refused by the honest owners (not failing the round for the others: they agree on one result);
         # the forger's own slice is its business as owner, as any owner's is (see protocol.average_problem)
         assert all(not isinstance(r, Exception) for r in first[:2]), first
@@ -428,7 +428,7 @@ def test_non_members_are_left_out_of_a_closed_swarms_average(dhts):
         # members neither let the outsider into a group they lead nor ask it to lead theirs, so the first
         # round already brings the three members together (without that, a member following the outsider's
         # group was left alone in it and failed the round)
-        results = _round(avgs, deltas, weights, round_no=7)
+        results = _round(avgs, deltas, weights, round_no=7, timeout=12)  # the outsider waits it out
     finally:
         _shutdown(avgs)
     want = _mean(deltas[:3], weights[:3])

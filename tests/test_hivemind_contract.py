@@ -92,7 +92,7 @@ EXPECTED_OVERRIDES = {
     EncodingContainer: {"__init__", "iterate_input_parts_for"},
     CollectingReducer: {"__init__", "reset_accumulators", "accumulate_part", "check_current_part_finished"},
     OwnerRunner: {"__init__", "_accumulate_parts_streaming", "_generate_input_for_peer",
-                  "_communicate_with_peer"},
+                  "_communicate_with_peer", "rpc_aggregate_part"},
     _Averager: {"__init__", "get_current_state", "_matchmaking", "_aggregate_with_group",
                 "_run_allreduce_inplace_", "rpc_download_state", "rpc_join_group"},
 }
@@ -462,6 +462,33 @@ def test_two_runners_average_through_hiveminds_run_and_rpc_aggregate_part():
         want = (1.0 * inputs[0][t] + 3.0 * inputs[1][t]) / 4.0
         assert torch.allclose(results[0][t], want, atol=1e-6) and torch.equal(results[0][t], results[1][t])
     assert all(r.bytes_sent > 0 and r.bytes_received > 0 and not r.failed_reducers for r in runners)
+
+
+def test_an_owner_keeps_a_senders_stream_open_a_moment_after_its_last_result(monkeypatch):
+    """OwnerRunner.rpc_aggregate_part wraps hivemind's (the averager's handler delegates every sender's
+    stream to the runner's): every result of hivemind's, in order, then RESULT_LINGER_S before the
+    handler returns (and the stream closes)."""
+    assert params(AllReduceRunner.rpc_aggregate_part) == ["self", "stream", "context"]
+    assert "group.rpc_aggregate_part(achain(as_aiter(request), stream), context)" in src(
+        DecentralizedAverager.rpc_aggregate_part)
+    sent = [averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, weight=float(i)) for i in range(3)]
+
+    async def theirs(self, stream, context):
+        for msg in sent:
+            yield msg
+
+    monkeypatch.setattr(AllReduceRunner, "rpc_aggregate_part", theirs)
+    monkeypatch.setattr(hb, "RESULT_LINGER_S", 0.3)
+
+    async def scenario():
+        gen, got = OwnerRunner.__new__(OwnerRunner).rpc_aggregate_part(None, None), []
+        async for msg in gen:
+            got.append(msg)
+            t_last = asyncio.get_running_loop().time()
+        return got, asyncio.get_running_loop().time() - t_last
+
+    got, linger = asyncio.run(scenario())
+    assert got == sent and 0.3 <= linger < 1.0
 
 
 def test_a_refused_sender_is_banned_through_ban_sender_and_its_owner_side_fails():

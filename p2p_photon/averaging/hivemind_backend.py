@@ -47,6 +47,7 @@ from .state_download import donors_by_priority, read_state
 logger = logging.getLogger(__name__)
 
 HIVEMIND_VERSION = "1.1.12"
+RESULT_LINGER_S = 1.0  # an owner keeps a sender's stream open this long after its last result (OwnerRunner)
 JOIN_RETRY_S = 0.5  # pause between requests to a stage's designated leader that refused us
 CONTRACT_TESTS = "tests/test_hivemind_contract.py"
 _version_warned = False
@@ -205,6 +206,18 @@ class OwnerRunner(AllReduceRunner):
         self.outputs[part_index] = combined.message
         return combined.decoded
 
+    # Extends hivemind's rpc_aggregate_part(stream, context) (the owner's handler of one sender's stream; the
+    # averager's handler delegates to it): the stream stays open RESULT_LINGER_S after our last result (the
+    # sender stops reading once it has every part, see receive_averages, so nobody waits for this). On an
+    # emulated 100 Mbit link a client-mode sender (whose results hivemind sends in one burst at the end)
+    # sometimes received all but the last part ('sent 20 parts, expected 21') when the handler returned, and
+    # so closed the stream, right after writing it; it then failed the round the others completed.
+    async def rpc_aggregate_part(self, stream: AsyncIterator[averaging_pb2.AveragingData], context
+                                 ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        async for msg in super().rpc_aggregate_part(stream, context):
+            yield msg
+        await asyncio.sleep(RESULT_LINGER_S)
+
     # Overrides hivemind's private _accumulate_parts_streaming(stream, sender_index), called by
     # rpc_aggregate_part; relies on _ban_sender(peer_id) and tensor_part_reducer.num_parts.
     async def _accumulate_parts_streaming(self, stream: AsyncIterator[averaging_pb2.AveragingData],
@@ -301,6 +314,8 @@ class OwnerRunner(AllReduceRunner):
             averaged = await self.decode_average(msg, peer_id, peer_index, part_index)
             container.register_processed_part(peer_index, part_index, averaged)
             part_index += 1
+            if part_index == container.num_parts_by_peer[peer_index]:
+                break  # all of it: do not wait for the owner to close the stream (it lingers, see above)
         if part_index != container.num_parts_by_peer[peer_index]:
             raise AllreduceException(f"peer {peer_id} sent {part_index} parts, expected "
                                      f"{container.num_parts_by_peer[peer_index]}")
