@@ -4,6 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/_venv.sh
-./scripts/_ensure_chromium.sh || echo "[setup] chromium not available: the browser test will fail" >&2
-./scripts/_ensure_nftables.sh || echo "[setup] nftables not available: the emulated-WAN tests will be skipped" >&2
+./scripts/_ensure_apt.sh chromium chromium "the dashboard browser test" || echo "[setup] chromium not available: the browser test will fail" >&2
+./scripts/_ensure_apt.sh nft nftables "the emulated-WAN tests" || echo "[setup] nftables not available: the emulated-WAN tests will be skipped" >&2
 exec python -m pytest -q -p no:cacheprovider --durations=15 "$@"

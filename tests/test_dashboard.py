@@ -177,7 +177,7 @@ def test_busy_port_and_bad_address_are_one_line_errors():
 def _chromium() -> str:
     path = shutil.which("chromium")
     if path is None:
-        pytest.fail("chromium is not installed: run scripts/_ensure_chromium.sh (apt-get install chromium); "
+        pytest.fail("chromium is not installed: run scripts/_ensure_apt.sh chromium chromium browser-test (apt-get install chromium); "
                     "the dashboard must be checked in a real browser")
     return path
 
