@@ -75,6 +75,7 @@ class Int8Blockwise(Codec):
 
         self._f = bnbf
         self._code = bnbf.create_dynamic_map(signed=True).float()
+        self._code_np = self._code.numpy()
 
     def encode(self, x):
         x = x.detach().reshape(-1).float().contiguous()
@@ -91,14 +92,18 @@ class Int8Blockwise(Codec):
         self._numel(msg, 4 * blocks + n)
         if n == 0:
             return torch.zeros(0)
-        absmax = torch.from_numpy(np.frombuffer(msg.buffer, dtype=np.float32, count=blocks).copy())
-        if not torch.isfinite(absmax).all():
+        absmax = np.frombuffer(msg.buffer, dtype=np.float32, count=blocks)
+        if not np.isfinite(absmax).all():
             raise ValueError("int8 part with a non-finite scale")
-        q = torch.from_numpy(np.frombuffer(msg.buffer, dtype=np.uint8, offset=4 * blocks, count=n).copy())
-        # the same arithmetic as bitsandbytes' dequantize_blockwise, written out so it is plainly elementwise
-        values = self._code[q.long()]
-        scale = absmax.repeat_interleave(INT8_BLOCK)[:n]
-        return values * scale
+        q = np.frombuffer(msg.buffer, dtype=np.uint8, offset=4 * blocks, count=n)
+        # the same arithmetic as bitsandbytes' dequantize_blockwise (code[q] x the block's absmax), written
+        # out so it is plainly elementwise; in place, block by block, with no int64 index or repeated scale
+        out = self._code_np[q]
+        full = n // INT8_BLOCK
+        out[: full * INT8_BLOCK].reshape(full, INT8_BLOCK)[...] *= absmax[:full, None]
+        if n > full * INT8_BLOCK:
+            out[full * INT8_BLOCK:] *= absmax[full]
+        return torch.from_numpy(out)
 
 
 class Int4Blockwise(Codec):

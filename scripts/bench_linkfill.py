@@ -4,7 +4,7 @@ namespace with a tbf-shaped symmetric link of R Mbit/s (scripts/netemu.py), aver
 parameters; fill = bytes the peer sent ÷ all-reduce time (matchmaking excluded, as in
 scripts/bench_allreduce.py) ÷ link rate. Target: >= 70 % (issue 15).
 
-    python scripts/bench_linkfill.py                                  # 100 and 1000 Mbit, 2 peers, none and int8
+    python scripts/bench_linkfill.py                                  # 10, 100 and 1000 Mbit, 2 peers, none and int8
     python scripts/bench_linkfill.py --quick                          # 100 Mbit, 1M params, 1 round (smoke)
     python scripts/bench_linkfill.py --rates 100 --params 2e7 --peers 3 --codecs none
 
@@ -38,9 +38,9 @@ from p2p_photon.files import write_json_atomic  # noqa: E402
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rates", type=float, nargs="+", default=None, help="link rates, Mbit/s (default 100 1000)")
+    p.add_argument("--rates", type=float, nargs="+", default=None, help="link rates, Mbit/s (default 10 100 1000)")
     p.add_argument("--params", type=float, default=None,
-                   help="parameters averaged (default: 5M at 100 Mbit, 25M at 1 Gbit: ~2 s of fp32 per round)")
+                   help="parameters averaged (default: 2M up to 10 Mbit, 5M up to 100 Mbit, 25M above: 1-6 s of fp32 per round)")
     p.add_argument("--peers", type=int, default=2, help="averagers, one per namespace (default 2)")
     p.add_argument("--codecs", nargs="+", default=["none", "int8"], help="averaging.compression values")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds (after one warm-up round)")
@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         args.rates, args.params, args.codecs, args.rounds = args.rates or [100.0], args.params or 1e6, ["none"], 1
         args.out = args.out or str(Path(tempfile.gettempdir()) / "linkfill-quick.json")
-    args.rates = args.rates or [100.0, 1000.0]
+    args.rates = args.rates or [10.0, 100.0, 1000.0]
     args.out = args.out or str(ROOT / "bench" / "results" / "linkfill.json")
     if args.peers < 2 or args.rounds < 1:
         p.error("--peers must be >= 2 and --rounds >= 1")
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     netemu.cleanup_stale()
     cases = []
     for rate in args.rates:
-        params = int(args.params or (5e6 if rate <= 100 else 25e6))
+        params = int(args.params or (2e6 if rate <= 10 else 5e6 if rate <= 100 else 25e6))
         for codec in args.codecs:
             print(f"[linkfill] {args.peers} peers on {rate:g} Mbit/s links, {params / 1e6:g}M params, {codec} ...",
                   flush=True)

@@ -50,6 +50,17 @@ def test_codecs_round_trip_within_their_resolution(name, bpv, tol):
         codec.decode(msg)
 
 
+@pytest.mark.parametrize("n", [1, 4095, 4096, 3 * 4096 + 17])
+def test_int8_decode_is_bitsandbytes_dequantize_bit_for_bit(n):
+    """The int8 codec's own decode (in place, block by block) is bitsandbytes' reference arithmetic."""
+    import bitsandbytes.functional as bnbf
+
+    codec = make_codec("int8")
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    q, state = bnbf.quantize_blockwise(x, code=codec._code, blocksize=4096)
+    assert torch.equal(codec.decode(codec.encode(x)), bnbf.dequantize_blockwise(q, state))
+
+
 def test_robust_aggregate_against_hand_computed_values():
     a, b, c = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0]), torch.tensor([3.0, 4.0])
     mean, dropped = aggregate([(a, 1.0), (b, 1.0), (c, 2.0)], "mean")
