@@ -7,18 +7,23 @@ groups' representatives, stage 3 back into each group: p2p_photon/averaging/stag
 The model of one round (every term is printed in the JSON's `model` section):
 
     S        = params x bytes per value of the codec (int8: 1 + 4/4096, fp16 2, none 4)
-    transfer = for each member, max(bytes up / uplink, bytes down / downlink) / fill(rate); the slowest
-               member sets the stage's time (an owner streams results as contributions arrive). A full
-               member of a group of g (k owners) sends (k-1)/k S of parts and (g-1)/k S of results; a
-               client sends S and receives S. fill(rate) is the measured link fill of the all-reduce
-               (bench/results/linkfill.json, fp32), interpolated in log(rate) and held flat outside
-               100 Mbit-1 Gbit; a TCP stream carries at most WINDOW/RTT, a member has g-1 of them
+    transfer = the slowest member sets the stage's time. A full member of a group of g (k owners) sends
+               (k-1)/k S of parts and (g-1)/k S of results and receives as much; an owner streams results
+               as contributions arrive, so it takes max(bytes up / uplink, bytes down / downlink) /
+               fill(rate), with fill(rate) the measured link fill of the all-reduce with data both ways
+               (bench/results/linkfill.json, fp32), interpolated in log(rate), flat outside 10 Mbit-1 Gbit.
+               A client (client mode, behind NAT) sends S and receives S, one after the other: hivemind
+               holds a client's results until it has sent all its parts (AllReduceRunner.
+               should_delay_results), so it takes S / uplink + S / downlink at the one-way TCP fill
+               (ONE_WAY_FILL, netemu's single-stream measurement). A TCP stream carries at most
+               WINDOW/RTT; a member has one stream per other owner
     codec    = params / codec rate, overlapped with the transfer (the stage takes the longer of the two):
                calibrated on linkfill.json's int8 case at 1 Gbit, where the codec is the bottleneck
     overhead = a + b x params per stage (matchmaking, progress records, consensus hash, outer step,
                state update: CPU work), fitted on two measured swarms of different model size
                (bench/results/wan_quick.json: nano, bench/results/wan_photon.json: tiny); b is CPU time
-               measured with the peers sharing this machine's cores and is scaled to one core per peer
+               measured with the peers sharing this machine's cores (half a core each) and is scaled to the
+               peer's host cores (HARDWARE); the codec rate scales with them too
     latency  = RTT_PER_STAGE round trips per stage (matchmaking, parts, results, hash) + log2(peers)
                DHT hops for the group key and progress records
     round    = compute + comm (no overlap) or max(compute, comm) + outer step (overlap: the all-reduce of
@@ -54,10 +59,16 @@ RESULTS = ROOT / "bench" / "results"
 BYTES_PER_VALUE = {"none": 4.0, "fp16": 2.0, "int8": 1.0 + 4.0 / 4096, "int4": 0.5 + 4.0 / 128}
 RTT_PER_STAGE = 4  # join request + accept, parts, results, consensus hash
 TCP_WINDOW = 4 * 2**20  # bytes in flight per TCP stream (Linux autotuning's typical ceiling)
+ONE_WAY_FILL = 0.96  # goodput / rate of one TCP stream on a tbf link carrying data one way only (netemu's
+#                      check: 19.2 of 20 Mbit, 96.1 of 100 Mbit)
+# measured swarms the model predicts without being fitted on them (wan_10nat: python scripts/wan_swarm.py
+# --links 100 10:nat --preset tiny --rounds 3 --out bench/results/wan_10nat.json)
+VALIDATION_RUNS = ("wan.json", "wan_10nat.json")
 CALIB_CORES_PER_PEER = 0.5  # 4 peers on 2 cores in the calibration swarms
-# what one peer computes with, by model (peak bf16 FLOP/s x count; MFU below)
-HARDWARE = {"125m": ("1x RTX 4090", 165e12), "350m": ("1x RTX 4090", 165e12), "1b": ("1x A100", 312e12),
-            "3b": ("4x A100", 4 * 312e12), "7b": ("8x H100", 8 * 989e12)}
+# what one peer computes with, by model: (name, peak bf16 FLOP/s x count, host cores for the per-parameter CPU
+# work of a round: codec, outer step, θ hash, state update; MFU below)
+HARDWARE = {"125m": ("1x RTX 4090", 165e12, 2), "350m": ("1x RTX 4090", 165e12, 2), "1b": ("1x A100", 312e12, 4),
+            "3b": ("4x A100", 4 * 312e12, 8), "7b": ("8x H100", 8 * 989e12, 16)}
 MFU = 0.4
 SEQ_LEN, LOCAL_BATCH = 2048, 16  # Photon's small local batches
 GRID = dict(peers=[8, 64, 256, 1000], link=[10, 100, 1000, 10000], rtt=[10, 50, 200],
@@ -113,22 +124,25 @@ def transfer_s(members: list[dict], size: float, points, rtt_s: float = 0.0) -> 
     k = sum(not m["client"] for m in members) or 1
     worst = 0.0
     for m in members:
-        up, down = ((size, size) if m["client"] else
-                    ((k - 1) / k * size + (g - 1) / k * size, (g - 1) / k * size + (k - 1) / k * size))
         streams = max(1, k - (0 if m["client"] else 1))
         cap = streams * TCP_WINDOW * 8 / 1e6 / rtt_s if rtt_s > 0 else math.inf  # Mbit/s
-        t_up = up * 8 / 1e6 / (min(m["up"], cap) * fill_at(m["up"], points))
-        t_down = down * 8 / 1e6 / (min(m["down"], cap) * fill_at(m["down"], points))
-        worst = max(worst, t_up, t_down)
+        up_rate, down_rate = min(m["up"], cap), min(m["down"], cap)
+        if m["client"]:  # parts first, then (held back until then) the results
+            t = size * 8 / 1e6 / (up_rate * ONE_WAY_FILL) + size * 8 / 1e6 / (down_rate * ONE_WAY_FILL)
+        else:
+            each_way = (k - 1) / k * size + (g - 1) / k * size
+            t = max(each_way * 8 / 1e6 / (up_rate * fill_at(m["up"], points)),
+                    each_way * 8 / 1e6 / (down_rate * fill_at(m["down"], points)))
+        worst = max(worst, t)
     return worst
 
 
 def measured_swarm(result: dict) -> dict:
-    """Params, codec bytes, members and the median averaging time of a wan_swarm result (rounds in which
-    every peer averaged)."""
+    """Params, codec bytes, members and the averaging time of a wan_swarm result: per round in which every
+    peer averaged, the slowest member's (the stage's time), then the median over those rounds."""
     peers = result["peers"]
     full = {r["round"] for r in result["round_theta"] if r["peers_averaged"] == len(peers)}
-    avg = [row["averaging_s"] for p in peers for row in p["per_round"] if row["round"] in full]
+    avg = [max(row["averaging_s"] for p in peers for row in p["per_round"] if row["round"] == r) for r in full]
     params = peers[0]["num_params"]
     return dict(params=params, size=_size_from(peers), members=swarm_members(peers),
                 averaging_s=statistics.median(avg), rounds=sorted(full))
@@ -189,9 +203,10 @@ def validate(cal: dict) -> list[dict]:
     rows = []
     for c in cal["calibration_runs"]:
         rows.append(_row(c["source"], "calibration", c, cal))
-    wan = _load("wan.json")
-    if wan is not None:
-        rows.append(_row("wan.json", "validation", dict(source="wan.json", **measured_swarm(wan)), cal))
+    for name in VALIDATION_RUNS:
+        wan = _load(name)
+        if wan is not None:
+            rows.append(_row(name, "validation", dict(source=name, **measured_swarm(wan)), cal))
     for c in _load("linkfill.json")["cases"]:
         pred = max(c["bytes_sent_per_peer"] * 8 / 1e6 / (c["rate_mbit"] * fill_at(c["rate_mbit"], cal["fill_points"])),
                    c["params"] / cal["codec_params_per_s"] if c["codec"] != "none" else 0.0)
@@ -210,29 +225,33 @@ def _row(source: str, role: str, run: dict, cal: dict) -> dict:
 
 
 def project(cal: dict, *, peers: int, link: float, rtt_ms: float, model: str, codec: str, overlap: bool,
-            group: int = 64, local_steps: int = 500, cores: float = 1.0) -> dict:
-    """One scenario: every peer a full member on a symmetric `link` Mbit/s, `rtt_ms` between peers."""
+            group: int = 64, local_steps: int = 500, cores: float | None = None, clients: int = 0) -> dict:
+    """One scenario: peers on a symmetric `link` Mbit/s, `rtt_ms` between peers; `clients` members of each
+    group in client mode (behind NAT), the others full members; `cores`: host cores for the CPU work."""
     params = params_of(model)
     pts, rtt = cal["fill_points"], rtt_ms / 1e3
-    hw, peak = HARDWARE[model]
+    hw, peak, host_cores = HARDWARE[model]
+    cores = host_cores if cores is None else cores
     step_s = 6 * params * SEQ_LEN * LOCAL_BATCH / (peak * MFU)
     compute = local_steps * step_s
-    b = cal["overhead_b_s_per_param"] * CALIB_CORES_PER_PEER / cores  # one core of its own per peer
+    b = cal["overhead_b_s_per_param"] * CALIB_CORES_PER_PEER / cores  # the peer's own host cores
     a = cal["overhead_a_s"]
     crate = cal["codec_params_per_s"] * cores
     dht = math.log2(max(2, peers)) * rtt
 
-    def stage(members: int, size: float, lossy: bool) -> float:
-        m = [dict(up=link, down=link, client=False)] * members
+    def stage(members: int, size: float, lossy: bool, nat: int = 0) -> float:
+        m = [dict(up=link, down=link, client=i < nat) for i in range(members)]
         codec_s = params / crate if lossy else 0.0
         return a + b * params + max(transfer_s(m, size, pts, rtt), codec_s) + RTT_PER_STAGE * rtt + dht
 
     g = min(peers, group)
     groups = math.ceil(peers / g)
     size1 = params * BYTES_PER_VALUE[codec]
-    t1 = stage(g, size1, codec != "none")
+    nat = min(clients, g - 1)
+    t1 = stage(g, size1, codec != "none", nat)
     t2 = t3 = 0.0
-    sent = 2 * (g - 1) / g * size1
+    k = g - nat
+    sent = ((k - 1) / k + (g - 1) / k) * size1  # a full member's bytes up (a client's: size1)
     if groups > 1:
         size2 = params * (2.0 if codec != "none" else 4.0)  # stage 2/3: fp16 if the run's codec is lossy
         t2 = stage(groups, size2, False) + 2 * rtt  # + the board wave (a DHT post and read)
@@ -242,7 +261,8 @@ def project(cal: dict, *, peers: int, link: float, rtt_ms: float, model: str, co
     comm = t1 + t2 + t3
     round_s = max(compute, comm) + b * params if overlap else compute + comm
     return dict(peers=peers, link_mbit=link, rtt_ms=rtt_ms, model=model, params=params, hardware=hw,
-                codec=codec, overlap=overlap, group=g, groups=groups, stages=1 if groups == 1 else 3,
+                codec=codec, overlap=overlap, group=g, clients=nat, host_cores=cores, groups=groups,
+                stages=1 if groups == 1 else 3,
                 compute_s=compute, stage1_s=t1, stage2_s=t2, stage3_s=t3, comm_s=comm, round_s=round_s,
                 utilization=compute / round_s, sent_per_peer_mb=sent / 1e6)
 
@@ -250,19 +270,23 @@ def project(cal: dict, *, peers: int, link: float, rtt_ms: float, model: str, co
 README_ROWS = [("125m", 64, 100, "int8"), ("125m", 1000, 100, "int8"), ("125m", 64, 10, "int8"),
                ("350m", 64, 100, "int8"), ("1b", 64, 100, "int8"), ("1b", 256, 1000, "int8"),
                ("7b", 64, 1000, "int8"), ("7b", 1000, 1000, "int8"), ("7b", 64, 10000, "none")]
+NAT_ROWS = [("125m", 64, 100, "int8", 32), ("125m", 64, 10, "int8", 32)]  # half of each group behind NAT
 
 
-def print_markdown(grid: list[dict], rtt: float = 50) -> None:
+def print_markdown(grid: list[dict], nat_rows: list[dict], rtt: float = 50) -> None:
     """README's table: a few volunteer scenarios at 50 ms, without and with overlap."""
     print("\n| model (hardware) | peers | link | codec | round s | comm s | utilization | utilization, overlap "
           "| MB sent per peer |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for model, peers, link, codec in README_ROWS:
-        rows = {r["overlap"]: r for r in grid if (r["model"], r["peers"], r["link_mbit"], r["codec"], r["rtt_ms"])
-                == (model, peers, link, codec, rtt)}
-        r, o = rows[False], rows[True]
+    keyed = [((model, peers, link, codec, 0), grid) for model, peers, link, codec in README_ROWS]
+    keyed += [(key, nat_rows) for key in NAT_ROWS]
+    for (model, peers, link, codec, nat), rows in keyed:
+        pair = {r["overlap"]: r for r in rows if (r["model"], r["peers"], r["link_mbit"], r["codec"], r["rtt_ms"],
+                                                  r["clients"]) == (model, peers, link, codec, rtt, nat)}
+        r, o = pair[False], pair[True]
         speed = f"{link / 1000:g} Gbit" if link >= 1000 else f"{link:g} Mbit"
-        print(f"| {model} ({r['hardware']}) | {peers} | {speed} | {codec} | {r['round_s']:.0f} | {r['comm_s']:.0f} | "
+        who = f"{peers}" + (f" ({nat} per group behind NAT)" if nat else "")
+        print(f"| {model} ({r['hardware']}) | {who} | {speed} | {codec} | {r['round_s']:.0f} | {r['comm_s']:.0f} | "
               f"{r['utilization']:.2f} | {o['utilization']:.2f} | {r['sent_per_peer_mb']:.0f} |")
 
 
@@ -276,6 +300,9 @@ def main(argv=None) -> int:
     p.add_argument("--overlap", action="store_true", help="all-reduce during the next round's training")
     p.add_argument("--local-steps", type=int, default=500, help="H: local steps per round (default 500)")
     p.add_argument("--group", type=int, default=64, help="averaging.target_group_size (default 64)")
+    p.add_argument("--clients", type=int, default=0, help="members of each group behind NAT (client mode)")
+    p.add_argument("--cores", type=float, default=None,
+                   help="host cores per peer for the per-parameter CPU work (default: by model, see HARDWARE)")
     p.add_argument("--out", default=str(RESULTS / "project_scale.json"), help="grid JSON path")
     p.add_argument("--markdown", action="store_true", help="also print README's volunteer table")
     args = p.parse_args(argv)
@@ -284,7 +311,8 @@ def main(argv=None) -> int:
     cal = calibrate()
     if args.peers:
         r = project(cal, peers=args.peers, link=args.link, rtt_ms=args.rtt, model=args.model, codec=args.codec,
-                    overlap=args.overlap, group=args.group, local_steps=args.local_steps)
+                    overlap=args.overlap, group=args.group, local_steps=args.local_steps, cores=args.cores,
+                    clients=args.clients)
         print(json.dumps(r, indent=1))
         return 0
     checks = validate(cal)
@@ -302,20 +330,24 @@ def main(argv=None) -> int:
             print(f"{r['model']:>5} {r['peers']:>5} {r['link_mbit']:>6.0f} {r['rtt_ms']:>4.0f} {r['codec']:>5} "
                   f"{str(r['overlap']):>4} {r['round_s']:>8.0f} {r['comm_s']:>7.1f} {r['utilization']:>5.2f} "
                   f"{r['sent_per_peer_mb']:>8.0f}")
+    nat_rows = [project(cal, peers=n, link=lk, rtt_ms=50, model=m, codec=c, overlap=o, group=args.group,
+                        local_steps=args.local_steps, clients=nat)
+                for m, n, lk, c, nat in NAT_ROWS for o in (False, True)]
     validation = [c for c in checks if c["role"] == "validation"]
     out = dict(command="python scripts/project_scale.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
                calibration=cal, checks=checks,
                within_20pct=bool(validation) and all(abs(c["error"]) <= 0.2 for c in validation),
-               assumptions=dict(hardware={k: v[0] for k, v in HARDWARE.items()}, mfu=MFU, seq_len=SEQ_LEN,
+               assumptions=dict(hardware={k: dict(name=v[0], host_cores=v[2]) for k, v in HARDWARE.items()},
+                                mfu=MFU, seq_len=SEQ_LEN,
                                 local_batch=LOCAL_BATCH, local_steps=args.local_steps, group=args.group,
                                 tcp_window_bytes=TCP_WINDOW, rtt_per_stage=RTT_PER_STAGE,
-                                overhead_cores_per_peer=1.0,
+                                one_way_fill=ONE_WAY_FILL,
                                 note="latency is modelled, not measured (no netem in this kernel); links "
-                                     "symmetric; every peer a full member; stage 2/3 in fp16 for lossy codecs"),
+                                     "symmetric; every peer a full member (nat_rows: some in client mode); stage 2/3 in fp16 for lossy codecs"),
                model=__doc__.split("The model of one round", 1)[1].split("Validation:", 1)[0].strip(),
-               grid=grid, timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+               grid=grid, nat_rows=nat_rows, timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     if args.markdown:
-        print_markdown(grid)
+        print_markdown(grid, nat_rows)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(f"\nvalidation within 20 %: {out['within_20pct']}; wrote {args.out}")
