@@ -33,6 +33,7 @@ from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from p2p_photon.dhtcall import dht_call
 from p2p_photon.trust import TrustError, owner_peer_id
 
 logger = logging.getLogger(__name__)
@@ -207,7 +208,9 @@ class ProgressPublisher:
         """
         try:
             return bool(
-                self.dht.store(
+                dht_call(
+                    self.dht,
+                    "store",
                     self.key,
                     record.model_dump(),
                     expiration_time=get_dht_time() + self.expiration,
@@ -227,7 +230,7 @@ def fetch_progress(
     `members` and `bind_peer_id` repeat the validator's checks (the validator is the
     authority; this also covers what a DHT node started without those checks holds).
     """
-    found = dht.get(progress_key(run_id), latest=True)
+    found = dht_call(dht, "get", progress_key(run_id), latest=True)
     if found is None or not isinstance(found.value, dict):
         return [], 0 if found is None else 1
     newest: dict[str, ProgressRecord] = {}

@@ -41,6 +41,7 @@ import numpy as np
 
 from .config import Config, ConfigError, apply_overrides, from_dict, read_toml
 from .corpus import EOS, DataError, is_heldout, load_tokenizer, sample_texts
+from .dhtcall import dht_call
 from .errors import UsageError, UserError
 from .files import sha256_file
 
@@ -317,7 +318,7 @@ def serve(dht, spec: RunSpec) -> SpecServer:
 
 
 def _subkeys(dht, key: str) -> list[str]:
-    found = dht.get(key, latest=True)
+    found = dht_call(dht, "get", key, latest=True)
     value = found.value if found is not None else None
     return sorted(value) if isinstance(value, dict) else []
 

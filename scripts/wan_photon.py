@@ -246,7 +246,8 @@ def main(argv=None) -> int:
         note="tbf-shaped links, no added latency (netem is not in this kernel: latency would favour Photon "
              "further, DDP pays it every step); all peers share this machine's 2 CPU cores in both runs",
         timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    print(f"{'':>8} {'s to ppl %.1f' % target:>16} {'tokens':>10} {'final ppl':>10}")
+    head = f"s to ppl {target:.1f}"
+    print(f"{'':>8} {head:>16} {'tokens':>10} {'final ppl':>10}")
     for name, side, curve in (("photon", result["photon"], pcurve), ("ddp", result["ddp"], dcurve)):
         s = side["seconds_to_target"]
         print(f"{name:>8} {'-' if s is None else f'{s:16.0f}':>16} {side['tokens']:>10} {curve[-1]['ppl']:>10.1f}")

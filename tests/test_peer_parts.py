@@ -339,3 +339,46 @@ def test_healing_a_fork_takes_the_elected_theta_or_a_newer_one_the_swarm_confirm
     # ... but not one nobody else confirms, nor an older one
     assert sync([("d2", newer)], [elected.hash]) is None
     assert sync([("d3", stale), ("d1", elected)], [stale.hash])[2] == "d1"
+
+
+def test_a_dead_dht_never_hangs_a_call_and_says_what_to_do():
+    """hivemind's DHT.store/get wait without a deadline for the DHT's child process: a peer whose DHT
+    process had exited hung in its final progress record, SIGTERM unanswered. dht_call bounds it."""
+    import hivemind
+    from hivemind.utils import get_dht_time
+
+    from p2p_photon.dhtcall import DHTUnavailable, dht_call
+    from p2p_photon.network import shutdown_dht
+
+    dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], startup_timeout=120)
+    try:
+        assert dht_call(dht, "store", "k", "v", expiration_time=get_dht_time() + 60, timeout=30)
+        assert dht_call(dht, "get", "k", latest=True, timeout=30).value == "v"
+        dht.kill()
+        dht.join(timeout=10)
+        t0 = time.monotonic()
+        with pytest.raises(DHTUnavailable, match="the DHT process has exited .*--resume"):
+            dht_call(dht, "get", "k", latest=True, timeout=30)
+        assert time.monotonic() - t0 < 5
+    finally:
+        shutdown_dht(dht)
+
+
+def test_a_dht_call_that_gets_no_answer_raises_the_callers_error_in_time():
+    from p2p_photon.averaging.protocol import AveragingFailed
+    from p2p_photon.dhtcall import dht_call
+
+    class Silent:  # a live DHT whose answer never comes
+        pid = None
+
+        def is_alive(self):
+            return True
+
+        def get(self, *a, return_future=False, **kw):
+            import concurrent.futures
+            return concurrent.futures.Future()
+
+    t0 = time.monotonic()
+    with pytest.raises(AveragingFailed, match="did not answer a get within 0.5 s"):
+        dht_call(Silent(), "get", "k", timeout=0.5, slow=AveragingFailed)
+    assert time.monotonic() - t0 < 3

@@ -19,6 +19,7 @@ from typing import Any
 
 from hivemind.utils import get_dht_time
 
+from ..dhtcall import dht_call
 from .protocol import AveragingFailed
 
 logger = logging.getLogger(__name__)
@@ -50,21 +51,22 @@ REFUSED = ":refused"  # subkey suffix: the members whose data a member's owner r
 
 def publish(dht, key: str, peer_id: str, value: str) -> None:
     """Our hash of the average under our subkey."""
-    dht.store(key, subkey=peer_id, value=value, expiration_time=get_dht_time() + HASH_TTL)
+    dht_call(dht, "store", key, subkey=peer_id, value=value, expiration_time=get_dht_time() + HASH_TTL,
+             slow=AveragingFailed)
 
 
 def publish_refused(dht, key: str, peer_id: str, refused: list[str]) -> None:
     """Tell the group whose contributions we refused as an owner: their hashes do not count (a refused
     sender is out of the round; whatever it says about the average must not fail it for the others)."""
-    dht.store(key, subkey=peer_id + REFUSED, value=",".join(sorted(refused)),
-              expiration_time=get_dht_time() + HASH_TTL)
+    dht_call(dht, "store", key, subkey=peer_id + REFUSED, value=",".join(sorted(refused)),
+             expiration_time=get_dht_time() + HASH_TTL, slow=AveragingFailed)
 
 
 def read_hashes(dht, key: str, peers: Mapping[str, Any], me: str, ignore: Set[str] = frozenset()
                 ) -> dict[str, str | None]:
     """The hash each other member published so far (None: not yet), without the members refused by
     any member (or in `ignore`)."""
-    found = dht.get(key, latest=True)
+    found = dht_call(dht, "get", key, latest=True, slow=AveragingFailed)
     seen = {}
     if found is not None and isinstance(found.value, dict):
         seen = {k: v.value for k, v in found.value.items()}

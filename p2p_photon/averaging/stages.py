@@ -60,6 +60,7 @@ from typing import Any
 import torch
 from hivemind.utils import get_dht_time
 
+from ..dhtcall import dht_call
 from . import consensus
 from .protocol import BROADCAST, AveragedWithoutUs, AveragingFailed, check_broadcast, group_bits, totals_of
 
@@ -141,7 +142,7 @@ def decision_key(prefix: str, round_no: int, group_id: str) -> str:
 
 def read_board(dht, prefix: str, round_no: int) -> dict[str, dict]:
     """group id -> {weight, members} of every group of the round posted so far."""
-    found = dht.get(board_key(prefix, round_no), latest=True)
+    found = dht_call(dht, "get", board_key(prefix, round_no), latest=True, slow=AveragingFailed)
     if found is None or not isinstance(found.value, dict):
         return {}
     board = {}
@@ -317,7 +318,8 @@ class Spanner:
         group applied an average was late for it: the round fails for it (it catches up)."""
         key = board_key(self.prefix, round_no)
         mine = group.post()
-        self.dht.store(key, subkey=group.group_id, value=mine, expiration_time=get_dht_time() + BOARD_TTL)
+        dht_call(self.dht, "store", key, subkey=group.group_id, value=mine,
+                 expiration_time=get_dht_time() + BOARD_TTL, slow=AveragingFailed)
         board = read_board(self.dht, self.prefix, round_no)
         board[group.group_id] = mine
         start, _, before = wave_of(board, group.group_id, self.board_wait)
@@ -372,10 +374,11 @@ class Spanner:
         return 0
 
     def _decide(self, key: str, decision: str) -> None:
-        self.dht.store(key, subkey=self.peer_id, value=decision, expiration_time=get_dht_time() + BOARD_TTL)
+        dht_call(self.dht, "store", key, subkey=self.peer_id, value=decision,
+                 expiration_time=get_dht_time() + BOARD_TTL, slow=AveragingFailed)
 
     def _decision(self, key: str, rep: str) -> str | None:
-        found = self.dht.get(key, latest=True)
+        found = dht_call(self.dht, "get", key, latest=True, slow=AveragingFailed)
         if found is not None and isinstance(found.value, dict) and rep in found.value:
             decision = found.value[rep].value
             if isinstance(decision, str):
