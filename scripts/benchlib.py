@@ -39,12 +39,14 @@ def machine_info() -> dict:
 
 
 def cpu_seconds() -> tuple[float, float, float]:
-    """(wall, core-seconds busy on the whole machine, core-seconds of this process and its live
-    descendants: DHT and averager processes, p2pd) so far."""
+    """(wall, core-seconds busy on the whole machine, core-seconds of this process and its descendants,
+    live (DHT and averager processes, p2pd, peers) and reaped (peers that exited: psutil's children_*
+    times, or a finished swarm's peers would count as other programs)) so far."""
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
     busy = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
     me = psutil.Process()
-    own = 0.0
+    t = me.cpu_times()
+    own = t.children_user + t.children_system
     for p in [me, *me.children(recursive=True)]:
         with contextlib.suppress(psutil.Error):
             t = p.cpu_times()
