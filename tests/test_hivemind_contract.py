@@ -92,7 +92,7 @@ EXPECTED_OVERRIDES = {
     EncodingContainer: {"__init__", "iterate_input_parts_for"},
     CollectingReducer: {"__init__", "reset_accumulators", "accumulate_part", "check_current_part_finished"},
     OwnerRunner: {"__init__", "_accumulate_parts_streaming", "_generate_input_for_peer",
-                  "_communicate_with_peer", "rpc_aggregate_part"},
+                  "_communicate_with_peer", "rpc_aggregate_part", "should_delay_results"},
     _Averager: {"__init__", "get_current_state", "_matchmaking", "_aggregate_with_group",
                 "_run_allreduce_inplace_", "rpc_download_state", "rpc_join_group"},
 }
@@ -489,6 +489,17 @@ def test_an_owner_keeps_a_senders_stream_open_a_moment_after_its_last_result(mon
 
     got, linger = asyncio.run(scenario())
     assert got == sent and 0.3 <= linger < 1.0
+
+
+def test_owners_stream_a_client_mode_senders_results_without_holding_them_back():
+    """hivemind's handler asks should_delay_results(sender) whether to hold a sender's results until it
+    has sent everything (by default: yes for a client-mode sender); ours never does."""
+    assert "self.should_delay_results(context.remote_id)" in src(AllReduceRunner.rpc_aggregate_part)
+    assert params(AllReduceRunner.should_delay_results) == ["self", "peer_id"]
+    runner = OwnerRunner.__new__(OwnerRunner)
+    runner.peer_fractions, runner.ordered_peer_ids = (0.0, 1.0), [OTHER, ME]
+    assert AllReduceRunner.should_delay_results(runner, OTHER)  # hivemind's: a client's results wait
+    assert not runner.should_delay_results(OTHER) and not runner.should_delay_results(ME)
 
 
 def test_a_refused_sender_is_banned_through_ban_sender_and_its_owner_side_fails():
