@@ -8,15 +8,13 @@ The model of one round (every term is printed in the JSON's `model` section):
 
     S        = params x bytes per value of the codec (int8: 1 + 4/4096, fp16 2, none 4)
     transfer = the slowest member sets the stage's time. A full member of a group of g (k owners) sends
-               (k-1)/k S of parts and (g-1)/k S of results and receives as much; an owner streams results
-               as contributions arrive, so it takes max(bytes up / uplink, bytes down / downlink) /
-               fill(rate), with fill(rate) the measured link fill of the all-reduce with data both ways
-               (bench/results/linkfill.json, fp32), interpolated in log(rate), flat outside 10 Mbit-1 Gbit.
-               A client (client mode, behind NAT) sends S and receives S, one after the other: hivemind
-               holds a client's results until it has sent all its parts (AllReduceRunner.
-               should_delay_results), so it takes S / uplink + S / downlink at the one-way TCP fill
-               (ONE_WAY_FILL, netemu's single-stream measurement). A TCP stream carries at most
-               WINDOW/RTT; a member has one stream per other owner
+               (k-1)/k S of parts and (g-1)/k S of results and receives as much; a client (client mode,
+               behind NAT) sends S and receives S. Owners stream results as contributions arrive (for
+               clients too: OwnerRunner.should_delay_results), so a member takes max(bytes up / uplink,
+               bytes down / downlink) / fill(rate), with fill(rate) the measured link fill of the
+               all-reduce with data both ways (bench/results/linkfill.json, fp32), interpolated in
+               log(rate), flat outside 10 Mbit-1 Gbit. A TCP stream carries at most WINDOW/RTT; a member
+               has one stream per other owner
     codec    = params / codec rate, overlapped with the transfer (the stage takes the longer of the two):
                calibrated on linkfill.json's int8 case at 1 Gbit, where the codec is the bottleneck
     overhead = a + b x params per stage (matchmaking, progress records, consensus hash, outer step,
@@ -59,10 +57,9 @@ RESULTS = ROOT / "bench" / "results"
 BYTES_PER_VALUE = {"none": 4.0, "fp16": 2.0, "int8": 1.0 + 4.0 / 4096, "int4": 0.5 + 4.0 / 128}
 RTT_PER_STAGE = 4  # join request + accept, parts, results, consensus hash
 TCP_WINDOW = 4 * 2**20  # bytes in flight per TCP stream (Linux autotuning's typical ceiling)
-ONE_WAY_FILL = 0.96  # goodput / rate of one TCP stream on a tbf link carrying data one way only (netemu's
-#                      check: 19.2 of 20 Mbit, 96.1 of 100 Mbit)
 # measured swarms the model predicts without being fitted on them (wan_10nat: python scripts/wan_swarm.py
-# --links 100 10:nat --preset tiny --rounds 3 --out bench/results/wan_10nat.json)
+# --links 100 10:nat --preset tiny --rounds 3 --out bench/results/wan_10nat.json); wan_10nat_held.json is
+# the same run from before owners streamed a client's results (hivemind held them: up, then down)
 VALIDATION_RUNS = ("wan.json", "wan_10nat.json")
 CALIB_CORES_PER_PEER = 0.5  # 4 peers on 2 cores in the calibration swarms
 # what one peer computes with, by model: (name, peak bf16 FLOP/s x count, host cores for the per-parameter CPU
@@ -126,14 +123,10 @@ def transfer_s(members: list[dict], size: float, points, rtt_s: float = 0.0) -> 
     for m in members:
         streams = max(1, k - (0 if m["client"] else 1))
         cap = streams * TCP_WINDOW * 8 / 1e6 / rtt_s if rtt_s > 0 else math.inf  # Mbit/s
-        up_rate, down_rate = min(m["up"], cap), min(m["down"], cap)
-        if m["client"]:  # parts first, then (held back until then) the results
-            t = size * 8 / 1e6 / (up_rate * ONE_WAY_FILL) + size * 8 / 1e6 / (down_rate * ONE_WAY_FILL)
-        else:
-            each_way = (k - 1) / k * size + (g - 1) / k * size
-            t = max(each_way * 8 / 1e6 / (up_rate * fill_at(m["up"], points)),
-                    each_way * 8 / 1e6 / (down_rate * fill_at(m["down"], points)))
-        worst = max(worst, t)
+        each_way = size if m["client"] else (k - 1) / k * size + (g - 1) / k * size
+        t_up = each_way * 8 / 1e6 / (min(m["up"], cap) * fill_at(m["up"], points))
+        t_down = each_way * 8 / 1e6 / (min(m["down"], cap) * fill_at(m["down"], points))
+        worst = max(worst, t_up, t_down)
     return worst
 
 
@@ -341,7 +334,6 @@ def main(argv=None) -> int:
                                 mfu=MFU, seq_len=SEQ_LEN,
                                 local_batch=LOCAL_BATCH, local_steps=args.local_steps, group=args.group,
                                 tcp_window_bytes=TCP_WINDOW, rtt_per_stage=RTT_PER_STAGE,
-                                one_way_fill=ONE_WAY_FILL,
                                 note="latency is modelled, not measured (no netem in this kernel); links "
                                      "symmetric; every peer a full member (nat_rows: some in client mode); stage 2/3 in fp16 for lossy codecs"),
                model=__doc__.split("The model of one round", 1)[1].split("Validation:", 1)[0].strip(),

@@ -210,7 +210,7 @@ class OwnerRunner(AllReduceRunner):
     # Extends hivemind's rpc_aggregate_part(stream, context) (the owner's handler of one sender's stream; the
     # averager's handler delegates to it): the stream stays open RESULT_LINGER_S after our last result (the
     # sender stops reading once it has every part, see receive_averages, so nobody waits for this). On an
-    # emulated 100 Mbit link a client-mode sender (whose results hivemind sends in one burst at the end)
+    # emulated 100 Mbit link a client-mode sender (whose results hivemind then held and sent in one burst)
     # sometimes received all but the last part ('sent 20 parts, expected 21') when the handler returned, and
     # so closed the stream, right after writing it; it then failed the round the others completed.
     async def rpc_aggregate_part(self, stream: AsyncIterator[averaging_pb2.AveragingData], context
