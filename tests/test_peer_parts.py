@@ -183,6 +183,23 @@ def test_a_tie_is_broken_when_every_peer_has_published_this_rounds_theta_or_afte
     assert tracker.fork(tracker.records(), 5, a, my_total=100) is None
 
 
+def test_fresh_peers_do_not_outvote_the_peers_that_trained():
+    """Three joiners starting together next to two peers at θ round 5: by plain majority the swarm's θ
+    round is 0 (a joiner would start a second model); counting only peers with an averaged θ it is 5."""
+    cfg = load_config(None, [f"model.seq_len={SEQ}"])
+    view = _View([rec("j2", theta_round=0, round=0), rec("j3", theta_round=0, round=0),
+                  rec("p1", theta_round=5, round=5), rec("p2", theta_round=5, round=5)])
+    tracker = RoundTracker(cfg, FP, "j1", view, banned=dict)
+    assert tracker.theta_round(tracker.records()) == 0
+    assert tracker.established_round(tracker.records()) == 5
+    # established peers at 6, 6 and 4: a strict majority (2 of 3) has reached 6
+    view.records_now = [rec("p1", theta_round=6), rec("p2", theta_round=6), rec("p3", theta_round=4),
+                        rec("j2", theta_round=0)]
+    assert tracker.established_round(tracker.records()) == 6
+    view.records_now = [rec("j2", theta_round=0)]
+    assert tracker.established_round(tracker.records()) == -1
+
+
 class _View:
     """The swarm view's read side, with records set by the test."""
 

@@ -158,6 +158,8 @@ class PeerParts:
             logger.warning("ignoring %d peer(s) of run %s with another fingerprint (%s): they are not averaged with",
                            len(foreign), self.cfg.dht.run_id, foreign[0].fingerprint)
         ahead, start = self.tracker.theta_round(records), "our checkpoint" if self.resume else "the seeded init"
+        if self.gs.counters.round == 0 and not self.gs.counters.history:  # fresh: join the swarm that trained
+            ahead = max(ahead, self.tracker.established_round(records))
         if ahead > self.gs.counters.round:
             logger.info("swarm is at round %d, we are at %d: downloading state from peers", ahead, self.gs.counters.round)
             if not self.sync_from_peers():

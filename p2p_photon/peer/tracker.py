@@ -209,6 +209,13 @@ class RoundTracker:
         """The θ round a majority of the other live peers holds (-1: none)."""
         return majority_round([x.theta_round for x in self.mates(records)])
 
+    def established_round(self, records: list[ProgressRecord]) -> int:
+        """The θ round a majority of the other live peers that hold an averaged θ (round > 0) has reached
+        (-1: none). For a fresh peer: peers still at the seeded init carry no work of the swarm, so they
+        must not outvote the ones that trained (several joiners starting together would otherwise start
+        a second model at round 0 next to a swarm at round 5)."""
+        return majority_round([x.theta_round for x in self.mates(records) if x.theta_round > 0])
+
     def swarm_finished(self) -> bool:
         """All other peers of this run we know of have published 'done' (a bounded run is over); for a
         client-mode peer, also when every peer that could lead a group (not in client mode) is done:
