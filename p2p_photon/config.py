@@ -193,7 +193,8 @@ class RoundsConfig:
     linger_seconds: float = 20.0
     """A peer that finished a bounded run (rounds.num_rounds) keeps serving its final state for up to this
     many seconds while a live peer of the run is still behind it, so a straggler downloads the final
-    model instead of ending on an older one."""
+    model instead of ending on an older one; never less than one averaging attempt (3 x the step timeout
+    + averaging.allreduce_timeout) unless 0 (leave at once)."""
 
     def validate(self) -> None:
         _check(self.target_samples_per_round >= 1, "rounds.target_samples_per_round", "must be >= 1")

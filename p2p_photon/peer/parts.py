@@ -275,8 +275,14 @@ class PeerParts:
 
     def _linger(self) -> None:
         """After a bounded run, serve the final state while a live peer of the run is still behind us
-        (for at most rounds.linger_seconds; not after an interrupt)."""
-        n, deadline = self.cfg.rounds.num_rounds, time.monotonic() + self.cfg.rounds.linger_seconds
+        (for at most rounds.linger_seconds, but at least one averaging attempt of the straggler's if
+        lingering is on: a peer left alone in stage 1 learns it only after the stage-1 timeout and the
+        board's window, and seen: a straggler whose attempt outlasted a 20 s linger ended on the seeded
+        init; not after an interrupt)."""
+        linger = self.cfg.rounds.linger_seconds
+        if linger > 0:
+            linger = max(linger, self.tracker.tie_grace_s)
+        n, deadline = self.cfg.rounds.num_rounds, time.monotonic() + linger
         if not n or self.gs.counters.round < n or self.stop.is_set():
             return
         said = False
@@ -286,10 +292,9 @@ class PeerParts:
             if not behind:
                 return
             if not said:
-                logger.info("serving the final state for up to %gs to %d peer(s) still behind",
-                            self.cfg.rounds.linger_seconds, len(behind))
+                logger.info("serving the final state for up to %gs to %d peer(s) still behind", linger, len(behind))
                 said = True
-            self.stop.wait(1.0)
+            self.stop.wait(min(1.0, max(0.0, deadline - time.monotonic())))
 
     def _write_summary(self) -> None:
         if self.data.local_heldout is not None:  # this peer's own metric, on its private held-out split
