@@ -193,8 +193,22 @@ class FakeDHT:
     def __init__(self):
         self.data: dict[str, dict[str, object]] = {}
 
-    def store(self, key, *, subkey, value, expiration_time):
-        self.data.setdefault(key, {})[subkey] = SimpleNamespace(value=value)
+    def is_alive(self):
+        return True
 
-    def get(self, key, latest=True):
-        return SimpleNamespace(value=dict(self.data[key])) if key in self.data else None
+    def store(self, key, *, subkey, value, expiration_time, return_future=False):
+        self.data.setdefault(key, {})[subkey] = SimpleNamespace(value=value)
+        return _done(True) if return_future else True
+
+    def get(self, key, latest=True, return_future=False):
+        found = SimpleNamespace(value=dict(self.data[key])) if key in self.data else None
+        return _done(found) if return_future else found
+
+
+def _done(value):
+    """A future that already holds `value` (what hivemind's DHT returns with return_future=True)."""
+    import concurrent.futures
+
+    future = concurrent.futures.Future()
+    future.set_result(value)
+    return future

@@ -405,28 +405,25 @@ def test_a_finished_peer_lingers_at_least_one_averaging_attempt_for_a_live_strag
     """Seen: a straggler left alone in stage 1 spent 37 s on its first attempt and ended on the seeded init,
     because the finished peers had lingered only rounds.linger_seconds (20 s) and left."""
     import threading
-    from types import SimpleNamespace
 
     from hivemind.utils import get_dht_time
 
-    from p2p_photon.peer.parts import PeerParts
+    from p2p_photon.peer.parts import linger
 
     cfg = load_config(None, [f"model.seq_len={SEQ}", "rounds.num_rounds=3", "rounds.linger_seconds=0.05"])
     view = _View([rec("straggler", round=0, theta_round=0, time=get_dht_time())])
-    parts = PeerParts.__new__(PeerParts)
-    parts.cfg, parts.view, parts.stop = cfg, view, threading.Event()
-    parts.tracker = RoundTracker(cfg, FP, "me", view, banned=dict)
-    parts.tracker.tie_grace_s = 0.4  # one averaging attempt (3 x step timeout + allreduce timeout)
-    parts.gs = SimpleNamespace(counters=SimpleNamespace(round=3))
+    tracker = RoundTracker(cfg, FP, "me", view, banned=dict)
+    tracker.tie_grace_s = 0.4  # one averaging attempt (3 x step timeout + allreduce timeout)
+    stop = threading.Event()
     t0 = time.monotonic()
-    parts._linger()
+    linger(cfg, tracker, view, stop, my_round=3)
     assert 0.4 <= time.monotonic() - t0 < 1.5  # waited the attempt, not just the 0.05 s
     view.records_now = [rec("straggler", round=3, theta_round=3, time=get_dht_time())]  # nobody behind: leave at once
     t0 = time.monotonic()
-    parts._linger()
+    linger(cfg, tracker, view, stop, my_round=3)
     assert time.monotonic() - t0 < 0.3
-    parts.cfg = load_config(None, [f"model.seq_len={SEQ}", "rounds.num_rounds=3", "rounds.linger_seconds=0"])
+    cfg = load_config(None, [f"model.seq_len={SEQ}", "rounds.num_rounds=3", "rounds.linger_seconds=0"])
     view.records_now = [rec("straggler", round=0, theta_round=0, time=get_dht_time())]
     t0 = time.monotonic()
-    parts._linger()  # 0 = leave at once, whoever is behind
+    linger(cfg, tracker, view, stop, my_round=3)  # 0 = leave at once, whoever is behind
     assert time.monotonic() - t0 < 0.3

@@ -259,7 +259,7 @@ class PeerParts:
                 failed = e
             self._write_summary()
             self.publish(RoundStats(), "done")
-            self._linger()
+            linger(self.cfg, self.tracker, self.view, self.stop, self.gs.counters.round)
         if getattr(self, "spec_server", None) is not None:
             self.spec_server.stop()
         if self.averager is not None:
@@ -273,29 +273,6 @@ class PeerParts:
                 raise failed
             logger.error("final checkpoint failed: %s", failed)
 
-    def _linger(self) -> None:
-        """After a bounded run, serve the final state while a live peer of the run is still behind us
-        (for at most rounds.linger_seconds, but at least one averaging attempt of the straggler's if
-        lingering is on: a peer left alone in stage 1 learns it only after the stage-1 timeout and the
-        board's window, and seen: a straggler whose attempt outlasted a 20 s linger ended on the seeded
-        init; not after an interrupt)."""
-        linger = self.cfg.rounds.linger_seconds
-        if linger > 0:
-            linger = max(linger, self.tracker.tie_grace_s)
-        n, deadline = self.cfg.rounds.num_rounds, time.monotonic() + linger
-        if not n or self.gs.counters.round < n or self.stop.is_set():
-            return
-        said = False
-        while time.monotonic() < deadline and not self.stop.is_set():
-            behind = [m for m in self.tracker.mates(self.view.refresh()) if m.round < self.gs.counters.round
-                      and get_dht_time() - m.time < ALIVE_S]
-            if not behind:
-                return
-            if not said:
-                logger.info("serving the final state for up to %gs to %d peer(s) still behind", linger, len(behind))
-                said = True
-            self.stop.wait(min(1.0, max(0.0, deadline - time.monotonic())))
-
     def _write_summary(self) -> None:
         if self.data.local_heldout is not None:  # this peer's own metric, on its private held-out split
             local = evaluate(self.model, self.data.local_heldout, self.cfg.inner, self.device)
@@ -306,3 +283,25 @@ class PeerParts:
             self.reporter.eval_loss, self.reporter.eval_round = final, self.gs.counters.round
         self.reporter.write_summary(self.summary_out, initial_loss=self.initial_loss, final_loss=final,
                                     optimizer_state_bytes=opt_bytes)
+
+
+def linger(cfg: Config, tracker: RoundTracker, view: SwarmView, stop: threading.Event, my_round: int) -> None:
+    """After a bounded run, serve the final state while a live peer of the run is still behind us: for at
+    most rounds.linger_seconds, but at least one averaging attempt of the straggler's if lingering is on
+    (a peer left alone in stage 1 learns it only after the stage-1 timeout and the board's window; seen:
+    a straggler whose attempt outlasted a 20 s linger ended on the seeded init); not after an interrupt."""
+    seconds = cfg.rounds.linger_seconds
+    if seconds > 0:
+        seconds = max(seconds, tracker.tie_grace_s)
+    n, deadline = cfg.rounds.num_rounds, time.monotonic() + seconds
+    if not n or my_round < n or stop.is_set():
+        return
+    said = False
+    while time.monotonic() < deadline and not stop.is_set():
+        behind = [m for m in tracker.mates(view.refresh()) if m.round < my_round and get_dht_time() - m.time < ALIVE_S]
+        if not behind:
+            return
+        if not said:
+            logger.info("serving the final state for up to %gs to %d peer(s) still behind", seconds, len(behind))
+            said = True
+        stop.wait(min(1.0, max(0.0, deadline - time.monotonic())))
