@@ -356,6 +356,18 @@ def test_healing_a_fork_takes_the_elected_theta_or_a_newer_one_the_swarm_confirm
     # ... but not one nobody else confirms, nor an older one
     assert sync([("d2", newer)], [elected.hash]) is None
     assert sync([("d3", stale), ("d1", elected)], [stale.hash])[2] == "d1"
+    # catching up with groups that averaged our round without us: a donor still at our round does not do
+    same = _state(_model([6.0, 2.0], 0.5))
+    same.counters.round = 5
+    records = [SimpleNamespace(theta_hash=h, fingerprint=mine.fp, state="training", peer_id=f"p{i}")
+               for i, h in enumerate([same.hash, newer.hash])]
+
+    def catch_up(donors):
+        return StateSync(mine, Averager(donors), lambda: records, "me", 1.0, threading.Event()).download(
+            attempts=1, min_round=6)
+
+    assert catch_up([("d4", same)]) is None
+    assert catch_up([("d4", same), ("d2", newer)])[2] == "d2"
 
 
 def test_a_dead_dht_never_hangs_a_call_and_says_what_to_do():

@@ -247,7 +247,7 @@ class Peer(PeerParts):
         report = RoundReport.failed(r, st, why)
         if self._catch_up():
             return report
-        if moved_on and self.sync_from_peers(attempts=2):
+        if moved_on and self.sync_from_peers(attempts=3, min_round=r + 1):
             logger.info("took the state the other groups of round %d averaged", r)
             return report
         if self.failed_here >= STUCK_AFTER and self.sync_from_peers(attempts=1):

@@ -175,10 +175,10 @@ class PeerParts:
 
     # ------------------------------------------------------------------ state from the swarm
 
-    def sync_from_peers(self, attempts: int = 4, want: str | None = None) -> bool:
+    def sync_from_peers(self, attempts: int = 4, want: str | None = None, min_round: int = 0) -> bool:
         """Download and load the swarm's state (see sync.py); False if no donor served a usable one.
-        With `want`, only a state whose θ hash is `want`."""
-        got = self.sync.download(attempts, want=want)
+        With `want`, only a state whose θ hash is `want`; with `min_round`, only one of that round or later."""
+        got = self.sync.download(attempts, want=want, min_round=min_round)
         if got is None:
             return False
         meta, tensors, donor = got

@@ -30,10 +30,11 @@ class StateSync:
         self.gs, self.averager, self.records, self.peer_id = gs, averager, records, peer_id
         self.timeout, self.stop = timeout, stop
 
-    def download(self, attempts: int = 4, max_donors: int = 8, want: str | None = None
+    def download(self, attempts: int = 4, max_donors: int = 8, want: str | None = None, min_round: int = 0
                  ) -> tuple[dict, list[torch.Tensor], str] | None:
         """(metadata, tensors, donor) of a checked state, or None if no donor served a usable one.
-        With `want`, only a state whose θ hash is `want` is taken (healing a fork)."""
+        With `want`, only a state whose θ hash is `want` is taken (healing a fork); with `min_round`, only
+        a state of that round or later (catching up with groups that averaged our round without us)."""
         delay, refused, attempt = 1.0, [], 0
         while attempt < attempts and len(refused) < max_donors and not self.stop.is_set():
             got = self.averager.load_state_from_peers(timeout=self.timeout, exclude=refused)
@@ -43,6 +44,11 @@ class StateSync:
                 elected = want is not None and meta["theta"] == want
                 if problem is None and want is not None and not elected and not self._newer(meta, donor):
                     problem = f"it holds θ {meta['theta'][:8]}, the swarm's is {want[:8]}"
+                if problem is None and int(meta["round"]) < min_round:  # not behind us: just not there yet
+                    logger.info("peer %s still holds round %s; we need round %d", donor[-8:], meta["round"],
+                                min_round)
+                    refused.append(donor)
+                    continue
                 if problem is not None:
                     logger.warning("rejected the state served by peer %s: %s; trying another donor", donor[-8:],
                                    problem)
