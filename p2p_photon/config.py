@@ -193,8 +193,8 @@ class RoundsConfig:
     linger_seconds: float = 20.0
     """A peer that finished a bounded run (rounds.num_rounds) keeps serving its final state for up to this
     many seconds while a live peer of the run is still behind it, so a straggler downloads the final
-    model instead of ending on an older one; never less than one averaging attempt (3 x the step timeout
-    + averaging.allreduce_timeout) unless 0 (leave at once)."""
+    model instead of ending on an older one; never less than one averaging attempt (averaging.attempt_s)
+    unless 0 (leave at once)."""
 
     def validate(self) -> None:
         _check(self.target_samples_per_round >= 1, "rounds.target_samples_per_round", "must be >= 1")
@@ -257,6 +257,12 @@ class AveragingConfig:
     def step_timeout(self) -> float:
         """Seconds one averaging attempt may spend finding its group."""
         return min(self.round_timeout, 4 * self.matchmaking_time)
+
+    @property
+    def attempt_s(self) -> float:
+        """About one averaging attempt of a lagging peer, all stages included: how long a tie of θ hashes
+        waits for it to publish, and the least a finished peer lingers for it."""
+        return 3 * self.step_timeout + self.allreduce_timeout
 
     @property
     def landing_timeout(self) -> float:

@@ -297,7 +297,7 @@ class SpecServer:
         until, peer = get_dht_time() + ANNOUNCE_TTL, self.dht.peer_id.to_base58()
         try:
             for key, subkey in ((RUNS_KEY, self.spec.run_id), (f"{self.spec.run_id}_spec", peer)):
-                self.dht.store(key, subkey, until, subkey=subkey, return_future=True).result(timeout=10)
+                dht_call(self.dht, "store", key, subkey, until, subkey=subkey, timeout=10)
         except Exception as e:  # a DHT that is shutting down; the next announcement retries
             logger.debug("announcing run %s failed: %r", self.spec.run_id, e)
 
@@ -389,7 +389,7 @@ def _try_download(dht, peer: str, run_id: str, dest: Path, timeout: float, probl
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{run_id}-", dir=dest.parent))
     try:
         try:
-            dht.run_coroutine(functools.partial(_download, peer, run_id, str(tmp)), return_future=True).result(timeout)
+            dht_call(dht, "run_coroutine", functools.partial(_download, peer, run_id, str(tmp)), timeout=timeout)
         except Exception as e:  # the peer left, refused, or was too slow: try another one
             problems.append(f"peer {peer[-8:]}: {type(e).__name__}")
             return None

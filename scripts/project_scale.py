@@ -103,7 +103,7 @@ def fill_at(rate_mbit: float, points: list[tuple[float, float]]) -> float:
     return points[-1][1]
 
 
-def codec_rate(linkfill: dict, points) -> float:
+def codec_rate(linkfill: dict) -> float:
     """Parameters per second one core runs through the lossy codec (encode own Δ, decode and re-encode
     parts): the int8 case at the highest measured rate, where the codec, not the link, set the time."""
     case = max((c for c in linkfill["cases"] if c["codec"] == "int8"), key=lambda c: c["rate_mbit"])
@@ -128,6 +128,11 @@ def transfer_s(members: list[dict], size: float, points, rtt_s: float = 0.0) -> 
         t_down = each_way * 8 / 1e6 / (min(m["down"], cap) * fill_at(m["down"], points))
         worst = max(worst, t_up, t_down)
     return worst
+
+
+def moving_s(run: dict, points, crate: float) -> float:
+    """A measured swarm's all-reduce without overheads: its transfer or its codec, whichever is longer."""
+    return max(transfer_s(run["members"], run["size"], points), run["params"] / crate)
 
 
 def measured_swarm(result: dict) -> dict:
@@ -156,7 +161,7 @@ def fit_overhead(runs: list[dict], points, crate: float) -> tuple[float, float]:
     """(a, b): overhead = a + b x params seconds per round in the calibration swarms, from the measured
     averaging time minus the modelled transfer/codec (least squares through the runs' points)."""
     xs = [r["params"] for r in runs]
-    ys = [r["averaging_s"] - max(transfer_s(r["members"], r["size"], points), r["params"] / crate) for r in runs]
+    ys = [r["averaging_s"] - moving_s(r, points, crate) for r in runs]
     if len(runs) == 1:
         return ys[0], 0.0
     mx, my = statistics.mean(xs), statistics.mean(ys)
@@ -169,7 +174,7 @@ def calibrate() -> dict:
     if linkfill is None:
         raise SystemExit("error: bench/results/linkfill.json is missing; run python scripts/bench_linkfill.py")
     points = fill_points(linkfill)
-    crate = codec_rate(linkfill, points)
+    crate = codec_rate(linkfill)
     calib = []
     for name in ("wan_quick.json", "wan_photon.json"):
         res = _load(name)
@@ -187,9 +192,8 @@ def calibrate() -> dict:
 
 
 def predict_measured(run: dict, cal: dict) -> float:
-    pts = cal["fill_points"]
     return (cal["overhead_a_s"] + cal["overhead_b_s_per_param"] * run["params"]
-            + max(transfer_s(run["members"], run["size"], pts), run["params"] / cal["codec_params_per_s"]))
+            + moving_s(run, cal["fill_points"], cal["codec_params_per_s"]))
 
 
 def validate(cal: dict) -> list[dict]:

@@ -30,7 +30,6 @@ import json
 import math
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -80,9 +79,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def swarm_args(args, workdir: Path) -> argparse.Namespace:
+def swarm_args(args, workdir: Path | None) -> argparse.Namespace:
+    """wan_swarm's arguments for the Photon run (workdir None: this run's --workdir, if given)."""
+    where = ["--workdir", str(workdir)] if workdir else ["--workdir", args.workdir] if args.workdir else []
     return wan_swarm.parse_args(["--links", *args.links, "--preset", args.preset, "--rounds", str(args.rounds),
-                                 "--workdir", str(workdir), "--set", "logging.eval_every_rounds=1",
+                                 *where, "--set", "logging.eval_every_rounds=1",
                                  *[x for o in args.overrides for x in ("--set", o)]])
 
 
@@ -170,9 +171,8 @@ def run_ddp(args, workdir: Path, target: float, tokens: int) -> dict:
         hosts = [net.public(f"rank{i}", x["up_mbit"], x["down_mbit"]) for i, x in enumerate(args.link_specs)]
         env = {**os.environ, "WAN_PHOTON_OVERRIDES": json.dumps(overrides), "GLOO_SOCKET_IFNAME": "eth0",
                "PYTHONPATH": str(ROOT)}
-        procs = []
-        for i, h in enumerate(hosts):
-            log = open(workdir / f"ddp-rank{i}.log", "w")
+        procs, logs = [], [open(workdir / f"ddp-rank{i}.log", "w") for i in range(len(hosts))]
+        for i, (h, log) in enumerate(zip(hosts, logs)):
             procs.append(h.popen([sys.executable, __file__, "--ddp-rank", str(i), "--ddp-world", str(len(hosts)),
                                   "--ddp-master", f"{hosts[0].addr}:{DDP_PORT}", "--ddp-target", repr(target),
                                   "--ddp-tokens", str(tokens), "--ddp-out", str(out),
@@ -184,7 +184,11 @@ def run_ddp(args, workdir: Path, target: float, tokens: int) -> dict:
             try:
                 codes.append(p.wait(timeout=max(1.0, deadline - time.monotonic())))
             except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
                 codes.append(None)
+        for log in logs:
+            log.close()
         wire = [h.wire_bytes() for h in hosts]
     if not out.exists():
         tail = (workdir / "ddp-rank0.log").read_text(errors="replace")[-2000:]
@@ -201,20 +205,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.ddp_rank is not None:
         return ddp_rank(args)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    why = netemu.why_unavailable()
-    if why:
-        print(f"error: {why}", file=sys.stderr)
+    workdir = wan_swarm.start(swarm_args(args, None), "wan-photon")
+    if workdir is None:
         return 2
-    netemu.cleanup_stale()
-    workdir = Path(args.workdir or ROOT / "runs" / f"wan-photon-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     (workdir / "photon").mkdir(parents=True, exist_ok=True)
     sargs = swarm_args(args, workdir / "photon")
-    from p2p_photon import data
-    from p2p_photon.config import load_config
-
-    cfg = load_config(None, wan_swarm.overrides_for(sargs))
-    data.prepare(cfg.data, cfg.seed, progress=False)
     print(f"[wan-photon] photon: {len(args.links)} peers on {' '.join(args.links)} Mbit, {args.preset}, "
           f"{args.rounds} rounds; logs in {workdir}", flush=True)
     raw = wan_swarm.run(sargs, workdir / "photon")

@@ -242,19 +242,28 @@ def plot(fig: dict, path: Path) -> None:
     plt.close(fig_)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    # SIGTERM (a test's timeout, a CI cancel) unwinds like Ctrl-C: peers stopped, namespaces deleted
+def start(args: argparse.Namespace, stem: str) -> Path | None:
+    """What a run on the emulated internet does first (this script and wan_photon.py): SIGTERM (a test's
+    timeout, a CI cancel) unwinds like Ctrl-C (peers stopped, namespaces deleted); None, after saying why,
+    where namespaces cannot work; stale namespaces of dead runs removed; the swarm's data prepared. Returns
+    the work directory (--workdir, or runs/<stem>-<time>)."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     why = netemu.why_unavailable()
     if why:
         print(f"error: {why}", file=sys.stderr)
-        return 2
+        return None
     netemu.cleanup_stale()
-    workdir = Path(args.workdir or ROOT / "runs" / f"wan-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
-    out = Path(args.out) if args.out else (workdir / "wan.json" if args.quick else ROOT / "bench/results/wan.json")
     cfg = load_config(None, overrides_for(args))
     data.prepare(cfg.data, cfg.seed, progress=False)
+    return Path(args.workdir or ROOT / "runs" / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    workdir = start(args, "wan")
+    if workdir is None:
+        return 2
+    out = Path(args.out) if args.out else (workdir / "wan.json" if args.quick else ROOT / "bench/results/wan.json")
     print(f"[wan] {len(args.links)} peers ({' '.join(x['spec'] for x in args.links)}), {args.preset}, "
           f"{args.rounds} rounds; logs in {workdir}", flush=True)
     raw = run(args, workdir)

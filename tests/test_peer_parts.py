@@ -422,10 +422,12 @@ def test_a_finished_peer_lingers_at_least_one_averaging_attempt_for_a_live_strag
 
     from p2p_photon.peer.parts import linger
 
-    cfg = load_config(None, [f"model.seq_len={SEQ}", "rounds.num_rounds=3", "rounds.linger_seconds=0.05"])
+    # one averaging attempt: 3 x step timeout (4 x 0.025 s of matchmaking) + 0.1 s of all-reduce = 0.4 s
+    fast = ["averaging.matchmaking_time=0.025", "averaging.allreduce_timeout=0.1"]
+    cfg = load_config(None, [f"model.seq_len={SEQ}", "rounds.num_rounds=3", "rounds.linger_seconds=0.05", *fast])
+    assert cfg.averaging.attempt_s == pytest.approx(0.4)
     view = _View([rec("straggler", round=0, theta_round=0, time=get_dht_time())])
     tracker = RoundTracker(cfg, FP, "me", view, banned=dict)
-    tracker.tie_grace_s = 0.4  # one averaging attempt (3 x step timeout + allreduce timeout)
     stop = threading.Event()
     t0 = time.monotonic()
     linger(cfg, tracker, view, stop, my_round=3)
@@ -434,7 +436,7 @@ def test_a_finished_peer_lingers_at_least_one_averaging_attempt_for_a_live_strag
     t0 = time.monotonic()
     linger(cfg, tracker, view, stop, my_round=3)
     assert time.monotonic() - t0 < 0.3
-    cfg = load_config(None, [f"model.seq_len={SEQ}", "rounds.num_rounds=3", "rounds.linger_seconds=0"])
+    cfg = load_config(None, [f"model.seq_len={SEQ}", "rounds.num_rounds=3", "rounds.linger_seconds=0", *fast])
     view.records_now = [rec("straggler", round=0, theta_round=0, time=get_dht_time())]
     t0 = time.monotonic()
     linger(cfg, tracker, view, stop, my_round=3)  # 0 = leave at once, whoever is behind

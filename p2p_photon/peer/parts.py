@@ -292,7 +292,7 @@ def linger(cfg: Config, tracker: RoundTracker, view: SwarmView, stop: threading.
     a straggler whose attempt outlasted a 20 s linger ended on the seeded init); not after an interrupt."""
     seconds = cfg.rounds.linger_seconds
     if seconds > 0:
-        seconds = max(seconds, tracker.tie_grace_s)
+        seconds = max(seconds, cfg.averaging.attempt_s)
     n, deadline = cfg.rounds.num_rounds, time.monotonic() + seconds
     if not n or my_round < n or stop.is_set():
         return

@@ -147,7 +147,7 @@ class RoundTracker:
         self._tie_since: dict[int, float] = {}  # θ round -> when we first saw it tied with a lagging peer
         # a lagging peer publishes its θ of a round within about one round's averaging; past that, a tie
         # is broken anyway (under churn some peer always lags, and a 2+2 split must not last for ever)
-        self.tie_grace_s = 3 * cfg.averaging.step_timeout + cfg.averaging.allreduce_timeout
+        self.tie_grace_s = cfg.averaging.attempt_s
 
     def records(self, fresh: bool = False) -> list[ProgressRecord]:
         """The swarm's records (fetched now if `fresh`, else the cached view) without banned peers'."""
