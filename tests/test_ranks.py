@@ -27,7 +27,9 @@ TORCHRUN = [PYTHON, "-m", "torch.distributed.run", "--nproc-per-node=2", "--rdzv
 
 def _run_worker(cmd: list[str], out: Path, sets: list[str]) -> tuple[dict, list[dict]]:
     args = [str(out)] + [x for s in sets for x in ("--set", s)]
-    env = dict(python_env(), OMP_NUM_THREADS="1")
+    # faulthandler: a rank that aborts in C++ (seen 4 times in ~50 runs of the fsdp2 case: "terminate called
+    # without an active exception" in rank 1 at start-up, not reproduced since) prints every thread's stack
+    env = dict(python_env(), OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
     r = subprocess.run([*cmd, WORKER, *args], env=env, cwd=out.parent, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     return load_file(f"{out}.safetensors"), json.loads(Path(f"{out}.json").read_text())

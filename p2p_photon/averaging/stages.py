@@ -39,8 +39,9 @@ span target_group_size² peers (4096 with the default 64).
 What can go wrong, and what happens:
 * a rep dies or times out before or during stage 2 or 3: its group's stage 3 has no sender, every
   member of the group sees it in the metadata (`check_broadcast`) and fails the round; the peer then
-  catches up from the swarm's θ by download, like after any failed round. The other groups are not
-  held up beyond the stage timeouts.
+  catches up from the swarm's θ by download, like after any failed round. A rep refreshes its phase
+  mark every HEARTBEAT_S (`PhaseMarks`), so a dead rep is noticed when the mark expires (~LIVE_TTL),
+  by its members and by later groups waiting for its decision, not at the phase's bound.
 * a group finishes stage 1 after the board closed, or the reps split into two stage-2 groups: the
   swarm ends the round with two θ; every peer compares θ hashes in the progress records (tracker.fork)
   and the minority re-syncs from the majority within the next round: detected and healed, logged.
@@ -52,6 +53,7 @@ What can go wrong, and what happens:
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -71,6 +73,9 @@ POLL_S = 0.1
 PROPAGATION_S = 1.0  # DHT time margin after the board closes before it is read for the last time
 STAGE1_SLACK_S = 10.0  # a representative marks 'posted' right after stage 1 (as its members end it too)
 FINAL = ("single", "broadcast", "failed")
+LIVE_TTL = 10.0  # a representative's phase mark ('posted', 'stage2') expires this long after its last refresh
+HEARTBEAT_S = 2.0  # ... and the representative refreshes it this often while it is in the phase
+GONE_GRACE_S = 2.0  # a mark missing this long after it was seen: its representative is gone (not a DHT hiccup)
 
 
 def stage_bits(round_no: int, stage: int, group_id: str = "") -> str:
@@ -234,23 +239,26 @@ class Spanner:
 
     def _as_rep(self, averaged, group: Group, totals: dict[str, int], round_no: int, member_caps, expected: int
                 ) -> tuple[list, int, dict[str, int]]:
-        dkey = decision_key(self.prefix, round_no, group.group_id)
-        self._decide(dkey, "posted")  # our members now know we are alive and waiting for the wave
+        marks = PhaseMarks(self, decision_key(self.prefix, round_no, group.group_id))
         try:
-            board = self._post_and_wait(group, round_no, expected)
-        except AveragingFailed:
-            self._decide(dkey, "failed")
-            raise
-        if len(board) <= 1:
-            self._decide(dkey, "single")
-            return averaged, len(group.members), totals
-        self._decide(dkey, "stage2")
-        try:
-            x, spanned, swarm_totals = self._stage2(averaged, group, totals, board, round_no, member_caps)
-        except AveragingFailed:
-            self._decide(dkey, "failed")
-            raise
-        self._decide(dkey, "broadcast")
+            marks.mark("posted")  # our members now know we are alive and waiting for the wave
+            try:
+                board = self._post_and_wait(group, round_no, expected)
+            except AveragingFailed:
+                marks.final("failed")
+                raise
+            if len(board) <= 1:
+                marks.final("single")
+                return averaged, len(group.members), totals
+            marks.mark("stage2")
+            try:
+                x, spanned, swarm_totals = self._stage2(averaged, group, totals, board, round_no, member_caps)
+            except AveragingFailed:
+                marks.final("failed")
+                raise
+            marks.final("broadcast")
+        finally:
+            marks.stop()
         return self._broadcast(x, group, round_no, source=True, spanned=spanned, totals=swarm_totals)
 
     def _stage2(self, averaged, group: Group, totals: dict[str, int], board: Mapping[str, dict], round_no: int,
@@ -366,16 +374,17 @@ class Spanner:
                 if decision in ("single", "broadcast"):
                     return 1 + sum(self._decision(decision_key(self.prefix, round_no, o), r) in ("single", "broadcast")
                                    for o, r in pending.items() if o != g)
-                if decision == "failed":
-                    del pending[g]
+                if decision == "failed" or (decision is None and get_dht_time() - float(earlier[g].get("t", 0.0))
+                                            > LIVE_TTL + GONE_GRACE_S):
+                    del pending[g]  # failed, or its rep is gone: its phase mark (stored before its post) expired
             if not pending or not wait or get_dht_time() > deadline:
                 return 0
             time.sleep(POLL_S)
         return 0
 
-    def _decide(self, key: str, decision: str) -> None:
+    def _decide(self, key: str, decision: str, ttl: float = BOARD_TTL) -> None:
         dht_call(self.dht, "store", key, subkey=self.peer_id, value=decision,
-                 expiration_time=get_dht_time() + BOARD_TTL, slow=AveragingFailed)
+                 expiration_time=get_dht_time() + ttl, slow=AveragingFailed)
 
     def _decision(self, key: str, rep: str) -> str | None:
         found = dht_call(self.dht, "get", key, latest=True, slow=AveragingFailed)
@@ -388,19 +397,68 @@ class Spanner:
     def _follow_rep(self, key: str, rep: str) -> tuple[str | None, str]:
         """(what the representative decided for our group: 'single', 'broadcast', 'failed', or None if it
         went silent; the phase it was last seen in). It marks its phases ('posted': on the board and
-        waiting for its wave; 'stage2': averaging with the other representatives), each with its own
-        bound, so a rep that dies is noticed within its phase's bound rather than the whole round's
-        (a soak stalled 129 s on a rep killed between stages)."""
+        waiting for its wave; 'stage2': averaging with the other representatives) and refreshes the mark
+        every HEARTBEAT_S while in it; a mark lives LIVE_TTL. A rep that dies is noticed when its mark
+        expires (~LIVE_TTL); a live rep stuck in a phase, at that phase's bound. (Soak: with phase bounds
+        alone, the members of a killed rep's group waited 136-157 s, and the swarm stalled a whole round.)"""
         bounds = {None: STAGE1_SLACK_S + PROPAGATION_S,
                   "posted": self.board_wait + PROPAGATION_S + 2 * self.stage_timeout + STAGE1_SLACK_S,
                   "stage2": self.stage_timeout + 2 * (self.gather_s + self.board_wait + PROPAGATION_S) + STAGE1_SLACK_S}
         seen, since = None, time.monotonic()
+        alive_at = since
         while True:
             decision = self._decision(key, rep)
             if decision in FINAL:
                 return decision, str(seen)
-            if decision in bounds and decision != seen:
-                seen, since = decision, time.monotonic()
-            if time.monotonic() - since > bounds[seen]:
+            now = time.monotonic()
+            if decision is not None and decision in bounds:
+                alive_at = now
+                if decision != seen:
+                    seen, since = decision, now
+            elif seen is not None and now - alive_at > GONE_GRACE_S:
+                return None, f"last seen: {seen}, its mark expired {now - since:.0f}s after it entered that phase"
+            if now - since > bounds[seen]:
                 return None, f"last seen: {seen or 'never after stage 1'}, {bounds[seen]:.0f}s ago"
             time.sleep(POLL_S)
+
+
+class PhaseMarks:
+    """A representative's phase marks under its group's decision key: `mark(phase)` stores the phase with
+    a LIVE_TTL expiry and a background thread refreshes it every HEARTBEAT_S, so the mark outlives the
+    rep by at most LIVE_TTL; `final(decision)` stops the refresh and stores the decision for BOARD_TTL (a
+    later expiry: the DHT keeps it over any refresh still in flight)."""
+
+    def __init__(self, spanner: Spanner, key: str):
+        self.spanner, self.key = spanner, key
+        self.phase: str | None = None
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def mark(self, phase: str) -> None:
+        with self.lock:
+            self.phase = phase
+        self.spanner._decide(self.key, phase, ttl=LIVE_TTL)
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._beat, name="rep-heartbeat", daemon=True)
+            self.thread.start()
+
+    def _beat(self) -> None:
+        while not self.done.wait(HEARTBEAT_S):
+            with self.lock:
+                phase = self.phase
+            if phase is None:
+                return
+            try:
+                self.spanner._decide(self.key, phase, ttl=LIVE_TTL)
+            except Exception as e:  # noqa: BLE001 - a missed beat is what a dead rep looks like; the round decides
+                logger.debug("phase mark %s not refreshed: %r", phase, e)
+
+    def final(self, decision: str) -> None:
+        self.stop()
+        self.spanner._decide(self.key, decision)
+
+    def stop(self) -> None:
+        with self.lock:
+            self.phase = None
+        self.done.set()
