@@ -12,6 +12,11 @@ settings, from these measurements (see README).
     python scripts/bench_groups.py                       # 8 peers, G = 2, 4, 8, 4 rounds; bench/results/groups.json
     python scripts/bench_groups.py --quick               # 4 peers, G = 2, 4, 2 rounds (smoke)
     python scripts/bench_groups.py --peers 8 --groups 2 8 --rounds 6
+    python scripts/bench_groups.py --repeats 3           # each G three times: the run-to-run spread
+
+Repeats: which peer takes how many local steps in a round depends on timing (2 cores, 8 processes), so
+two runs of the same G differ; with --repeats K the comparison is of the K-run means, and the one-group
+runs' own spread (max - min over mean) says how large a difference the measurement can resolve.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=None, help="rounds per run (default 4; --quick 2)")
     p.add_argument("--samples", type=int, default=None,
                    help="rounds.target_samples_per_round (default 24 x N)")
+    p.add_argument("--repeats", type=int, default=1, help="runs per G (default 1); figures compare the means")
     p.add_argument("--quick", action="store_true", help="smoke: 4 peers, G = 2 and 4, 2 rounds")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds one run may take (default 900)")
     p.add_argument("--workdir", default=None, help="logs and summaries (default: runs/bench_groups-<time>)")
@@ -63,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.groups = args.groups or ([2, args.peers] if args.quick else [2, 4, args.peers])
     args.rounds = args.rounds or (2 if args.quick else 4)
     args.samples = args.samples or 24 * args.peers
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
     if args.peers < 2 or min(args.groups) < 2:
         p.error("--peers and every --groups value must be >= 2 (averaging.min_group_size is 2)")
     return args
@@ -114,21 +122,34 @@ def figures(summaries: dict[str, dict], rounds: int) -> dict:
         final_ppl=math.exp(statistics.median(final)), num_params=next(iter(summaries.values()))["num_params"])
 
 
+def ppl_by_group(runs: list[dict], peers: int) -> dict:
+    """Per G: mean final ppl over its runs, spread ((max - min) / mean), and the mean vs the one-group mean."""
+    groups: dict[int, list[float]] = {}
+    for r in runs:
+        groups.setdefault(r["target_group_size"], []).append(r["final_ppl"])
+    one = [p for g, ps in groups.items() if g >= peers for p in ps]
+    base = statistics.mean(one) if one else None
+    return dict(one_group_mean=base, groups={
+        g: dict(runs=len(ps), mean=statistics.mean(ps), spread=(max(ps) - min(ps)) / statistics.mean(ps),
+                vs_one_group=statistics.mean(ps) / base - 1 if base else None) for g, ps in groups.items()})
+
+
 def projection(runs: list[dict], peers: int) -> dict:
     """What 1000 peers with the defaults (target_group_size 64) would do, from the measured runs: 16 groups
     of 62-63 in stage 1, one stage-2 group of 16 representatives, 16 stage-3 broadcasts. Bytes per peer:
     measured per-round bytes of a member and of a representative, scaled by nothing (an all-reduce sends
     about 2x the vector whatever the group size); time: the one-group all-reduce plus the measured extra
     of the staged runs."""
-    one = next((r for r in runs if r["target_group_size"] >= peers), None)
+    one = [r["allreduce_s"] for r in runs if r["target_group_size"] >= peers]
     staged = [r for r in runs if r["target_group_size"] < peers]
-    if one is None or not staged:
+    if not one or not staged:
         return {}
-    extra = statistics.median(r["allreduce_s"] - one["allreduce_s"] for r in staged)
+    one_s = statistics.median(one)
+    extra = statistics.median(r["allreduce_s"] - one_s for r in staged)
     return dict(peers=1000, target_group_size=64, stage1_groups=math.ceil(1000 / 64), stage2_group=math.ceil(1000 / 64),
                 stages=3, bytes_member_round=statistics.median(r["bytes_per_peer_round"] for r in staged),
                 bytes_rep_round=max(r["bytes_max_peer_round"] for r in staged),
-                allreduce_s_one_group=one["allreduce_s"], extra_s_for_stages=extra,
+                allreduce_s_one_group=one_s, extra_s_for_stages=extra,
                 note="bytes per peer do not grow with the swarm (each all-reduce sends ~2x the vector); the "
                      "stages add one all-reduce for members, two for a group's representative")
 
@@ -151,18 +172,25 @@ def main(argv=None) -> int:
     data.prepare(cfg.data, cfg.seed, progress=False)
     runs = []
     for g in args.groups:
-        print(f"[groups] {args.peers} peers, target_group_size {g}, {args.rounds} rounds ...", flush=True)
-        runs.append(run_one(args, g, workdir / f"G{g}"))
-    one = next((r for r in runs if r["target_group_size"] >= args.peers), None)
-    base = one["final_ppl"] if one else None
+        for k in range(args.repeats):
+            print(f"[groups] {args.peers} peers, target_group_size {g}, {args.rounds} rounds"
+                  + (f", run {k + 1}/{args.repeats}" if args.repeats > 1 else "") + " ...", flush=True)
+            runs.append(dict(run_one(args, g, workdir / (f"G{g}" + (f"-{k}" if args.repeats > 1 else ""))), repeat=k))
+    by_group = ppl_by_group(runs, args.peers)
+    base = by_group.get("one_group_mean")
     for r in runs:
         r["ppl_vs_one_group"] = r["final_ppl"] / base - 1 if base else None
     print_table(runs, base)
+    for g, v in by_group["groups"].items():
+        print(f"[groups] G {g}: mean ppl {v['mean']:.1f} over {v['runs']} run(s) (spread {100 * v['spread']:.1f} %)"
+              + (f", {100 * v['vs_one_group']:+.1f} % vs one group" if v["vs_one_group"] is not None else ""))
     result = dict(command="python scripts/bench_groups.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
                   machine=machine_info(), peers=args.peers, rounds=args.rounds, samples_per_round=args.samples,
-                  settings=SMALL, runs=runs, projection_1000=projection(runs, args.peers),
+                  repeats=args.repeats, settings=SMALL, runs=runs, ppl_by_group=by_group,
+                  projection_1000=projection(runs, args.peers),
                   targets=dict(one_theta_every_round=all(r["one_theta_every_round"] for r in runs),
-                               ppl_within_2pct=all(abs(r["ppl_vs_one_group"] or 0) <= 0.02 for r in runs)),
+                               ppl_within_2pct=all(abs(v["vs_one_group"] or 0) <= 0.02
+                                                   for v in by_group["groups"].values())),
                   timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out, result)

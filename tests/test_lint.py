@@ -177,3 +177,50 @@ def test_nothing_is_unpickled():
     hits = [f"{p.relative_to(ROOT)}:{n}" for p in _modules().values()
             for n, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
     assert not hits, hits
+
+
+def _override_problems(cls) -> list[str]:
+    """Methods of `cls` that override a base method but drop one of its parameters (no **kwargs to take it)."""
+    import inspect
+
+    out = []
+    for name, fn in vars(cls).items():
+        if not inspect.isfunction(fn) or name.startswith("__"):
+            continue
+        base = next((vars(b)[name] for b in cls.__mro__[1:] if name in vars(b)), None)
+        if not inspect.isfunction(base):
+            continue
+        mine, theirs = inspect.signature(fn).parameters, inspect.signature(base).parameters
+        if any(p.kind is p.VAR_KEYWORD for p in mine.values()):
+            continue
+        positional = [p for p in mine.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        missing = [p for i, (p, q) in enumerate(theirs.items())  # by name, or by place (a renamed positional)
+                   if p not in mine and q.kind not in (q.VAR_POSITIONAL, q.VAR_KEYWORD)
+                   and not (q.kind is not q.KEYWORD_ONLY and i < len(positional))]
+        out += [f"{cls.__module__}.{cls.__qualname__}.{name} lacks {', '.join(missing)}"] if missing else []
+    return out
+
+
+def test_overrides_accept_every_parameter_of_the_method_they_override():
+    """Seen in the soak: PeerParts.sync_from_peers gained `min_round`, the override in Peer did not, and a
+    peer whose group was late for a round died of a TypeError. Every class of the package is checked."""
+    import importlib
+    import inspect
+
+    problems = []
+    for name in _modules():
+        module = importlib.import_module(name)
+        for cls in vars(module).values():
+            if inspect.isclass(cls) and cls.__module__ == name:
+                problems += _override_problems(cls)
+    assert not problems, problems
+
+    class Base:
+        def f(self, a, b=0):
+            return a
+
+    class Bad(Base):
+        def f(self, a):
+            return a
+
+    assert _override_problems(Bad) == [f"{__name__}.{Bad.__qualname__}.f lacks b"]

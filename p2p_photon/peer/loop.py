@@ -195,8 +195,8 @@ class Peer(PeerParts):
         if self.inflight is None:
             self._join_pipeline()
 
-    def sync_from_peers(self, attempts: int = 4, want: str | None = None) -> bool:
-        if not super().sync_from_peers(attempts, want):
+    def sync_from_peers(self, attempts: int = 4, want: str | None = None, min_round: int = 0) -> bool:
+        if not super().sync_from_peers(attempts, want, min_round):
             return False
         self._join_pipeline()
         return True
