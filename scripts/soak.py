@@ -164,6 +164,15 @@ class PeerRun:
     family_gone_after_s: float | None = None  # seconds from the kill until that tree was gone
     rss: list[tuple[float, float]] = field(default_factory=list)  # (t, MB) of its whole process tree
     pss: list[tuple[float, float]] = field(default_factory=list)  # the same, shared pages divided among sharers
+    rss_by_process: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # 'main', 'p2pd', 'child1'..
+
+
+def _role(q: psutil.Process, k: int) -> str:
+    """A peer's child process by what it is: p2pd, or its k-th other child (the DHT, then the averager)."""
+    with contextlib.suppress(psutil.Error):
+        if q.name().startswith("p2pd"):
+            return f"p2pd{k}"
+    return f"child{k}"
 
 
 class Soak:
@@ -311,10 +320,13 @@ class Soak:
             with contextlib.suppress(psutil.Error):
                 root = psutil.Process(p.proc.popen.pid)
                 rss = pss = 0
-                for q in [root, *root.children(recursive=True)]:
+                children = sorted(root.children(recursive=True), key=lambda q: q.pid)
+                roles = ["main"] + [_role(q, k) for k, q in enumerate(children, 1)]
+                for q, role in zip([root, *children], roles):
                     with contextlib.suppress(psutil.Error):
                         mem = q.memory_full_info()
                         rss, pss = rss + mem.rss, pss + getattr(mem, "pss", 0)
+                        p.rss_by_process.setdefault(role, []).append((round(t, 2), round(mem.rss / 2**20, 2)))
                 p.rss.append((round(t, 2), round(rss / 2**20, 2)))
                 p.pss.append((round(t, 2), round(pss / 2**20, 2)))
 
@@ -375,6 +387,10 @@ def peer_record(soak: Soak, p: PeerRun, ev: LogEvents, swarm_ok: list[tuple[floa
     rec.update(pss_slope_mb_per_min=_r(pss_slope, 3), pss_mb_last=p.pss[-1][1] if p.pss else None)
     rec.update(rss_mb_first=p.rss[0][1] if p.rss else None, rss_mb_last=p.rss[-1][1] if p.rss else None,
                rss_samples=len(p.rss), rss_slope_mb_per_min=_r(slope, 3), rss_span_s=_r(span))
+    # where the growth is: each process of the tree on its own (main, DHT/averager children, p2pd)
+    rec["rss_slope_by_process"] = {role: _r(rss_slope({role: xs}, {role: warm[p.name]})[0], 3)
+                                   for role, xs in sorted(p.rss_by_process.items())}
+    rec["rss_mb_last_by_process"] = {role: xs[-1][1] for role, xs in sorted(p.rss_by_process.items())}
     return rec
 
 
@@ -438,14 +454,28 @@ def forked_rounds(evs: dict[str, LogEvents]) -> dict[int, list[str]]:
 
 
 def final_theta(soak: Soak, survivors: list[PeerRun]) -> dict:
-    """The survivors' final θ and round, from the summaries they wrote at SIGTERM."""
-    out = {}
+    """The survivors' final θ and round, from the summaries they wrote at SIGTERM, and each one's θ at the
+    common round (the fewest rounds any survivor has): SIGTERM reaches peers that are training (they leave
+    at once) and peers already averaging (they finish that round first), so one model can end one round
+    apart on two peers; at the common round they must hold the same θ (from their round histories)."""
+    out, histories = {}, {}
     for p in survivors:
         try:
             s = soak.swarm.summary(p.name)
             out[p.name] = dict(theta=s["theta"], rounds=s["rounds"], failed_rounds=s["failed_rounds"])
+            histories[p.name] = s.get("history") or []
         except (OSError, ValueError, KeyError) as e:
             out[p.name] = dict(theta=None, rounds=None, error=f"no summary: {e}")
+    rounds = [f["rounds"] for f in out.values() if f["rounds"] is not None]
+    common = min(rounds) if rounds and len(rounds) == len(out) else None
+    for name, f in out.items():
+        if common is None:
+            f["theta_at_common_round"] = None
+        elif f["rounds"] == common:
+            f["theta_at_common_round"] = f["theta"]
+        else:  # θ after averaging round common - 1
+            f["theta_at_common_round"] = next((h["theta"] for h in reversed(histories[name])
+                                               if h.get("ok") and h.get("round") == common - 1), None)
     return out
 
 
@@ -465,6 +495,10 @@ def swarm_totals(recs: list[dict], evs: dict[str, LogEvents], finals: dict, soak
     slope, span, used = rss_slope({p.name: p.rss for p in eligible}, warm, min_span)
     pss_slope, _, _ = rss_slope({p.name: p.pss for p in eligible}, warm, min_span)
     thetas = {f["theta"] for f in finals.values()}
+    at_common = {f.get("theta_at_common_round") for f in finals.values()}
+    by_round: dict[int, set] = {}
+    for f in finals.values():
+        by_round.setdefault(f["rounds"], set()).add(f["theta"])
     return dict(
         peer_rounds_attempted=attempted, peer_rounds_completed=ok, peer_rounds_failed=attempted - ok,
         completed_fraction=ok / attempted if attempted else 0.0,
@@ -473,6 +507,8 @@ def swarm_totals(recs: list[dict], evs: dict[str, LogEvents], finals: dict, soak
         rounds_with_more_than_one_theta=len(forks), forked_rounds=forks,
         survivors=len(finals), final_thetas=sorted(str(t) for t in thetas), final_theta_count=len(thetas),
         final_rounds=sorted({f["rounds"] for f in finals.values() if f["rounds"] is not None}),
+        theta_count_at_common_round=len(at_common) if None not in at_common else None,
+        one_theta_per_final_round=all(len(v) == 1 for v in by_round.values()),
         joiners=len(joiners), joiners_judged=len(judged), joiners_censored=len(joiners) - len(judged),
         joiner_rounds_max=max(rounds_needed) if rounds_needed else None, joiners_never_contributed=never,
         joiner_seconds_from_start=[j["seconds_from_start"] for j in joiners if j["contributed"]],
@@ -491,7 +527,8 @@ def verdicts(sw: dict, left: list[dict]) -> dict:
     jmax = sw["joiner_rounds_max"]
     return dict(
         rounds_complete=sw["completed_fraction"] >= t["rounds_complete_min"],
-        one_theta_at_end=sw["final_theta_count"] == 1 and None not in sw["final_thetas"] and sw["survivors"] > 0,
+        one_theta_at_end=sw["theta_count_at_common_round"] == 1 and sw["one_theta_per_final_round"]
+        and None not in sw["final_thetas"] and sw["survivors"] > 0,
         joiners_contribute=jmax is not None and jmax <= t["joiner_rounds_max"] and not sw["joiners_never_contributed"],
         rss_slope=sw["rss_slope_mb_per_min"] is not None and sw["rss_slope_mb_per_min"] < t["rss_slope_mb_per_min_max"],
         nothing_left_running=not left and not sw["killed_trees_not_gone"],
@@ -517,8 +554,9 @@ def print_table(recs: list[dict], sw: dict, ok: dict, left: list[dict]) -> None:
     rows = [
         ("rounds complete", f"{sw['peer_rounds_completed']}/{sw['peer_rounds_attempted']} = "
          f"{100 * sw['completed_fraction']:.1f}%", ">= 90%", ok["rounds_complete"]),
-        ("one θ at the end", f"{sw['final_theta_count']} θ over {sw['survivors']} survivors, rounds "
-         f"{sw['final_rounds']}; {sw['rounds_with_more_than_one_theta']} round(s) ended with > 1 θ", "1",
+        ("one θ at the end", f"{sw['theta_count_at_common_round']} θ at the common round over {sw['survivors']} "
+         f"survivors (final rounds {sw['final_rounds']}, {sw['final_theta_count']} final θ, one per round: "
+         f"{sw['one_theta_per_final_round']}); {sw['rounds_with_more_than_one_theta']} round(s) ended with > 1 θ", "1",
          ok["one_theta_at_end"]),
         ("joiners contribute", f"max {sw['joiner_rounds_max']} round(s) from join ({sw['joiners_judged']} judged, "
          f"{sw['joiners_censored']} killed first); never: {sw['joiners_never_contributed'] or 'none'}",

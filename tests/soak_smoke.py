@@ -61,5 +61,5 @@ def test_quick_soak_keeps_one_model_under_churn_and_leaves_nothing_running(tmp_p
     # a joiner that was in the swarm (DHT joined) while it finished two rounds must have taken part (one still
     # importing torch at the stop, on a busy machine, is not judged: soak.py reports it as censored)
     assert sw["joiners_never_contributed"] == [], context
-    assert sw["survivors"] >= 2 and sw["final_theta_count"] == 1 and r["verdicts"]["one_theta_at_end"], context
+    assert sw["survivors"] >= 2 and sw["theta_count_at_common_round"] == 1 and r["verdicts"]["one_theta_at_end"], context
     assert r["processes_left"] == [] and r["verdicts"]["nothing_left_running"], r["processes_left"]

@@ -6,6 +6,7 @@ state-download helpers) are checked against hand-computed values."""
 import asyncio
 import concurrent.futures as cf
 import itertools
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -475,6 +476,29 @@ def test_state_download_through_the_averager_process_and_donor_exclusion(dhts):
         assert joiner.load_state_from_peers(timeout=5, exclude=[donor.peer_id]) is None
     finally:
         _shutdown([donor, joiner])
+
+
+@pytest.mark.swarm
+def test_a_round_the_swarm_went_past_ends_the_wait_at_once_and_the_averager_stays_usable(dhts):
+    """Soak: a joiner waited 102 s in a stage-2 step while the swarm averaged rounds 6 to 23. The peer's
+    `moved_on` check is polled during hivemind's step: once it gives a reason, the step is cancelled and
+    the round ends with AveragedWithoutUs (the peer catches up by download). The cancelled averager then
+    averages the next round with its partner as usual."""
+    from p2p_photon.averaging import AveragedWithoutUs
+
+    deltas, weights = _deltas(2, seed=5), [1.0, 3.0]
+    avgs = _averagers(dhts, n=2, compression="none", target_group_size=2)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(AveragedWithoutUs, match="went on"):  # alone: no group would form for 20 s
+            avgs[0].average(deltas[0], round_no=3, weight=1.0, meta=dict(fingerprint="fp"), timeout=20,
+                            swarm_size=2, moved_on=lambda: "the swarm went on" if time.monotonic() > t0 + 1.0 else None)
+        assert time.monotonic() - t0 < 6.0
+        results = _round(avgs, deltas, weights, round_no=4)
+    finally:
+        _shutdown(avgs)
+    assert all(not isinstance(r, Exception) for r in results), results
+    assert _rel_err(results[0].deltas, _mean(deltas, weights)) < 1e-6 and results[0].group_size == 2
 
 
 @pytest.mark.swarm

@@ -200,6 +200,20 @@ def test_fresh_peers_do_not_outvote_the_peers_that_trained():
     assert tracker.established_round(tracker.records()) == -1
 
 
+def test_the_swarm_went_on_without_us_only_when_most_peers_averaged_the_round_after_ours():
+    """Polled while round 5's averaging waits: peers holding θ of round 6 averaged round 5 (ours may still
+    land: our group can be slower); θ of round 7 means they averaged round 6 too. One peer far ahead is
+    not the swarm."""
+    cfg = load_config(None, [f"model.seq_len={SEQ}"])
+    view = _View([rec("p1", theta_round=6), rec("p2", theta_round=6), rec("p3", theta_round=5)])
+    tracker = RoundTracker(cfg, FP, "me", view, banned=dict)
+    assert tracker.went_on_without_us(5, tracker.records()) is None
+    view.records_now = [rec("p1", theta_round=9), rec("p2", theta_round=5), rec("p3", theta_round=5)]
+    assert tracker.went_on_without_us(5, tracker.records()) is None
+    view.records_now = [rec("p1", theta_round=7), rec("p2", theta_round=8), rec("p3", theta_round=5)]
+    assert "round 7" in tracker.went_on_without_us(5, tracker.records())
+
+
 class _View:
     """The swarm view's read side, with records set by the test."""
 

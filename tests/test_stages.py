@@ -230,3 +230,26 @@ def test_a_dead_representative_is_noticed_when_its_heartbeat_mark_expires(monkey
     finally:
         second.shutdown()
         first.shutdown()
+
+
+def test_every_wait_of_the_stages_ends_when_the_swarm_went_past_our_round():
+    """Following a rep, waiting for the board's wave, waiting for an earlier wave's decisions: each polls
+    the round's `moved_on` and ends with AveragedWithoutUs (bounds here are seconds; it takes ~0.1 s)."""
+    import pytest
+
+    from hivemind.utils import get_dht_time
+
+    from p2p_photon.averaging.protocol import AveragedWithoutUs
+
+    dht = FakeDHT()
+    sp = stages.Spanner(dht, "run", "me", None, codec="none", board_wait=5.0, gather_s=5.0, stage_timeout=5.0)
+    sp.moved_on = lambda: "the swarm went on"
+    key = stages.decision_key("run", 1, "g")
+    dht.store(key, subkey="rep", value="posted", expiration_time=0)
+    for wait in (lambda: sp._follow_rep(key, "rep"),
+                 lambda: sp._post_and_wait(stages.Group("g2", ("me", "x"), 2.0), 1, expected=5),
+                 lambda: sp._applied({"g": {"t": get_dht_time(), "members": ["rep", "y"]}}, 1)):
+        t0 = time.monotonic()
+        with pytest.raises(AveragedWithoutUs, match="went on"):
+            wait()
+        assert time.monotonic() - t0 < 1.0

@@ -208,6 +208,13 @@ class Spanner:
         self.dht, self.prefix, self.peer_id, self.run_stage = dht, prefix, peer_id, run_stage
         self.client = client  # we accept no connections: we never lead a stage
         self.codec, self.board_wait, self.gather_s, self.stage_timeout = codec, board_wait, gather_s, stage_timeout
+        self.moved_on: Callable[[], str | None] = lambda: None  # the round's (SwarmAverager.average)
+
+    def _check_moved_on(self) -> None:
+        """While we wait: if the swarm has averaged past this round without us, stop waiting (the peer
+        catches up by download)."""
+        if (why := self.moved_on()) is not None:
+            raise AveragedWithoutUs(why)
 
     def span(self, averaged: list, peers: Mapping[str, Mapping[str, Any]], round_no: int,
              member_caps: Mapping[str, float], expected: int = 0) -> tuple[list, int, dict[str, int]]:
@@ -270,6 +277,8 @@ class Spanner:
                           weight_caps=stage2_caps(board, member_caps), leader=leader)
             x, reps = self.run_stage(StageRun(averaged, 2, stage_bits(round_no, 2), group.weight, policy,
                                               dict(groups=len(board), group_totals=totals), self._gather(leader)))
+        except AveragedWithoutUs:
+            raise
         except AveragingFailed as e:
             raise AveragingFailed(f"across groups (stage 2): {e}") from None
         if len(reps) < len(board):
@@ -299,6 +308,8 @@ class Spanner:
                                                1.0 if source else 0.0, policy,
                                                dict(source=source, spanned=spanned, swarm_totals=totals),
                                                self._gather(group.rep)))
+        except AveragedWithoutUs:
+            raise
         except AveragingFailed as e:
             raise AveragingFailed(f"across groups (stage 3): {e}") from None
         sender = check_broadcast(peers)
@@ -344,6 +355,7 @@ class Spanner:
             if expected and covered({g: v for g, v in board.items() if start <= float(v.get("t", start)) <= close
                                      }) >= expected and now > mine["t"] + POLL_S:
                 break
+            self._check_moved_on()
             time.sleep(POLL_S)
         board = read_board(self.dht, self.prefix, round_no)
         board[group.group_id] = mine
@@ -379,6 +391,7 @@ class Spanner:
                     del pending[g]  # failed, or its rep is gone: its phase mark (stored before its post) expired
             if not pending or not wait or get_dht_time() > deadline:
                 return 0
+            self._check_moved_on()
             time.sleep(POLL_S)
         return 0
 
@@ -419,6 +432,7 @@ class Spanner:
                 return None, f"last seen: {seen}, its mark expired {now - since:.0f}s after it entered that phase"
             if now - since > bounds[seen]:
                 return None, f"last seen: {seen or 'never after stage 1'}, {bounds[seen]:.0f}s ago"
+            self._check_moved_on()
             time.sleep(POLL_S)
 
 

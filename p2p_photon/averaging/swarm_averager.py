@@ -8,6 +8,7 @@ new quantization error to the next round.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import math
@@ -24,10 +25,22 @@ from ..config import AveragingConfig
 from ..hashing import theta_hash
 from . import consensus
 from .hivemind_backend import start_averager
-from .protocol import AveragingFailed, RoundResult, banned_message, check_group, gather_metadata, totals_of
-from .stages import Spanner, StageRun, stage_bits, stage_codec
+from .protocol import (
+    AveragedWithoutUs,
+    AveragingFailed,
+    RoundResult,
+    banned_message,
+    check_group,
+    gather_metadata,
+    totals_of,
+)
+from .stages import POLL_S, Spanner, StageRun, stage_bits, stage_codec
 
 logger = logging.getLogger(__name__)
+
+
+def _never() -> str | None:
+    return None
 
 
 class SwarmAverager:
@@ -67,6 +80,7 @@ class SwarmAverager:
         # this, T+1's Δ could overwrite T's average before T reads it, and T+1's group bits could move
         # T's matchmaking to the wrong round)
         self._one_round = threading.Lock()
+        self._moved_on: Callable[[], str | None] = _never
         self.spanner = Spanner(dht, prefix, self.peer_id, self._run_stage,
                                codec=stage_codec(self.codec.lossy),
                                board_wait=cfg.step_timeout + 2 * cfg.matchmaking_time, gather_s=cfg.step_timeout,
@@ -75,13 +89,17 @@ class SwarmAverager:
     def average(self, deltas: Sequence[torch.Tensor | None], *, round_no: int, weight: float,
                 meta: dict[str, Any], active: Sequence[int] | None = None,
                 weight_caps: dict[str, float] | None = None, timeout: float | None = None,
-                swarm_size: int | None = None) -> RoundResult:
+                swarm_size: int | None = None, moved_on: Callable[[], str | None] | None = None) -> RoundResult:
         """One round: matchmaking in the round's group (`round_no` picks the group bits), then our
         all-reduce of the active tensors (all by default; Δ of the others is ignored), weighted by
         `weight` and with the other members' weights bounded by `weight_caps`; if the group has fewer
         than `swarm_size` peers (those averaging this round), the groups' results are combined into
-        the swarm's (stages.py). Raises AveragingFailed. Concurrent calls run one after the other."""
+        the swarm's (stages.py). `moved_on`, polled while we wait (for a group, a stage, a representative):
+        a reason when the swarm has averaged past this round without us, which ends the round at once
+        with AveragedWithoutUs (the peer then downloads the newer state) instead of at its timeouts.
+        Raises AveragingFailed. Concurrent calls run one after the other."""
         with self._one_round:
+            self._moved_on = self.spanner.moved_on = moved_on or _never
             return self._average(deltas, round_no, weight, meta, active, weight_caps, timeout, swarm_size)
 
     def _average(self, deltas, round_no, weight, meta, active, weight_caps, timeout, swarm_size) -> RoundResult:
@@ -97,7 +115,7 @@ class SwarmAverager:
             averaged, peers = self._run_stage(StageRun(list(deltas), 1, stage_bits(round_no, 1), weight,
                                                        dict(weight_caps=dict(weight_caps or {})), {}))
         except AveragingFailed as e:
-            if swarm_size is None or swarm_size <= 1:
+            if swarm_size is None or swarm_size <= 1 or isinstance(e, AveragedWithoutUs):
                 raise
             mine = totals_of({self.peer_id: meta})
             averaged, size, totals = self.spanner.alone(list(deltas), weight, round_no, weight_caps or {}, e, mine,
@@ -152,8 +170,18 @@ class SwarmAverager:
         matchmaking_time: a stage whose members are known waits for all of them."""
         try:
             scheduled = get_dht_time() + gather_s if gather_s else None
-            gathered = self._averager.step(gather=gathered_meta, weight=float(weight), allow_retries=True,
-                                           timeout=timeout, scheduled_time=scheduled)
+            control = self._averager.step(gather=gathered_meta, weight=float(weight), allow_retries=True,
+                                          timeout=timeout, scheduled_time=scheduled, wait=False)
+            while True:
+                try:
+                    gathered = control.result(timeout=POLL_S)
+                    break
+                except concurrent.futures.TimeoutError:
+                    if (why := self._moved_on()) is not None:
+                        control.cancel()
+                        raise AveragedWithoutUs(why) from None
+        except AveragedWithoutUs:
+            raise
         except Exception as e:  # hivemind raises several types; the caller only needs "it failed, why"
             self._ban_rejected()
             raise AveragingFailed(f"all-reduce failed: {type(e).__name__}: {e}") from None

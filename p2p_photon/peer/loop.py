@@ -123,7 +123,8 @@ class Peer(PeerParts):
         meta = dict(fingerprint=self.fp, samples=st.samples, steps=st.steps, theta=self.gs.hash)
         return dict(round_no=r, weight=self.policy.weight(st.samples), meta=meta,
                     weight_caps=self.tracker.weight_caps(records, self.reporter.last_rate),
-                    timeout=self.cfg.averaging.step_timeout, swarm_size=self.tracker.averaging_peers(records, r))
+                    timeout=self.cfg.averaging.step_timeout, swarm_size=self.tracker.averaging_peers(records, r),
+                    moved_on=lambda: self.tracker.went_on_without_us(r, self.tracker.records()))
 
     def _apply(self, res, reset_local: bool) -> None:
         self.gs.apply(res, self.model if reset_local else None)
@@ -132,8 +133,7 @@ class Peer(PeerParts):
     # ------------------------------------------------------------------ one round, overlapped
 
     def overlapped_round(self) -> RoundReport | None:
-        """Train round T+1 while round T's all-reduce runs (see overlap.py), then land round T.
-        Returns the landed round's report, None if nothing landed (yet, or stopped)."""
+        """Train round T+1 while round T's all-reduce runs (overlap.py), then land T: its report, or None."""
         n = self.cfg.rounds.num_rounds
         last = bool(n and self.inflight is not None and self.inflight.round + 1 >= n)  # nothing to train after it
         st = RoundStats()

@@ -209,6 +209,15 @@ class RoundTracker:
         """The θ round a majority of the other live peers holds (-1: none)."""
         return majority_round([x.theta_round for x in self.mates(records)])
 
+    def went_on_without_us(self, r: int, records: list[ProgressRecord]) -> str | None:
+        """Polled while our round r's averaging waits: most other live peers hold θ of round r+2 or later,
+        so the swarm averaged the round after ours and waiting for our group is pointless (soak: a joiner
+        sat 102 s in a stage-2 wait while the swarm went from round 6 to 23). The reason, else None."""
+        theta = self.theta_round(records)
+        if theta >= r + 2:
+            return f"the swarm went on without us: most peers hold θ of round {theta}, we were averaging round {r}"
+        return None
+
     def established_round(self, records: list[ProgressRecord]) -> int:
         """The θ round a majority of the other live peers that hold an averaged θ (round > 0) has reached
         (-1: none). For a fresh peer: peers still at the seeded init carry no work of the swarm, so they
