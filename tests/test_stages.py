@@ -236,7 +236,6 @@ def test_every_wait_of_the_stages_ends_when_the_swarm_went_past_our_round():
     """Following a rep, waiting for the board's wave, waiting for an earlier wave's decisions: each polls
     the round's `moved_on` and ends with AveragedWithoutUs (bounds here are seconds; it takes ~0.1 s)."""
     import pytest
-
     from hivemind.utils import get_dht_time
 
     from p2p_photon.averaging.protocol import AveragedWithoutUs
@@ -253,3 +252,31 @@ def test_every_wait_of_the_stages_ends_when_the_swarm_went_past_our_round():
         with pytest.raises(AveragedWithoutUs, match="went on"):
             wait()
         assert time.monotonic() - t0 < 1.0
+
+
+def test_a_group_that_held_every_expected_peer_is_on_the_board_and_a_later_group_catches_up():
+    """A group holding every peer it expected applies its stage-1 average at once; its representative (not
+    a member) still posts it, decided 'single'. A group posting into the same wave a moment later must not
+    average apart (two θ): it catches up (soak: a pair raced from round 8 to 16 unseen by four others)."""
+    import pytest
+
+    from p2p_photon.averaging.protocol import AveragedWithoutUs
+
+    dht = FakeDHT()
+    peers = {"a": {"nonce": "1", "weight": 2.0}, "b": {"nonce": "2", "weight": 3.0}}
+
+    def spanner(me):
+        return stages.Spanner(dht, "run", me, None, codec="none", board_wait=5.0, gather_s=1.0, stage_timeout=1.0)
+
+    spanner("b").announce(peers, 7)
+    assert stages.read_board(dht, "run", 7) == {}
+    spanner("a").announce(peers, 7)
+    g = stages.Group.from_metadata(peers)
+    board = stages.read_board(dht, "run", 7)
+    assert list(board) == [g.group_id] and board[g.group_id]["members"] == ["a", "b"]
+    assert board[g.group_id]["weight"] == 5.0
+    assert spanner("c")._decision(stages.decision_key("run", 7, g.group_id), "a") == "single"
+    t0 = time.monotonic()
+    with pytest.raises(AveragedWithoutUs, match="of our wave averaged this round without us"):
+        spanner("c")._post_and_wait(stages.Group("g2", ("c", "d"), 2.0), 7, expected=4)
+    assert time.monotonic() - t0 < 1.0

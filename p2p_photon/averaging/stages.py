@@ -45,6 +45,12 @@ What can go wrong, and what happens:
 * a group finishes stage 1 after the board closed, or the reps split into two stage-2 groups: the
   swarm ends the round with two θ; every peer compares θ hashes in the progress records (tracker.fork)
   and the minority re-syncs from the majority within the next round: detected and healed, logged.
+* a group holds every peer it expected (the tracker's count of peers at this round) and applies its
+  stage-1 average without stages 2-3: its rep still posts it, decided 'single' (`Spanner.announce`).
+  Without this, a pair that believed itself the whole swarm (the others one round behind) averaged
+  round after round unseen, and the rest, arriving at those rounds later, averaged them again apart
+  (soak: a pair raced from round 8 to 16 while four peers trained another θ). A group arriving later
+  finds the applied group on the board (an earlier wave, or its own) and catches up with its θ.
 * a member of g misses stage 3 (dies, slow): only it fails the round.
 * a rep lies about W_g: its stage-2 weight is capped by the sum of its members' caps (their own
   signed progress records), as any sender's weight is in stage 1.
@@ -211,8 +217,7 @@ class Spanner:
         self.moved_on: Callable[[], str | None] = lambda: None  # the round's (SwarmAverager.average)
 
     def _check_moved_on(self) -> None:
-        """While we wait: if the swarm has averaged past this round without us, stop waiting (the peer
-        catches up by download)."""
+        """While we wait: the swarm averaged past this round without us? Stop waiting (the peer catches up)."""
         if (why := self.moved_on()) is not None:
             raise AveragedWithoutUs(why)
 
@@ -226,6 +231,19 @@ class Spanner:
         if group.rep == self.peer_id:
             return self._as_rep(averaged, group, totals, round_no, member_caps, expected)
         return self._as_member(averaged, group, totals, round_no)
+
+    def announce(self, peers: Mapping[str, Mapping[str, Any]], round_no: int) -> None:
+        """Our stage-1 group held every peer we expected: its rep still posts it, decided 'single', so that a
+        group arriving later catches up with its θ (module docstring). Best effort: the average stands."""
+        group = Group.from_metadata(peers)
+        if group.rep != self.peer_id:
+            return
+        try:
+            self._decide(decision_key(self.prefix, round_no, group.group_id), "single")
+            dht_call(self.dht, "store", board_key(self.prefix, round_no), subkey=group.group_id, value=group.post(),
+                     expiration_time=get_dht_time() + BOARD_TTL, slow=AveragingFailed)
+        except AveragingFailed as e:
+            logger.debug("round %d: could not announce our group: %s", round_no, e)
 
     def alone(self, deltas: list, weight: float, round_no: int, member_caps: Mapping[str, float],
               why: AveragingFailed, totals: dict[str, int], expected: int = 0) -> tuple[list, int, dict[str, int]]:
@@ -327,14 +345,9 @@ class Spanner:
         return base if leader == self.peer_id else 2 * base
 
     def _post_and_wait(self, group: Group, round_no: int, expected: int = 0) -> dict[str, dict]:
-        """Post our group, then the round's board as every representative sees it. Posts form waves: a
-        wave opens with a post and closes `board_wait` seconds (DHT time) later; the next post after
-        a close opens the next wave (a retry of the round, or a group too late for the wave before).
-        Every rep derives the same waves from the same posts, so all agree on their wave's groups
-        (hence on stage 2's leader and size) without talking. A rep stops waiting early once its wave
-        covers the `expected` peers (the usual case: no wait beyond the slowest group's stage 1); a
-        group that posts into the wave after that was not expected, and fails stage 2. A group whose wave follows one in which a
-        group applied an average was late for it: the round fails for it (it catches up)."""
+        """Post our group, then our wave of the round's board as every representative sees it (waves: the
+        module docstring); the wait ends early once the wave covers the `expected` peers. AveragedWithoutUs
+        if a group of an earlier wave, or of ours, already applied an average: we were late for it."""
         key = board_key(self.prefix, round_no)
         mine = group.post()
         dht_call(self.dht, "store", key, subkey=group.group_id, value=mine,
@@ -363,6 +376,12 @@ class Spanner:
         if before is not None:
             self._raise_if_applied({g: v for g, v in board.items() if float(v.get("t", start)) < start},
                                    round_no, start - before)
+        # a group of our own wave that already applied an average went without us (it closed the wave early,
+        # covering the peers it expected, or announced a whole-swarm group): stage 2 with it cannot happen
+        applied = self._applied({g: v for g, v in wave.items() if g != group.group_id}, round_no, wait=False)
+        if applied:
+            raise AveragedWithoutUs(f"across groups: {applied} group(s) of our wave averaged this round without us; "
+                                    "we catch up with their θ")
         return wave
 
     def _raise_if_applied(self, earlier: Mapping[str, dict], round_no: int, late_s: float, wait: bool = True) -> None:

@@ -127,6 +127,8 @@ class SwarmAverager:
         if swarm_size is not None and size < swarm_size:
             averaged, size, totals = self.spanner.span(averaged, peers, round_no, weight_caps or {},
                                                        expected=swarm_size)
+        elif swarm_size is not None and swarm_size > 1:
+            self.spanner.announce(peers, round_no)
         return RoundResult(averaged, size, peers, self._bytes[0], self._bytes[1], time.perf_counter() - t0,
                            residual_norm=residual_norm, totals=totals)
 
