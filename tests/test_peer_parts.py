@@ -455,3 +455,51 @@ def test_a_finished_peer_lingers_at_least_one_averaging_attempt_for_a_live_strag
     t0 = time.monotonic()
     linger(cfg, tracker, view, stop, my_round=3)  # 0 = leave at once, whoever is behind
     assert time.monotonic() - t0 < 0.3
+
+
+def test_a_fork_in_the_last_round_is_settled_before_the_peer_leaves():
+    """8 peers in groups of 2 (extended test, 1 run in 10): one peer ended a 3-round run on another θ; no
+    next round compared hashes. After the last round a peer waits (at most one averaging attempt) for
+    live peers still averaging it, counts every record at its θ round, finished peers' included, and
+    downloads the swarm's θ if ours is a minority; finished peers linger while a peer at their round
+    holds another θ."""
+    import threading
+    from types import SimpleNamespace
+
+    from hivemind.utils import get_dht_time
+
+    from p2p_photon.peer.parts import linger, settle_final_theta
+
+    fast = ["averaging.matchmaking_time=0.025", "averaging.allreduce_timeout=0.1"]
+    cfg = load_config(None, [f"model.seq_len={SEQ}", "rounds.num_rounds=3", "rounds.linger_seconds=0.05", *fast])
+    ours, theirs = "a" * 16, "b" * 16
+    gs = SimpleNamespace(counters=SimpleNamespace(round=3, total_samples=100), hash=ours)
+    now = get_dht_time()
+    view = _View([rec("p1", round=3, theta_round=3, theta_hash=theirs, state="done", time=now),
+                  rec("p2", round=3, theta_round=3, theta_hash=theirs, state="done", time=now),
+                  rec("p3", round=2, theta_round=2, theta_hash="c" * 16, state="averaging", time=now)])
+    tracker = RoundTracker(cfg, FP, "me", view, banned=dict)
+    healed, stop = [], threading.Event()
+    t0 = time.monotonic()
+    settle_final_theta(cfg, tracker, stop, gs, heal=lambda want: healed.append(want) or True)
+    assert healed == [theirs]  # 2 finished peers hold theirs, only we hold ours
+    assert 0.4 <= time.monotonic() - t0 < 1.5  # waited one attempt for p3, still averaging the last round
+    healed.clear()
+    view.records_now = view.records_now[:1] + [rec("p2", round=3, theta_round=3, theta_hash=ours, state="done",
+                                                   time=now, total_samples=10**6)]
+    settle_final_theta(cfg, tracker, stop, gs, heal=lambda want: healed.append(want) or True)
+    assert healed == []  # 2 vs 1: ours is the swarm's
+    stop.set()
+    view.records_now = [rec("p1", round=3, theta_round=3, theta_hash=theirs, state="done", time=now)]
+    settle_final_theta(cfg, tracker, stop, gs, heal=lambda want: healed.append(want) or True)
+    assert healed == []  # interrupted: no settling
+    # the finished side lingers for a live peer at its round on another θ, and not for one on its own
+    stop.clear()
+    view.records_now = [rec("p3", round=3, theta_round=3, theta_hash="c" * 16, state="averaging", time=get_dht_time())]
+    t0 = time.monotonic()
+    linger(cfg, tracker, view, stop, my_round=3, my_hash=ours)
+    assert time.monotonic() - t0 >= 0.4
+    view.records_now = [rec("p3", round=3, theta_round=3, theta_hash=ours, state="averaging", time=get_dht_time())]
+    t0 = time.monotonic()
+    linger(cfg, tracker, view, stop, my_round=3, my_hash=ours)
+    assert time.monotonic() - t0 < 0.3

@@ -11,6 +11,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from hivemind.utils import get_dht_time
@@ -28,7 +29,7 @@ from .global_state import GlobalState
 from .reporting import Reporter, RoundReport
 from .swarm_view import SwarmView
 from .sync import StateSync
-from .tracker import ALIVE_S, RoundTracker
+from .tracker import ALIVE_S, RoundTracker, swarm_theta
 from .training import LocalTraining, RoundStats
 
 logger = logging.getLogger(__name__)
@@ -253,13 +254,15 @@ class PeerParts:
             self.view.stop()
         failed = None
         if self.joined:
+            settle_final_theta(self.cfg, self.tracker, self.stop, self.gs, heal=lambda want: self.sync_from_peers(
+                attempts=2, want=want))
             try:
                 self.save_checkpoint(final=True)
             except Exception as e:
                 failed = e
             self._write_summary()
             self.publish(RoundStats(), "done")
-            linger(self.cfg, self.tracker, self.view, self.stop, self.gs.counters.round)
+            linger(self.cfg, self.tracker, self.view, self.stop, self.gs.counters.round, self.gs.hash)
         if getattr(self, "spec_server", None) is not None:
             self.spec_server.stop()
         if self.averager is not None:
@@ -285,7 +288,8 @@ class PeerParts:
                                     optimizer_state_bytes=opt_bytes)
 
 
-def linger(cfg: Config, tracker: RoundTracker, view: SwarmView, stop: threading.Event, my_round: int) -> None:
+def linger(cfg: Config, tracker: RoundTracker, view: SwarmView, stop: threading.Event, my_round: int,
+           my_hash: str = "") -> None:
     """After a bounded run, serve the final state while a live peer of the run is still behind us: for at
     most rounds.linger_seconds, but at least one averaging attempt of the straggler's if lingering is on
     (a peer left alone in stage 1 learns it only after the stage-1 timeout and the board's window; seen:
@@ -298,10 +302,38 @@ def linger(cfg: Config, tracker: RoundTracker, view: SwarmView, stop: threading.
         return
     said = False
     while time.monotonic() < deadline and not stop.is_set():
-        behind = [m for m in tracker.mates(view.refresh()) if m.round < my_round and get_dht_time() - m.time < ALIVE_S]
+        live = [m for m in tracker.mates(view.refresh()) if get_dht_time() - m.time < ALIVE_S]
+        # behind us, or at our round on another θ (a fork in the last round: it downloads ours, settle_final_theta)
+        behind = [m for m in live if m.round < my_round or (my_hash and m.theta_round == my_round and m.theta_hash != my_hash)]
         if not behind:
             return
         if not said:
             logger.info("serving the final state for up to %gs to %d peer(s) still behind", seconds, len(behind))
             said = True
         stop.wait(min(1.0, max(0.0, deadline - time.monotonic())))
+
+
+def settle_final_theta(cfg: Config, tracker: RoundTracker, stop: threading.Event, gs, heal: Callable[[str], bool]) -> None:
+    """After the last round of a bounded run: no next round will compare θ hashes, so a fork in the last
+    round would outlive the run (seen: 8 peers in groups of 2, one ended on another θ). Wait (at most one
+    averaging attempt) until every live peer of the run has published its θ of the last round, count
+    every record at that round, finished peers' too, and download the swarm's θ if ours is not it
+    (finished peers linger while a peer at their round holds another θ). Not after an interrupt."""
+    n, c = cfg.rounds.num_rounds, gs.counters
+    if not n or c.round < n or stop.is_set():
+        return
+    deadline = time.monotonic() + cfg.averaging.attempt_s
+    while True:
+        records = tracker.records(fresh=True)
+        waiting = [m for m in tracker.mates(records) if m.theta_round < c.round and get_dht_time() - m.time < ALIVE_S
+                   and m.state == "averaging"]
+        if not waiting or time.monotonic() > deadline or stop.wait(0.5):
+            break
+    done = [r.model_copy(update={"state": "final"}) if r.state == "done" else r for r in records]
+    best, held = swarm_theta(done, me=tracker.peer_id, fingerprint=tracker.fp, theta_round=c.round,
+                             my_hash=gs.hash, my_total=c.total_samples)
+    if best != gs.hash:
+        logger.warning("θ forked in the last round (%d): %d peer(s) hold %s, %d (this one included) hold ours %s; "
+                       "taking the swarm's", c.round, held[best], best[:8], held[gs.hash], gs.hash[:8])
+        if not heal(best):
+            logger.warning("no peer served the swarm's final θ %s; ours %s stays", best[:8], gs.hash[:8])

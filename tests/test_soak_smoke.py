@@ -1,4 +1,3 @@
-# Not collected by the suite yet (file name without test_): the churn soak still ends with forks (see issue 13's note).
 """The churn soak's smoke version: `scripts/soak.py --quick` (4 peers, a SIGKILL and a start every
 10 s for 40 s) runs to the end and reports a swarm that kept averaging, ended on one θ and left
 nothing running. The full soak and its targets are a benchmark (bench/results/soak.json)."""
