@@ -130,7 +130,7 @@ class StageClock:
         self.t_call = self.t_allreduce = self.t_done = 0.0
 
     def __call__(self, **kwargs):
-        kwargs.pop("wait", None)
+        wait = kwargs.pop("wait", True)  # SwarmAverager asks for the StepControl (it polls it): hand it back done
         self.t_call, self.t_allreduce = time.perf_counter(), 0.0
         control = self._step(**kwargs, wait=False)
         while not control.done():
@@ -143,7 +143,7 @@ class StageClock:
         self.t_done = time.perf_counter()
         if not self.t_allreduce:  # finished between two polls
             self.t_allreduce = self.t_done
-        return control.result()
+        return control.result() if wait else control
 
 
 @dataclass
