@@ -254,6 +254,9 @@ class PeerParts:
             self.view.stop()
         failed = None
         if self.joined:
+            # our θ of the last round, at once: mates settling the run's end wait for it (without it, every
+            # peer of a bounded run waited for the others' records for a whole averaging attempt)
+            self.publish(RoundStats(), "averaging", now=True)
             settle_final_theta(self.cfg, self.tracker, self.stop, self.gs, heal=lambda want: self.sync_from_peers(
                 attempts=2, want=want))
             try:
