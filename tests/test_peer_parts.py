@@ -397,8 +397,15 @@ def test_a_dead_dht_never_hangs_a_call_and_says_what_to_do():
     try:
         assert dht_call(dht, "store", "k", "v", expiration_time=get_dht_time() + 60, timeout=30)
         assert dht_call(dht, "get", "k", latest=True, timeout=30).value == "v"
-        dht.kill()
-        dht.join(timeout=10)
+        # hivemind's futures write to their pipes under process-shared locks: a child SIGKILLed inside one
+        # (it may still be leaving the lock of the answer we just read) holds it for good, and every DHT this
+        # process starts later hangs before it is ready (suite: test_progress, test_runspec and test_trust
+        # all timed out after this test). Holding the locks while we kill keeps the child out of them.
+        from hivemind.utils.mpfuture import MPFuture, SharedBytes
+
+        with MPFuture._initialization_lock, MPFuture._update_lock, SharedBytes._lock:
+            dht.kill()
+            dht.join(timeout=10)
         t0 = time.monotonic()
         with pytest.raises(DHTUnavailable, match="the DHT process has exited .*--resume"):
             dht_call(dht, "get", "k", latest=True, timeout=30)

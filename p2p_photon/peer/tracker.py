@@ -254,7 +254,8 @@ class RoundTracker:
         return 1 + sum(1 for x in self.mates(records)
                        if now - x.time < ALIVE_S and x.round >= round_no and x.state != "done")
 
-    def present(self) -> int:
-        """Peers of this run present now, this one included (for the round's log line)."""
+    def present(self, records: list[ProgressRecord] | None = None) -> int:
+        """Peers of this run present now (live, not finished), this one included."""
         now = get_dht_time()
-        return 1 + sum(1 for r in self.mates(self.view.records()) if now - r.time < ALIVE_S)
+        return 1 + sum(1 for r in self.mates(self.view.records() if records is None else records)
+                       if now - r.time < ALIVE_S)
