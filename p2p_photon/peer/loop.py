@@ -123,10 +123,7 @@ class Peer(PeerParts):
         meta = dict(fingerprint=self.fp, samples=st.samples, steps=st.steps, theta=self.gs.hash)
         return dict(round_no=r, weight=self.policy.weight(st.samples), meta=meta,
                     weight_caps=self.tracker.weight_caps(records, self.reporter.last_rate),
-                    timeout=self.cfg.averaging.step_timeout, swarm_size=self.tracker.averaging_peers(records, r),
-                    moved_on=lambda: self.tracker.went_on_without_us(r, self.tracker.records()),
-                    present=self.tracker.present(records),
-                    recount=lambda: self.tracker.averaging_peers(self.tracker.records(), r))
+                    timeout=self.cfg.averaging.step_timeout, **self.tracker.counts(records, r))
 
     def _apply(self, res, reset_local: bool) -> None:
         self.gs.apply(res, self.model if reset_local else None)

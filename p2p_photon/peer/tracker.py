@@ -254,6 +254,13 @@ class RoundTracker:
         return 1 + sum(1 for x in self.mates(records)
                        if now - x.time < ALIVE_S and x.round >= round_no and x.state != "done")
 
+    def counts(self, records: list[ProgressRecord], round_no: int) -> dict:
+        """SwarmAverager.average's view of the swarm for round `round_no`: the peers that will average it,
+        the live ones at any round, a fresh recount, and whether the swarm went past it without us."""
+        return dict(swarm_size=self.averaging_peers(records, round_no), present=self.present(records),
+                    recount=lambda: self.averaging_peers(self.records(), round_no),
+                    moved_on=lambda: self.went_on_without_us(round_no, self.records()))
+
     def present(self, records: list[ProgressRecord] | None = None) -> int:
         """Peers of this run present now (live, not finished), this one included."""
         now = get_dht_time()
