@@ -231,3 +231,27 @@ def test_a_group_that_held_every_expected_peer_is_on_the_board_and_a_later_group
     with pytest.raises(AveragedWithoutUs, match="of our wave averaged this round without us"):
         spanner("c")._post_and_wait(stages.Group("g2", ("c", "d"), 2.0), 7, expected=4)
     assert time.monotonic() - t0 < 1.0
+
+
+def test_an_applied_decision_that_no_live_peer_holds_does_not_make_a_group_late(monkeypatch):
+    """Soak: a representative killed right after deciding 'broadcast' left that decision on round 5's board;
+    its stage 3 never ran, nobody reached round 6, and every later attempt of round 5, by every peer,
+    failed as 'late' (the swarm stalled for good). A decision counts only once a live peer holds θ of a
+    later round (`ahead`); without one within LIVE_TTL, the group goes on with its own wave."""
+    import pytest
+
+    from p2p_photon.averaging.protocol import AveragedWithoutUs
+
+    monkeypatch.setattr(stages, "LIVE_TTL", 0.5)
+    dht = FakeDHT()
+    peers = {"a": {"nonce": "1", "weight": 2.0}, "b": {"nonce": "2", "weight": 3.0}}
+    stages.Spanner(dht, "run", "a", None, codec="none", board_wait=5.0, gather_s=1.0, stage_timeout=1.0
+                   ).announce(peers, 5)
+    late = stages.Spanner(dht, "run", "c", None, codec="none", board_wait=5.0, gather_s=1.0, stage_timeout=1.0)
+    late.ahead = lambda: False  # the decided group's θ is nowhere: its members died
+    t0 = time.monotonic()
+    wave = late._post_and_wait(stages.Group("g2", ("c", "d"), 2.0), 5, expected=4)
+    assert "g2" in wave and 0.5 <= time.monotonic() - t0 < 3.0
+    late.ahead = lambda: True  # a member published θ of round 6: it did apply
+    with pytest.raises(AveragedWithoutUs, match="of our wave averaged this round without us"):
+        late._post_and_wait(stages.Group("g3", ("e", "f"), 2.0), 5, expected=6)

@@ -215,6 +215,24 @@ def wave_of(board: Mapping[str, dict], group_id: str, wait: float) -> tuple[floa
     return start, start + wait, before
 
 
+def proven(ahead: Callable[[], bool], check: Callable[[], None]) -> bool:
+    """A group decided 'single' or 'broadcast': did its members really apply the average? They publish
+    θ of the next round as soon as they start it, so wait (LIVE_TTL at most) for a live peer `ahead` of
+    us (`check`: the moved-on check). A 'broadcast' whose representative died before stage 3 reached
+    nobody (soak: a rep killed right after deciding left its decision on round 5's board, and every later
+    attempt of that round, by every peer, failed as 'late' and found nobody to catch up from: the swarm
+    stalled for good)."""
+    deadline = time.monotonic() + LIVE_TTL
+    while not ahead():
+        if time.monotonic() > deadline:
+            logger.info("a group on the board decided to apply this round, but no live peer holds its θ: "
+                        "it never arrived; we go on with our wave")
+            return False
+        check()
+        time.sleep(POLL_S)
+    return True
+
+
 @dataclass
 class StageRun:
     """One all-reduce of a stage, as SwarmAverager runs it (see SwarmAverager._run_stage)."""
@@ -237,6 +255,7 @@ class Spanner:
         self.client = client  # we accept no connections: we never lead a stage
         self.codec, self.board_wait, self.gather_s, self.stage_timeout = codec, board_wait, gather_s, stage_timeout
         self.moved_on: Callable[[], str | None] = lambda: None  # the round's (SwarmAverager.average)
+        self.ahead: Callable[[], bool] = lambda: True  # a live peer holds θ of a later round (ditto)
 
     def _check_moved_on(self) -> None:
         """While we wait: the swarm averaged past this round without us? Stop waiting (the peer catches up)."""
@@ -401,14 +420,14 @@ class Spanner:
         # a group of our own wave that already applied an average went without us (it closed the wave early,
         # covering the peers it expected, or announced a whole-swarm group): stage 2 with it cannot happen
         applied = self._applied({g: v for g, v in wave.items() if g != group.group_id}, round_no, wait=False)
-        if applied:
+        if applied and proven(self.ahead, self._check_moved_on):
             raise AveragedWithoutUs(f"across groups: {applied} group(s) of our wave averaged this round without us; "
                                     "we catch up with their θ")
         return wave
 
     def _raise_if_applied(self, earlier: Mapping[str, dict], round_no: int, late_s: float, wait: bool = True) -> None:
         applied = self._applied(earlier, round_no, wait)
-        if applied:
+        if applied and proven(self.ahead, self._check_moved_on):
             raise AveragedWithoutUs(f"across groups: {applied} other group(s) had already averaged this round "
                                     f"when ours finished ({late_s:.1f}s after their board opened); "
                                     f"we catch up with their θ")

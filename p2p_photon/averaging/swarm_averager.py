@@ -39,6 +39,10 @@ from .stages import POLL_S, Spanner, StageRun, group_present, group_rep, stage_b
 logger = logging.getLogger(__name__)
 
 
+def _always() -> bool:
+    return True
+
+
 def _never() -> str | None:
     return None
 
@@ -90,7 +94,8 @@ class SwarmAverager:
                 meta: dict[str, Any], active: Sequence[int] | None = None,
                 weight_caps: dict[str, float] | None = None, timeout: float | None = None,
                 swarm_size: int | None = None, moved_on: Callable[[], str | None] | None = None,
-                present: int | None = None, recount: Callable[[], int] | None = None) -> RoundResult:
+                present: int | None = None, recount: Callable[[], int] | None = None,
+                ahead: Callable[[], bool] | None = None) -> RoundResult:
         """One round: matchmaking in the round's group (`round_no` picks the group bits), then our
         all-reduce of the active tensors (all by default; Δ of the others is ignored), weighted by
         `weight` and with the other members' weights bounded by `weight_caps`; if the group has fewer
@@ -100,11 +105,13 @@ class SwarmAverager:
         with AveragedWithoutUs (the peer then downloads the newer state) instead of at its timeouts.
         `present`: the live peers of the run, at any round; a group that lacks some of them lets its
         representative decide (stages.group_present), counting again with `recount` after stage 1.
+        `ahead`: does a live peer hold θ of a later round? (proof that a group on the board applied it).
         Raises AveragingFailed. Concurrent calls run one after the other."""
         if swarm_size is not None:  # the group decides with every member's counts (stages.group_present)
             meta = dict(meta, swarm=[int(swarm_size), int(max(present or 0, swarm_size))])
         with self._one_round:
             self._moved_on = self.spanner.moved_on = moved_on or _never
+            self.spanner.ahead = ahead or _always
             return self._average(deltas, round_no, weight, meta, active, weight_caps, timeout, swarm_size, recount)
 
     def _average(self, deltas, round_no, weight, meta, active, weight_caps, timeout, swarm_size, recount

@@ -259,7 +259,15 @@ class RoundTracker:
         the live ones at any round, a fresh recount, and whether the swarm went past it without us."""
         return dict(swarm_size=self.averaging_peers(records, round_no), present=self.present(records),
                     recount=lambda: self.averaging_peers(self.records(), round_no),
-                    moved_on=lambda: self.went_on_without_us(round_no, self.records()))
+                    moved_on=lambda: self.went_on_without_us(round_no, self.records()),
+                    ahead=lambda: self.theta_past(round_no, self.records()))
+
+    def theta_past(self, round_no: int, records: list[ProgressRecord]) -> bool:
+        """A live peer of the run (finished ones too) holds θ of a round after `round_no`: it applied that
+        round's average."""
+        now = get_dht_time()
+        return any(now - x.time < ALIVE_S and x.theta_round > round_no and x.fingerprint == self.fp
+                   and x.peer_id != self.peer_id for x in records)
 
     def present(self, records: list[ProgressRecord] | None = None) -> int:
         """Peers of this run present now (live, not finished), this one included."""
