@@ -567,46 +567,6 @@ def test_a_peer_left_alone_in_stage_one_still_joins_the_rounds_average(dhts):
 
 
 @pytest.mark.swarm
-def test_a_pair_that_counted_without_a_peer_catching_up_still_averages_with_it(dhts):
-    """Soak: a pair catching up (a round behind when the others launched the round) reached the round a
-    second later, but the others' group had counted itself the whole swarm, applied its average and
-    announced it; the pair found it on the board and failed (three rounds in a row). Now a group that
-    lacks a live peer lets its representative decide, who counts again after stage 1 (`recount`): the
-    pair (counted 2 of 3 live) waits on the board for the peer that arrived late and was left alone in
-    stage 1, and all three end with the weighted mean of all three. With the old rule, the pair's
-    count (2) equalled its group and the late peer's round failed."""
-    deltas, weights = _deltas(3, seed=21), [8.0, 24.0, 40.0]
-    avgs = _averagers(dhts, n=3, compression="none", target_group_size=2)
-
-    def one(i):
-        if i == 2:
-            time.sleep(1.0)  # behind: the pair forms without it
-        counts = dict(swarm_size=3) if i == 2 else dict(swarm_size=2, present=3, recount=lambda: 3)
-        try:
-            return avgs[i].average(deltas[i], round_no=12, weight=weights[i], meta=dict(fingerprint="fp"),
-                                   timeout=6, **counts)
-        except AveragingFailed as e:
-            return e
-    try:
-        with cf.ThreadPoolExecutor(3) as ex:
-            results = list(ex.map(one, range(3)))
-    finally:
-        _shutdown(avgs)
-    assert all(not isinstance(r, Exception) for r in results), results
-    assert len({theta_hash(r.deltas) for r in results}) == 1 and all(r.group_size == 3 for r in results)
-    assert [len(r.gathered) for r in results] == [2, 2, 1]  # stage 1: the pair, and the late one alone
-    assert _rel_err(results[0].deltas, _mean(deltas, weights)) < 1e-6
-
-
-def test_group_present_is_the_largest_count_of_any_member():
-    from p2p_photon.averaging.stages import group_present
-
-    peers = {"a": dict(swarm=[2, 2]), "b": dict(swarm=[2, 5]), "c": dict(swarm="junk"), "d": {}}
-    assert group_present(peers) == 5 and group_present(peers, mine=7) == 7
-    assert group_present({"a": dict(swarm=[3, 1])}) == 3 and group_present({}) == 0
-
-
-@pytest.mark.swarm
 @pytest.mark.parametrize("compression", ["none", "int8"])
 def test_groups_of_two_end_with_the_weighted_mean_of_all_four_on_every_peer(dhts, compression):
     """target_group_size 2, four peers: two groups in stage 1, their representatives average the two

@@ -128,28 +128,6 @@ class Group:
                     t=get_dht_time())
 
 
-def group_present(peers: Mapping[str, Mapping[str, Any]], mine: int = 0) -> int:
-    """The most peers any member of the group saw live in the run (its metadata's `swarm`: [peers it
-    expects to average this round, live peers at any round]). Every member reads the same metadata, so
-    all decide alike: a group holding every live peer applies its average at once (its representative
-    announces it); a group that lacks some follows its representative, who posts it to the board and
-    counts again (a peer catching up may have reached the round meanwhile). Without this, members that
-    counted differently split (one applied the group's average, another waited for stages 2-3), and a
-    group that missed a pair catching up announced itself the whole swarm (soak: the pair failed three
-    rounds in a row). A member that sends a large count only makes its group ask its representative."""
-    present = mine
-    for m in peers.values():
-        counts = m.get("swarm") if isinstance(m, Mapping) else None
-        if isinstance(counts, (list, tuple)) and all(isinstance(c, int) for c in counts):
-            present = max([present, *counts])
-    return present
-
-
-def group_rep(peers: Mapping[str, Mapping[str, Any]]) -> str:
-    """The representative of a stage-1 group, from its metadata (Group.rep)."""
-    return Group.from_metadata(peers).rep
-
-
 def rep_of(post: Mapping[str, Any]) -> str:
     """The representative of a group on the board."""
     rep = post.get("rep")

@@ -34,7 +34,7 @@ from .protocol import (
     gather_metadata,
     totals_of,
 )
-from .stages import POLL_S, Spanner, StageRun, group_present, group_rep, stage_bits, stage_codec
+from .stages import POLL_S, Spanner, StageRun, stage_bits, stage_codec
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,6 @@ class SwarmAverager:
                 meta: dict[str, Any], active: Sequence[int] | None = None,
                 weight_caps: dict[str, float] | None = None, timeout: float | None = None,
                 swarm_size: int | None = None, moved_on: Callable[[], str | None] | None = None,
-                present: int | None = None, recount: Callable[[], int] | None = None,
                 ahead: Callable[[], bool] | None = None) -> RoundResult:
         """One round: matchmaking in the round's group (`round_no` picks the group bits), then our
         all-reduce of the active tensors (all by default; Δ of the others is ignored), weighted by
@@ -103,19 +102,14 @@ class SwarmAverager:
         the swarm's (stages.py). `moved_on`, polled while we wait (for a group, a stage, a representative):
         a reason when the swarm has averaged past this round without us, which ends the round at once
         with AveragedWithoutUs (the peer then downloads the newer state) instead of at its timeouts.
-        `present`: the live peers of the run, at any round; a group that lacks some of them lets its
-        representative decide (stages.group_present), counting again with `recount` after stage 1.
         `ahead`: does a live peer hold θ of a later round? (proof that a group on the board applied it).
         Raises AveragingFailed. Concurrent calls run one after the other."""
-        if swarm_size is not None:  # the group decides with every member's counts (stages.group_present)
-            meta = dict(meta, swarm=[int(swarm_size), int(max(present or 0, swarm_size))])
         with self._one_round:
             self._moved_on = self.spanner.moved_on = moved_on or _never
             self.spanner.ahead = ahead or _always
-            return self._average(deltas, round_no, weight, meta, active, weight_caps, timeout, swarm_size, recount)
+            return self._average(deltas, round_no, weight, meta, active, weight_caps, timeout, swarm_size)
 
-    def _average(self, deltas, round_no, weight, meta, active, weight_caps, timeout, swarm_size, recount
-                 ) -> RoundResult:
+    def _average(self, deltas, round_no, weight, meta, active, weight_caps, timeout, swarm_size) -> RoundResult:
         t0 = time.perf_counter()
         active = list(range(len(self.shapes))) if active is None else sorted(int(i) for i in active)
         self._bytes = [0, 0]
@@ -137,14 +131,10 @@ class SwarmAverager:
                                time.perf_counter() - t0, totals=totals)
         residual_norm = self._carry_residuals(active)
         size, totals = len(peers), None
-        live = group_present(peers, swarm_size or 0)
-        if swarm_size is not None and size < live:  # the representative decides for the whole group
-            expected = swarm_size  # its own count (a member's metadata can only send the group this way)
-            if recount is not None and group_rep(peers) == self.peer_id:
-                expected = max(expected, recount())  # fresher: a peer catching up may have reached this round
+        if swarm_size is not None and size < swarm_size:
             averaged, size, totals = self.spanner.span(averaged, peers, round_no, weight_caps or {},
-                                                       expected=expected)
-        elif swarm_size is not None and live > 1:
+                                                       expected=swarm_size)
+        elif swarm_size is not None and swarm_size > 1:
             self.spanner.announce(peers, round_no)
         return RoundResult(averaged, size, peers, self._bytes[0], self._bytes[1], time.perf_counter() - t0,
                            residual_norm=residual_norm, totals=totals)

@@ -256,9 +256,8 @@ class RoundTracker:
 
     def counts(self, records: list[ProgressRecord], round_no: int) -> dict:
         """SwarmAverager.average's view of the swarm for round `round_no`: the peers that will average it,
-        the live ones at any round, a fresh recount, and whether the swarm went past it without us."""
-        return dict(swarm_size=self.averaging_peers(records, round_no), present=self.present(records),
-                    recount=lambda: self.averaging_peers(self.records(), round_no),
+        whether the swarm went past it without us, whether a live peer already applied it."""
+        return dict(swarm_size=self.averaging_peers(records, round_no),
                     moved_on=lambda: self.went_on_without_us(round_no, self.records()),
                     ahead=lambda: self.theta_past(round_no, self.records()))
 
