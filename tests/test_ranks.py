@@ -31,7 +31,14 @@ def _run_worker(cmd: list[str], out: Path, sets: list[str]) -> tuple[dict, list[
     # without an active exception" in rank 1 at start-up, not reproduced since) prints every thread's stack
     env = dict(python_env(), OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
     r = subprocess.run([*cmd, WORKER, *args], env=env, cwd=out.parent, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    if r.returncode != 0:  # the whole output to a file; the message leads with a rank's fatal-error stack
+        log = (r.stdout or "") + (r.stderr or "")
+        Path(f"{out}.log").write_text(log)
+        fatal = log.find("Fatal Python error")
+        head = log[fatal:fatal + 6000] if fatal >= 0 else ""
+        outputs = [p.name for p in out.parent.glob(f"{out.name}.*")]
+        raise AssertionError(f"exit {r.returncode}; outputs written: {outputs}; full log {out}.log\n{head}\n"
+                             f"...\n{log[-3000:]}")
     return load_file(f"{out}.safetensors"), json.loads(Path(f"{out}.json").read_text())
 
 

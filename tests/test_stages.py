@@ -255,3 +255,45 @@ def test_an_applied_decision_that_no_live_peer_holds_does_not_make_a_group_late(
     late.ahead = lambda: True  # a member published θ of round 6: it did apply
     with pytest.raises(AveragedWithoutUs, match="of our wave averaged this round without us"):
         late._post_and_wait(stages.Group("g3", ("e", "f"), 2.0), 5, expected=6)
+
+
+def test_a_representative_waiting_for_a_dead_stage_two_leader_stops_when_its_mark_expires(monkeypatch):
+    """Soak: the peer killed was stage 2's leader, and every other representative (and so the swarm) waited
+    for it until the stage-2 bound, ~75 s. While it waits in stage 2, a representative checks the leader's
+    phase mark every second (what SwarmAverager._step polls): once it expired, the round fails (not a
+    'moved on': the swarm did not average it). A live leader's stage ends normally."""
+    from p2p_photon.averaging.protocol import AveragedWithoutUs
+
+    monkeypatch.setattr(stages, "LIVE_TTL", 0.3)
+    monkeypatch.setattr(stages, "GONE_GRACE_S", 0.2)
+    board = {"g1": {"members": ["a", "x"], "weight": 1.0, "t": 0.0}, "g2": {"members": ["b", "y"], "weight": 1.0, "t": 0.0}}
+
+    def attempt(leader_dies_after):
+        dht = FakeDHT()
+        key = stages.decision_key("run", 4, "g1")
+        dht.store(key, subkey="a", value="stage2", expiration_time=0)
+
+        def run_stage(run):  # hivemind's step as SwarmAverager._step runs it: the spanner's check is polled
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 2.5:
+                if leader_dies_after is not None and time.monotonic() - t0 > leader_dies_after:
+                    dht.data.pop(key, None)  # its mark expires
+                if (why := sp.moved_on()) is not None:
+                    raise AveragedWithoutUs(why)
+                time.sleep(0.05)
+            return [torch.ones(2)], {"a": {"group_totals": {}}, "b": {"group_totals": {}}}
+
+        sp = stages.Spanner(dht, "run", "b", run_stage, codec="none", board_wait=1.0, gather_s=1.0, stage_timeout=1.0)
+        t0 = time.monotonic()
+        try:
+            return sp._stage2([torch.zeros(2)], stages.Group("g2", ("b", "y"), 1.0), {}, board, 4, {}), \
+                time.monotonic() - t0, sp
+        except AveragingFailed as e:
+            return e, time.monotonic() - t0, sp
+
+    out, took, sp = attempt(leader_dies_after=0.5)
+    assert isinstance(out, AveragingFailed) and not isinstance(out, AveragedWithoutUs), out
+    assert "leader" in str(out) and "went silent" in str(out) and 1.0 <= took < 2.4, (out, took)
+    assert sp.moved_on() is None  # the round's own check is back
+    out, took, _ = attempt(leader_dies_after=None)
+    assert not isinstance(out, Exception) and out[1] == 4 and took >= 2.5, out

@@ -308,16 +308,21 @@ class Spanner:
     def _stage2(self, averaged, group: Group, totals: dict[str, int], board: Mapping[str, dict], round_no: int,
                 member_caps) -> tuple[list, int, dict[str, int]]:
         """The representatives' average of their groups' results: (x, peers it covers, their totals)."""
+        outer, watch = self.moved_on, None
         try:
             leader = stage2_leader(board)
             policy = dict(codec=self.codec, aggregator=None, error_feedback=False, target_group_size=len(board),
                           weight_caps=stage2_caps(board, member_caps), leader=leader)
+            watch = LeaderWatch(self, board, leader, round_no)
+            self.moved_on = watch.check
             x, reps = self.run_stage(StageRun(averaged, 2, stage_bits(round_no, 2), group.weight, policy,
                                               dict(groups=len(board), group_totals=totals), self._gather(leader)))
-        except AveragedWithoutUs:
-            raise
+        except AveragedWithoutUs as e:  # the swarm went on; or the leader died (a failed round, not 'moved on')
+            raise (AveragingFailed(f"across groups (stage 2): {watch.gone}") if watch and watch.gone else e) from None
         except AveragingFailed as e:
             raise AveragingFailed(f"across groups (stage 2): {e}") from None
+        finally:
+            self.moved_on = outer
         if len(reps) < len(board):
             logger.warning("round %d: only %d of the %d groups' representatives averaged together; the swarm "
                            "will hold more than one θ until the minority re-syncs", round_no, len(reps), len(board))
@@ -353,13 +358,9 @@ class Spanner:
         return x, int(peers[sender].get("spanned", 0)), totals_of({sender: peers[sender].get("swarm_totals") or {}})
 
     def _gather(self, leader: str) -> float:
-        """How long we wait for a stage's group: the leader `gather_s` plus the board's window (reps leave
-        the board up to a window apart: one sees its wave complete at once, another, expecting one more
-        peer, waits for the window to close), the others twice that. hivemind's leader refuses a follower
-        whose request expires before its own declaration (BAD_EXPIRATION_TIME); with equal waits, a rep
-        that started earlier than the leader was refused and, joining no one else, failed the stage
-        ('could not find a group'). With twice the wait, a member may start a whole wait before the
-        leader. The leader starts the stage as soon as every group's rep has joined."""
+        """How long we wait for a stage's group: the leader `gather_s` plus the board's window (reps leave the
+        board up to a window apart), the others twice that: hivemind's leader refuses a follower whose request
+        expires before its own declaration (BAD_EXPIRATION_TIME; with equal waits, 'could not find a group')."""
         base = self.gather_s + self.board_wait + PROPAGATION_S
         return base if leader == self.peer_id else 2 * base
 
@@ -472,6 +473,38 @@ class Spanner:
                 return None, f"last seen: {seen or 'never after stage 1'}, {bounds[seen]:.0f}s ago"
             self._check_moved_on()
             time.sleep(POLL_S)
+
+
+class LeaderWatch:
+    """While a representative waits in stage 2 for the stage's leader (another group's representative),
+    the leader's phase mark is checked every second: a leader whose mark expired is dead, and the wait
+    ends (soak: a killed leader held every other representative, and so the swarm, for its whole stage-2
+    bound, ~75 s). A lone peer's group (`solo…`) has no mark and is not watched. `check` also asks the
+    round's moved-on check, and is what the stage's step polls (SwarmAverager._step)."""
+
+    def __init__(self, spanner: Spanner, board: Mapping[str, dict], leader: str, round_no: int):
+        self.spanner, self.leader, self.outer = spanner, leader, spanner.moved_on
+        gid = next((g for g, v in board.items() if rep_of(v) == leader), None)
+        watched = gid is not None and not gid.startswith("solo") and leader != spanner.peer_id
+        self.key = decision_key(spanner.prefix, round_no, gid) if watched else None
+        self.checked = self.alive = time.monotonic()
+        self.gone: str | None = None
+
+    def check(self) -> str | None:
+        if (why := self.outer()) is not None:
+            return why
+        now = time.monotonic()
+        if self.key is None or now - self.checked < 1.0:
+            return None
+        self.checked = now
+        try:
+            if self.spanner._decision(self.key, self.leader) is not None:  # a phase mark or its decision
+                self.alive = now
+        except AveragingFailed:  # a slow DHT is not a dead leader
+            self.alive = now
+        if now - self.alive > LIVE_TTL + GONE_GRACE_S:
+            self.gone = f"stage 2's leader {self.leader[-8:]} went silent (its mark expired)"
+        return self.gone
 
 
 class PhaseMarks:

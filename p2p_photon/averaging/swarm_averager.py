@@ -84,7 +84,6 @@ class SwarmAverager:
         # this, T+1's Δ could overwrite T's average before T reads it, and T+1's group bits could move
         # T's matchmaking to the wrong round)
         self._one_round = threading.Lock()
-        self._moved_on: Callable[[], str | None] = _never
         self.spanner = Spanner(dht, prefix, self.peer_id, self._run_stage,
                                codec=stage_codec(self.codec.lossy),
                                board_wait=cfg.step_timeout + 2 * cfg.matchmaking_time, gather_s=cfg.step_timeout,
@@ -105,7 +104,7 @@ class SwarmAverager:
         `ahead`: does a live peer hold θ of a later round? (proof that a group on the board applied it).
         Raises AveragingFailed. Concurrent calls run one after the other."""
         with self._one_round:
-            self._moved_on = self.spanner.moved_on = moved_on or _never
+            self.spanner.moved_on = moved_on or _never
             self.spanner.ahead = ahead or _always
             return self._average(deltas, round_no, weight, meta, active, weight_caps, timeout, swarm_size)
 
@@ -186,7 +185,7 @@ class SwarmAverager:
                     gathered = control.result(timeout=POLL_S)
                     break
                 except concurrent.futures.TimeoutError:
-                    if (why := self._moved_on()) is not None:
+                    if (why := self.spanner.moved_on()) is not None:  # the round's check, or a stage's watch
                         control.cancel()
                         raise AveragedWithoutUs(why) from None
         except AveragedWithoutUs:
