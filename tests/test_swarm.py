@@ -93,8 +93,11 @@ def test_a_slow_peer_contributes_to_every_round_without_stalling_it(tmp_path, sw
     with LocalSwarm(tmp_path, overrides=[*swarm_overrides, "rounds.num_rounds=3", "averaging.target_group_size=3",
                                          "rounds.target_samples_per_round=192"]) as swarm:
         swarm.start_bootstrap()
-        procs = [swarm.start_peer(0), swarm.start_peer(1),
-                 swarm.start_peer(2, overrides=["inner.simulate_slowdown=0.15"], name="slow")]
+        # the slow peer is launched first: launched last, it once finished starting up 3 s after the fast
+        # pair, which had averaged round 0 (192 samples) without it by then (suite run); waiting for its join
+        # would leave it alone long enough to reach the round's samples by itself
+        slow = swarm.start_peer(2, overrides=["inner.simulate_slowdown=0.15"], name="slow")
+        procs = [swarm.start_peer(0), swarm.start_peer(1), slow]
         assert swarm.wait(procs, timeout=300) == [0, 0, 0], [swarm.tail(p) for p in procs]
     by_round = _rounds_by_peer(swarm, names)
     for r in range(3):
