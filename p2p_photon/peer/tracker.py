@@ -268,8 +268,7 @@ class RoundTracker:
         return any(now - x.time < ALIVE_S and x.theta_round > round_no and x.fingerprint == self.fp
                    and x.peer_id != self.peer_id for x in records)
 
-    def present(self, records: list[ProgressRecord] | None = None) -> int:
-        """Peers of this run present now (live, not finished), this one included."""
+    def present(self) -> int:
+        """Peers of this run present now, this one included (for the round's log line)."""
         now = get_dht_time()
-        return 1 + sum(1 for r in self.mates(self.view.records() if records is None else records)
-                       if now - r.time < ALIVE_S)
+        return 1 + sum(1 for r in self.mates(self.view.records()) if now - r.time < ALIVE_S)
