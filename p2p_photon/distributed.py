@@ -19,6 +19,7 @@ the ranks see disjoint data, their union is what one rank with batch N·B would 
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -120,6 +121,9 @@ class RankGroup:
             dist.barrier()
 
     def close(self) -> None:
+        """Destroy the process group, after collecting what still holds it (RankTrainer.release drops the
+        wrapped models; their reference cycles would otherwise be freed at interpreter exit, too late)."""
+        gc.collect()
         if dist.is_initialized():
             try:
                 dist.destroy_process_group()

@@ -47,6 +47,7 @@ def main(argv: list[str]) -> int:
             peer.gs.reset_local(peer.model)
         if group is not None:
             peer.rank_group.trainer.stop()
+            peer.rank_group.trainer.release()
     finally:
         peer.close()
         if group is not None:

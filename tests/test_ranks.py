@@ -27,8 +27,8 @@ TORCHRUN = [PYTHON, "-m", "torch.distributed.run", "--nproc-per-node=2", "--rdzv
 
 def _run_worker(cmd: list[str], out: Path, sets: list[str]) -> tuple[dict, list[dict]]:
     args = [str(out)] + [x for s in sets for x in ("--set", s)]
-    # faulthandler: a rank that aborts in C++ (seen 4 times in ~50 runs of the fsdp2 case: "terminate called
-    # without an active exception" in rank 1 at start-up, not reproduced since) prints every thread's stack
+    # faulthandler: a rank that aborts in C++ prints every thread's stack (the fsdp2 case's rank 1 once aborted
+    # at exit, "terminate called without an active exception": RankTrainer.release is the fix)
     env = dict(python_env(), OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
     r = subprocess.run([*cmd, WORKER, *args], env=env, cwd=out.parent, capture_output=True, text=True, timeout=300)
     if r.returncode != 0:  # the whole output to a file; the message leads with a rank's fatal-error stack
