@@ -214,6 +214,29 @@ def test_the_swarm_went_on_without_us_only_when_most_peers_averaged_the_round_af
     assert "round 7" in tracker.went_on_without_us(5, tracker.records())
 
 
+
+def test_a_peer_looking_for_a_group_stops_once_every_other_live_peer_applied_its_round():
+    """While matchmaking for round 5: when every other live peer (finished ones aside) holds θ of round 6
+    or later, nobody is left to average round 5 with (the joiner that downloaded θ just as the swarm
+    averaged its round waited a whole round). One peer still at 5, or a stale record, keeps us waiting."""
+    from hivemind.utils import get_dht_time
+
+    cfg = load_config(None, [f"model.seq_len={SEQ}"])
+    now = get_dht_time()
+    view = _View([rec("p1", theta_round=6, time=now), rec("p2", theta_round=7, time=now),
+                  rec("p3", theta_round=5, time=now)])
+    tracker = RoundTracker(cfg, FP, "me", view, banned=dict)
+    assert tracker.missed(5, tracker.records()) is None
+    view.records_now[2] = rec("p3", theta_round=5, time=now, state="done")
+    assert "round 6 or later" in tracker.missed(5, tracker.records())
+    view.records_now[2] = rec("p3", theta_round=5, time=now - 60)  # gone: its record is past ALIVE_S
+    assert "round 6 or later" in tracker.missed(5, tracker.records())
+    assert tracker.missed(6, tracker.records()) is None  # p1 is still at θ 6: it may average round 6
+    view.records_now = [rec("p1", theta_round=6, time=now, state="done")]
+    assert tracker.missed(5, tracker.records()) is None  # nobody live: the run's end is someone else's call
+    assert tracker.counts([], 5)["missed"]() is None
+
+
 class _View:
     """The swarm view's read side, with records set by the test."""
 

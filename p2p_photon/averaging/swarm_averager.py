@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from hivemind.averaging.control import AveragingStage
 from hivemind.utils import get_dht_time
 
 from ..codecs import make_codec
@@ -84,6 +85,7 @@ class SwarmAverager:
         # this, T+1's Δ could overwrite T's average before T reads it, and T+1's group bits could move
         # T's matchmaking to the wrong round)
         self._one_round = threading.Lock()
+        self._missed: Callable[[], str | None] = _never  # the round's (average)
         self.spanner = Spanner(dht, prefix, self.peer_id, self._run_stage,
                                codec=stage_codec(self.codec.lossy),
                                board_wait=cfg.step_timeout + 2 * cfg.matchmaking_time, gather_s=cfg.step_timeout,
@@ -93,7 +95,8 @@ class SwarmAverager:
                 meta: dict[str, Any], active: Sequence[int] | None = None,
                 weight_caps: dict[str, float] | None = None, timeout: float | None = None,
                 swarm_size: int | None = None, moved_on: Callable[[], str | None] | None = None,
-                ahead: Callable[[], bool] | None = None) -> RoundResult:
+                ahead: Callable[[], bool] | None = None, missed: Callable[[], str | None] | None = None
+                ) -> RoundResult:
         """One round: matchmaking in the round's group (`round_no` picks the group bits), then our
         all-reduce of the active tensors (all by default; Δ of the others is ignored), weighted by
         `weight` and with the other members' weights bounded by `weight_caps`; if the group has fewer
@@ -102,9 +105,11 @@ class SwarmAverager:
         a reason when the swarm has averaged past this round without us, which ends the round at once
         with AveragedWithoutUs (the peer then downloads the newer state) instead of at its timeouts.
         `ahead`: does a live peer hold θ of a later round? (proof that a group on the board applied it).
-        Raises AveragingFailed. Concurrent calls run one after the other."""
+        `missed`, polled while hivemind looks for a group: a reason when nobody is left to average this
+        round with (AveragedWithoutUs too). Raises AveragingFailed. Concurrent calls run one after the other."""
         with self._one_round:
             self.spanner.moved_on = moved_on or _never
+            self._missed = missed or _never
             self.spanner.ahead = ahead or _always
             return self._average(deltas, round_no, weight, meta, active, weight_caps, timeout, swarm_size)
 
@@ -185,7 +190,7 @@ class SwarmAverager:
                     gathered = control.result(timeout=POLL_S)
                     break
                 except concurrent.futures.TimeoutError:
-                    if (why := self.spanner.moved_on()) is not None:  # the round's check, or a stage's watch
+                    if (why := self._why_stop(control)) is not None:
                         control.cancel()
                         raise AveragedWithoutUs(why) from None
         except AveragedWithoutUs:
@@ -196,6 +201,13 @@ class SwarmAverager:
         if not gathered:
             raise AveragingFailed("no group found for this round")
         return {str(k): v for k, v in gathered.items()}
+
+    def _why_stop(self, control) -> str | None:
+        """Why to stop waiting: the round's check or a stage's watch; while matchmaking, nobody left."""
+        why = self.spanner.moved_on()
+        if why is None and control.stage == AveragingStage.LOOKING_FOR_GROUP:
+            why = self._missed()
+        return why
 
     def _read_average(self, active: list[int]) -> list[torch.Tensor | None]:
         averaged: list[torch.Tensor | None] = [None] * len(self.shapes)

@@ -259,7 +259,20 @@ class RoundTracker:
         whether the swarm went past it without us, whether a live peer already applied it."""
         return dict(swarm_size=self.averaging_peers(records, round_no),
                     moved_on=lambda: self.went_on_without_us(round_no, self.records()),
+                    missed=lambda: self.missed(round_no, self.records()),
                     ahead=lambda: self.theta_past(round_no, self.records()))
+
+    def missed(self, r: int, records: list[ProgressRecord]) -> str | None:
+        """Polled while we look for a group of round r: every other live peer of the run (finished ones
+        aside) holds θ of a later round, so nobody is left to average round r with. The reason, else None.
+        (A joiner that downloaded θ of round r just as the swarm averaged r sat a whole round in
+        matchmaking until went_on_without_us's r+2 fired, and took part only 2 rounds after its join.)"""
+        now = get_dht_time()
+        live = [x for x in self.mates(records) if now - x.time < ALIVE_S and x.state != "done"]
+        if live and all(x.theta_round > r for x in live):
+            return (f"the swarm averaged round {r} without us: every other live peer holds θ of round "
+                    f"{min(x.theta_round for x in live)} or later")
+        return None
 
     def theta_past(self, round_no: int, records: list[ProgressRecord]) -> bool:
         """A live peer of the run (finished ones too) holds θ of a round after `round_no`: it applied that
