@@ -29,7 +29,16 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None
 
 
 def _config(args: argparse.Namespace):
-    return load_config(args.config, args.overrides)
+    return _log_level_from(args, load_config(args.config, args.overrides))
+
+
+def _log_level_from(args: argparse.Namespace, cfg):
+    """The config's logging.level applies unless --log-level (or P2P_PHOTON_LOG) chose one."""
+    if args.log_level is None and cfg.logging.level != "INFO":
+        from .ui import setup_logging
+
+        setup_logging(cfg.logging.level)
+    return cfg
 
 
 # ----------------------------------------------------------------------------- subcommands
@@ -100,6 +109,7 @@ def cmd_peer(args: argparse.Namespace) -> int:
         cfg = _join_run(args)
     else:
         cfg = load_config(args.config, [*_dht_overrides(args), *args.overrides])  # checked before ranks start
+    _log_level_from(args, cfg)
     if args.nproc > 1:  # torchrun's launcher; each rank runs this command again without --nproc
         return launch_ranks(args.nproc, strip_nproc(args.argv))
     if world_from_env() > 1:  # a rank under torchrun
@@ -262,8 +272,9 @@ def _add_dht_args(p: argparse.ArgumentParser, *, initial: bool = True) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="p2p-photon", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-level", default=os.environ.get("P2P_PHOTON_LOG", "INFO"),
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-level", default=os.environ.get("P2P_PHOTON_LOG"),
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="log level (default: the config's logging.level, INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("config", help="config tools").add_subparsers(dest="config_cmd", required=True)
@@ -403,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # `peer --nproc` hands it to its ranks
     from .ui import setup_logging
 
-    setup_logging(args.log_level)
+    setup_logging(args.log_level or "INFO")
     if args.command == "train" and args.steps <= 0 and args.minutes <= 0:
         print("error: train needs --steps N or --minutes M", file=sys.stderr)
         return EXIT_USAGE

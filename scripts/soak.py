@@ -3,7 +3,7 @@
 
     python scripts/soak.py                  # bootstrap + 6 peers, churn every 10 s for 150 s
     python scripts/soak.py --minutes 10     # a longer soak
-    python scripts/soak.py --quick          # the ~60 s smoke version (4 peers, 40 s of churn)
+    python scripts/soak.py --quick          # the ~60 s smoke version (4 peers, 30 s of churn)
 
 Real processes on 127.0.0.1 (`LocalSwarm`), the nano model on a small stdlib corpus that the script
 prepares itself. Once every initial peer has averaged a round, every `--interval` s one random peer
@@ -58,10 +58,10 @@ TARGETS = dict(rounds_complete_min=0.90, distinct_theta_at_end=1, joiner_rounds_
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--peers", type=int, default=None, help="peers alive at a time (default 6; --quick 4)")
-    p.add_argument("--minutes", type=float, default=None, help="minutes of churn (default 2.5; --quick 0.67)")
+    p.add_argument("--minutes", type=float, default=None, help="minutes of churn (default 2.5; --quick 0.5)")
     p.add_argument("--interval", type=float, default=10.0, help="seconds between kills (default 10)")
     p.add_argument("--seed", type=int, default=0, help="which peer is killed when (default 0)")
-    p.add_argument("--quick", action="store_true", help="the smoke version: 4 peers, 40 s of churn")
+    p.add_argument("--quick", action="store_true", help="the smoke version: 4 peers, 30 s of churn")
     p.add_argument("--rss-every", type=float, default=3.0, help="seconds between RSS samples (default 3)")
     p.add_argument("--settle", type=float, default=None,
                    help="most seconds after the churn for the survivors to agree (default 150; --quick 90)")
@@ -72,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "soak.json"), help="JSON output path")
     args = p.parse_args(argv)
     args.peers = args.peers or (4 if args.quick else 6)
-    args.minutes = args.minutes if args.minutes is not None else (40 / 60 if args.quick else 2.5)
+    args.minutes = args.minutes if args.minutes is not None else (0.5 if args.quick else 2.5)
     args.settle = args.settle if args.settle is not None else (90.0 if args.quick else 150.0)
     args.workdir = Path(args.workdir or ROOT / "runs" / "soak" / time.strftime("%Y%m%d-%H%M%S"))
     return args

@@ -92,3 +92,24 @@ def test_run_peer_script_without_arguments_prints_usage():
     r = subprocess.run(["bash", str(ROOT / "peers" / "run_peer.sh")], capture_output=True, text=True,
                        timeout=30)
     assert r.returncode == 2 and "BOOTSTRAP_MADDR" in r.stderr
+
+
+def test_the_configs_log_level_applies_unless_the_command_line_chose_one():
+    """logging.level = 'DEBUG' in the config (or --set) turns on debug lines; --log-level wins over it
+    (the soak's `--set logging.level=DEBUG` once produced no debug line at all)."""
+    import argparse
+    import logging
+
+    from p2p_photon import cli
+    from p2p_photon.config import load_config
+
+    root = logging.getLogger()
+    before = root.level
+    try:
+        root.setLevel(logging.INFO)
+        cli._log_level_from(argparse.Namespace(log_level="WARNING"), load_config(None, ["logging.level='DEBUG'"]))
+        assert root.level == logging.INFO
+        cli._log_level_from(argparse.Namespace(log_level=None), load_config(None, ["logging.level='DEBUG'"]))
+        assert root.level == logging.DEBUG
+    finally:
+        root.setLevel(before)

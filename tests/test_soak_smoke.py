@@ -1,6 +1,5 @@
-# Not collected by the suite (file name without test_): with it the suite ran past its 15 minutes on 2 cores; run it with `pytest tests/soak_smoke.py`.
 """The churn soak's smoke version: `scripts/soak.py --quick` (4 peers, a SIGKILL and a start every
-10 s for 40 s) runs to the end and reports a swarm that kept averaging, ended on one θ and left
+10 s for 30 s) runs to the end and reports a swarm that kept averaging, ended on one θ and left
 nothing running. The full soak and its targets are a benchmark (bench/results/soak.json)."""
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ import pytest
 
 from tests.helpers import PYTHON, REPO_ROOT, python_env
 
-# the churn itself is ~40 s; on the 2-core machine, busy with other work, peers can take minutes to import
+# the churn itself is ~30 s; on the 2-core machine, busy with other work, peers can take minutes to import
 # and start (the script waits up to 10 min for the initial peers), so the whole run is bounded at 18 min
 pytestmark = [pytest.mark.swarm, pytest.mark.timeout(1200)]
 RUN_TIMEOUT = 1080
