@@ -226,7 +226,7 @@ def test_a_group_that_held_every_expected_peer_is_on_the_board_and_a_later_group
     board = stages.read_board(dht, "run", 7)
     assert list(board) == [g.group_id] and board[g.group_id]["members"] == ["a", "b"]
     assert board[g.group_id]["weight"] == 5.0
-    assert spanner("c")._decision(stages.decision_key("run", 7, g.group_id), "a") == "single"
+    assert stages.read_decision(spanner("c").dht, stages.decision_key("run", 7, g.group_id), "a") == "single"
     t0 = time.monotonic()
     with pytest.raises(AveragedWithoutUs, match="of our wave averaged this round without us"):
         spanner("c")._post_and_wait(stages.Group("g2", ("c", "d"), 2.0), 7, expected=4)
@@ -257,43 +257,67 @@ def test_an_applied_decision_that_no_live_peer_holds_does_not_make_a_group_late(
         late._post_and_wait(stages.Group("g3", ("e", "f"), 2.0), 5, expected=6)
 
 
-def test_a_representative_waiting_for_a_dead_stage_two_leader_stops_when_its_mark_expires(monkeypatch):
+def test_a_dead_stage_two_leader_is_dropped_and_the_other_representatives_go_on_without_its_group(monkeypatch):
     """Soak: the peer killed was stage 2's leader, and every other representative (and so the swarm) waited
-    for it until the stage-2 bound, ~75 s. While it waits in stage 2, a representative checks the leader's
-    phase mark every second (what SwarmAverager._step polls): once it expired, the round fails (not a
-    'moved on': the swarm did not average it). A live leader's stage ends normally."""
+    for it until the stage-2 bound, ~75 s; then each such kill failed the round of every group. While it waits
+    in stage 2, a representative checks the leader's phase mark every second (what SwarmAverager._step
+    polls); once it expired, the representatives redo stage 2 once without the leader's group, under other
+    group bits and with the next leader; left alone, a group's own average is the round's. A second dead
+    leader fails the round (not a 'moved on': the swarm did not average it). A live leader's stage ends
+    normally."""
     from p2p_photon.averaging.protocol import AveragedWithoutUs
 
     monkeypatch.setattr(stages, "LIVE_TTL", 0.3)
     monkeypatch.setattr(stages, "GONE_GRACE_S", 0.2)
-    board = {"g1": {"members": ["a", "x"], "weight": 1.0, "t": 0.0}, "g2": {"members": ["b", "y"], "weight": 1.0, "t": 0.0}}
+    g = lambda *m: {"members": list(m), "weight": 1.0, "t": 0.0}  # noqa: E731
+    two = {"g1": g("a", "x"), "g2": g("b", "y")}
+    three = {**two, "g3": g("c", "z", "w")}
 
-    def attempt(leader_dies_after):
-        dht = FakeDHT()
-        key = stages.decision_key("run", 4, "g1")
-        dht.store(key, subkey="a", value="stage2", expiration_time=0)
+    def attempt(board, dies_after: dict):
+        """dies_after: leader -> seconds into its stage after which its mark is gone (absent: it lives)."""
+        dht, runs = FakeDHT(), []
+        for gid, v in board.items():
+            dht.store(stages.decision_key("run", 4, gid), subkey=v["members"][0], value="stage2", expiration_time=0)
 
         def run_stage(run):  # hivemind's step as SwarmAverager._step runs it: the spanner's check is polled
+            leader = run.policy["leader"]
+            runs.append((leader, run.bits, run.policy["target_group_size"]))
+            gid = next(k for k, v in board.items() if v["members"][0] == leader)
             t0 = time.monotonic()
-            while time.monotonic() - t0 < 2.5:
-                if leader_dies_after is not None and time.monotonic() - t0 > leader_dies_after:
-                    dht.data.pop(key, None)  # its mark expires
+            while time.monotonic() - t0 < 1.5:
+                if leader in dies_after and time.monotonic() - t0 > dies_after[leader]:
+                    dht.data.pop(stages.decision_key("run", 4, gid), None)  # its mark expires
                 if (why := sp.moved_on()) is not None:
                     raise AveragedWithoutUs(why)
                 time.sleep(0.05)
-            return [torch.ones(2)], {"a": {"group_totals": {}}, "b": {"group_totals": {}}}
+            reps = {v["members"][0]: {"group_totals": {}} for v in board.values()
+                    if v["members"][0] not in dies_after or v["members"][0] == "b"}
+            return [torch.full((2,), float(len(runs)))], reps
 
         sp = stages.Spanner(dht, "run", "b", run_stage, codec="none", board_wait=1.0, gather_s=1.0, stage_timeout=1.0)
         t0 = time.monotonic()
         try:
-            return sp._stage2([torch.zeros(2)], stages.Group("g2", ("b", "y"), 1.0), {}, board, 4, {}), \
-                time.monotonic() - t0, sp
+            out = sp._stage2([torch.zeros(2)], stages.Group("g2", ("b", "y"), 1.0), {"b": 1}, board, 4, {})
         except AveragingFailed as e:
-            return e, time.monotonic() - t0, sp
+            out = e
+        assert sp.moved_on() is None  # the round's own check is back
+        return out, time.monotonic() - t0, runs
 
-    out, took, sp = attempt(leader_dies_after=0.5)
+    # two groups, the leader dies: our group's own average is the round's (covering our 2 peers)
+    out, took, runs = attempt(two, {"a": 0.3})
+    assert not isinstance(out, Exception) and out[1] == 2 and float(out[0][0][0]) == 0.0, out
+    assert len(runs) == 1 and 0.6 <= took < 1.5, (runs, took)
+    # three groups, the leader dies: b and c redo stage 2 under other bits, led by b, and cover 5 peers
+    out, took, runs = attempt(three, {"a": 0.3})
+    assert not isinstance(out, Exception) and out[1] == 5 and float(out[0][0][0]) == 2.0, out
+    assert [r[0] for r in runs] == ["a", "b"] and runs[1][1] == runs[0][1] + "1" and runs[1][2] == 2, runs
+    # three groups, both leaders die in turn: the round fails
+    out, _, runs = attempt({"g0": g("a", "x"), "g1": g("aa", "q"), "g2": g("b", "y")}, {"a": 0.3, "aa": 0.3})
     assert isinstance(out, AveragingFailed) and not isinstance(out, AveragedWithoutUs), out
-    assert "leader" in str(out) and "went silent" in str(out) and 1.0 <= took < 2.4, (out, took)
-    assert sp.moved_on() is None  # the round's own check is back
-    out, took, _ = attempt(leader_dies_after=None)
-    assert not isinstance(out, Exception) and out[1] == 4 and took >= 2.5, out
+    assert "stage 2's leader aa went silent" in str(out), out
+    assert [r[0] for r in runs] == ["a", "aa"], runs
+    # a live leader's stage ends normally: all three groups, 7 peers
+    out, took, runs = attempt(three, {})
+    assert not isinstance(out, Exception) and out[1] == 7 and took >= 1.5 and len(runs) == 1, out
+
+

@@ -143,6 +143,16 @@ def stage2_leader(board: Mapping[str, dict]) -> str:
     return leader
 
 
+def read_decision(dht, key: str, rep: str) -> str | None:
+    """What representative `rep` stored under a group's decision key: a phase mark or its decision."""
+    found = dht_call(dht, "get", key, latest=True, slow=AveragingFailed)
+    if found is not None and isinstance(found.value, dict) and rep in found.value:
+        decision = found.value[rep].value
+        if isinstance(decision, str):
+            return decision
+    return None
+
+
 def board_key(prefix: str, round_no: int) -> str:
     return f"{prefix}_groups_{round_no}"
 
@@ -306,8 +316,9 @@ class Spanner:
         return self._broadcast(x, group, round_no, source=True, spanned=spanned, totals=swarm_totals)
 
     def _stage2(self, averaged, group: Group, totals: dict[str, int], board: Mapping[str, dict], round_no: int,
-                member_caps) -> tuple[list, int, dict[str, int]]:
-        """The representatives' average of their groups' results: (x, peers it covers, their totals)."""
+                member_caps, retry: bool = True) -> tuple[list, int, dict[str, int]]:
+        """The representatives' average of their groups' results: (x, peers it covers, their totals). A leader
+        that goes silent is dropped once: the others redo the stage without its group (without_dead_leader)."""
         outer, watch = self.moved_on, None
         try:
             leader = stage2_leader(board)
@@ -315,14 +326,18 @@ class Spanner:
                           weight_caps=stage2_caps(board, member_caps), leader=leader)
             watch = LeaderWatch(self, board, leader, round_no)
             self.moved_on = watch.check
-            x, reps = self.run_stage(StageRun(averaged, 2, stage_bits(round_no, 2), group.weight, policy,
-                                              dict(groups=len(board), group_totals=totals), self._gather(leader)))
-        except AveragedWithoutUs as e:  # the swarm went on; or the leader died (a failed round, not 'moved on')
-            raise (AveragingFailed(f"across groups (stage 2): {watch.gone}") if watch and watch.gone else e) from None
+            x, reps = self.run_stage(StageRun(averaged, 2, stage_bits(round_no, 2) + ("" if retry else "1"),
+                                              group.weight, policy, dict(groups=len(board), group_totals=totals),
+                                              self._gather(leader)))
+        except AveragedWithoutUs:  # the swarm went on; or the leader died (below)
+            if not (watch and watch.gone):
+                raise
         except AveragingFailed as e:
             raise AveragingFailed(f"across groups (stage 2): {e}") from None
         finally:
             self.moved_on = outer
+        if watch.gone:
+            return without_dead_leader(self, averaged, group, totals, board, round_no, member_caps, watch, retry)
         if len(reps) < len(board):
             logger.warning("round %d: only %d of the %d groups' representatives averaged together; the swarm "
                            "will hold more than one θ until the minority re-syncs", round_no, len(reps), len(board))
@@ -421,9 +436,9 @@ class Spanner:
             + self.board_wait + PROPAGATION_S + 2 * self.stage_timeout
         while pending:
             for g, rep in list(pending.items()):
-                decision = self._decision(decision_key(self.prefix, round_no, g), rep)
+                decision = read_decision(self.dht, decision_key(self.prefix, round_no, g), rep)
                 if decision in ("single", "broadcast"):
-                    return 1 + sum(self._decision(decision_key(self.prefix, round_no, o), r) in ("single", "broadcast")
+                    return 1 + sum(read_decision(self.dht, decision_key(self.prefix, round_no, o), r) in ("single", "broadcast")
                                    for o, r in pending.items() if o != g)
                 if decision == "failed" or (decision is None and get_dht_time() - float(earlier[g].get("t", 0.0))
                                             > LIVE_TTL + GONE_GRACE_S):
@@ -438,14 +453,6 @@ class Spanner:
         dht_call(self.dht, "store", key, subkey=self.peer_id, value=decision,
                  expiration_time=get_dht_time() + ttl, slow=AveragingFailed)
 
-    def _decision(self, key: str, rep: str) -> str | None:
-        found = dht_call(self.dht, "get", key, latest=True, slow=AveragingFailed)
-        if found is not None and isinstance(found.value, dict) and rep in found.value:
-            decision = found.value[rep].value
-            if isinstance(decision, str):
-                return decision
-        return None
-
     def _follow_rep(self, key: str, rep: str) -> tuple[str | None, str]:
         """(what the representative decided for our group: 'single', 'broadcast', 'failed', or None if it
         went silent; the phase it was last seen in). It marks its phases ('posted': on the board and
@@ -459,7 +466,7 @@ class Spanner:
         seen, since = None, time.monotonic()
         alive_at = since
         while True:
-            decision = self._decision(key, rep)
+            decision = read_decision(self.dht, key, rep)
             if decision in FINAL:
                 return decision, str(seen)
             now = time.monotonic()
@@ -473,6 +480,21 @@ class Spanner:
                 return None, f"last seen: {seen or 'never after stage 1'}, {bounds[seen]:.0f}s ago"
             self._check_moved_on()
             time.sleep(POLL_S)
+
+
+def without_dead_leader(spanner: Spanner, averaged, group: Group, totals: dict[str, int], board: Mapping[str, dict],
+                        round_no: int, member_caps, watch: LeaderWatch, retry: bool) -> tuple[list, int, dict[str, int]]:
+    """Stage 2's leader went silent: the other representatives (each notices its mark expire) redo stage 2
+    once, under other group bits, without the dead leader's group; its members fail the round and catch up.
+    Left alone, our group's average is the round's. (Soak: each killed leader failed the round of every
+    group; two in a row held round 5 for 85 s.) A second silent leader fails the round."""
+    if not retry:
+        raise AveragingFailed(f"across groups (stage 2): {watch.gone}")
+    rest = {g: v for g, v in board.items() if rep_of(v) != watch.leader}
+    logger.warning("round %d: %s; the other %d group(s) average without its group", round_no, watch.gone, len(rest))
+    if len(rest) <= 1:
+        return averaged, len(group.members), totals
+    return spanner._stage2(averaged, group, totals, rest, round_no, member_caps, retry=False)
 
 
 class LeaderWatch:
@@ -498,7 +520,7 @@ class LeaderWatch:
             return None
         self.checked = now
         try:
-            if self.spanner._decision(self.key, self.leader) is not None:  # a phase mark or its decision
+            if read_decision(self.spanner.dht, self.key, self.leader) is not None:  # a phase mark or its decision
                 self.alive = now
         except AveragingFailed:  # a slow DHT is not a dead leader
             self.alive = now
