@@ -159,7 +159,8 @@ def test_resume_keeps_only_finished_runs_of_an_identically_planned_size(tmp_path
 
 
 @pytest.mark.swarm
-@pytest.mark.timeout(420)
+@pytest.mark.extended  # 28 s; the suite is at its 15 minutes on 2 cores: the script's runs are smoke-tested above
+@pytest.mark.timeout(420)  # (test_experiment_quick_writes_every_run) and the sweep logic by hand (the tests above)
 def test_scale_quick_runs_both_sweeps_and_resumes(tmp_path):
     """Two centralized LRs and one Photon swarm run (kept short), then a resume that trains nothing."""
     out, png = tmp_path / "scale.json", tmp_path / "scale.png"

@@ -76,6 +76,20 @@ def test_round_progress_hand_computed():
 
 
 @pytest.mark.timeout(10)
+def test_a_claim_far_past_our_round_is_ignored_and_moves_nothing(caplog):
+    """A peer claiming round 10^6 (rounds.max_rounds_ahead = 2 past ours at most) neither ends our round nor
+    counts as the swarm being ahead, and is logged once; honest peers a round ahead still are."""
+    cfg = load_config(None, [f"model.seq_len={SEQ}"])
+    view = _View([rec("liar", round=1_000_000), rec("p1", round=5)])
+    tracker = RoundTracker(cfg, FP, "me", view, banned=dict)
+    with caplog.at_level("WARNING"):
+        assert tracker.ahead(5, tracker.records()) == (None, True)
+        assert tracker.ahead(5, tracker.records()) == (None, True)
+    assert sum("claims round 1000000, more than 2 past ours" in m for m in caplog.messages) == 1
+    view.records_now = [rec("liar", round=1_000_000), rec("p1", round=6), rec("p2", round=6)]
+    assert tracker.ahead(5, tracker.records()) == (6, False)
+
+
 def test_one_peer_claiming_100x_cannot_end_the_round():
     target, honest = 1000, 100
     liar = [rec("honest", samples=honest), rec("liar", samples=100 * honest)]
