@@ -74,7 +74,9 @@ def test_late_joiner_downloads_theta_then_takes_part(tmp_path, swarm_overrides):
     assert late_s["theta"] == s0["theta"] and late_s["rounds"] == 12
 
 
-def test_killing_a_peer_mid_allreduce_survivors_go_on_and_agree(tmp_path, swarm_overrides):
+@pytest.mark.extended  # 48 s; the suite is at its 15 minutes on 2 cores: tests/test_soak_smoke.py SIGKILLs peers at
+def test_killing_a_peer_mid_allreduce_survivors_go_on_and_agree(tmp_path, swarm_overrides):  # random times (their
+    # process trees must be gone, the survivors end on one θ); this one times the kill to an all-reduce
     run = [*swarm_overrides, "rounds.num_rounds=5", "averaging.allreduce_timeout=15"]
     with LocalSwarm(tmp_path, overrides=run) as swarm:
         maddrs = swarm.start_bootstrap()
