@@ -20,6 +20,7 @@ the ranks see disjoint data, their union is what one rank with batch N·B would 
 from __future__ import annotations
 
 import gc
+import inspect
 import json
 import logging
 import os
@@ -213,8 +214,12 @@ def wrap_ddp(model: torch.nn.Module, group: RankGroup) -> torch.nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [group.local_rank] if group.device.type == "cuda" else None
+    # no buffer sync before each forward (the model's only buffers are constants); the keyword is new in
+    # torch 2.13, which deprecates the older one: a GPU box's own torch may be older than the pinned one
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    no_sync = dict(forward_sync_buffers=False) if "forward_sync_buffers" in params else dict(broadcast_buffers=False)
     with group.guard("wrapping the model in DDP"):
-        return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
+        return DistributedDataParallel(model, device_ids=ids, **no_sync)
 
 
 def wrap_fsdp2(model: torch.nn.Module, group: RankGroup) -> torch.nn.Module:

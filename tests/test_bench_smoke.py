@@ -74,3 +74,21 @@ def test_bench_data_writes_cold_and_cache_hit_times(tmp_path):
     r = json.loads(out.read_text())
     assert r["cold_s"] > 0 and len(r["cache_hits_s"]) == 2 and r["tokens"] > 0
     assert {"machine", "command", "cache_hit_s"} <= set(r)
+
+
+@pytest.mark.timeout(100)
+def test_bench_gpu_on_the_cpu_writes_rows_with_8bit_state(tmp_path):
+    """The GPU benchmark's own code path, run on the CPU (CUDA figures: bench/results/gpu.json, from a GPU;
+    the ranks' DDP/FSDP2 path is tested in tests/test_ranks.py)."""
+    out = tmp_path / "gpu.json"
+    run_script("bench_gpu.py", "--device", "cpu", "--presets", "nano", "--optimizers", "adamw8bit", "--ranks", "",
+               "--precision", "fp32", "--seq-len", "32", "--batch", "2", "--steps", "2", "--warmup", "1",
+               "--out", str(out), timeout=90)
+    r = json.loads(out.read_text())
+    assert {"device", "versions", "runs", "command"} <= set(r)
+    [row] = r["runs"]
+    assert (row["optimizer"], row["parallel"], row["ranks"]) == ("adamw8bit", "none", 1)
+    assert row["tokens_per_s"] > 0 and row["peak_mb"] > 0 and row["params"] > 0
+    # AdamW8bit: two uint8 moments per parameter plus an fp32 scale per 256-value block (AdamW: 8 bytes)
+    assert 2.0 <= row["optimizer_state_mb"] * 2**20 / row["params"] <= 2.2
+    assert row["loss_last"] < row["loss_first"] + 0.5 and row["model_tflops"] > 0
