@@ -192,7 +192,7 @@ def test_a_tie_is_broken_when_every_peer_has_published_this_rounds_theta_or_afte
     view.records_now = [rec("p1", theta_round=5, theta_hash=a, total_samples=500), rec("p2", theta_round=4, theta_hash=b)]
     view.records_now[1] = rec("p2", theta_round=5, theta_hash=a)
     assert tracker.fork(tracker.records(), 5, b, my_total=100) == a  # 2 vs 1
-    view.records_now[1] = rec("p2", theta_round=5, theta_hash="c" * 16, total_samples=10)
+    view.records_now[1] = rec("p2", theta_round=5, theta_hash="c" * 64, total_samples=10)
     assert tracker.fork(tracker.records(), 5, b, my_total=100) == a  # all in, 1-1-1: larger total samples
     assert tracker.fork(tracker.records(), 5, a, my_total=100) is None
 
@@ -249,6 +249,35 @@ def test_a_peer_looking_for_a_group_stops_once_every_other_live_peer_applied_its
     view.records_now = [rec("p1", theta_round=6, time=now, state="done")]
     assert tracker.missed(5, tracker.records()) is None  # nobody live: the run's end is someone else's call
     assert tracker.counts([], 5)["missed"]() is None
+    # a catch-up that found nothing to take refutes the verdict for that round (not for the next one)
+    view.records_now = [rec("p1", theta_round=7, time=now), rec("p2", theta_round=7, time=now)]
+    tracker.missed_refuted = 5
+    assert tracker.missed(5, tracker.records()) is None
+    assert "round 7 or later" in tracker.missed(6, tracker.records())
+
+
+def test_a_round_counts_as_applied_only_when_its_theta_could_be_taken():
+    """proven()'s evidence that a group applied round 5: two live peers publish the same later θ, or the
+    only other live peer holds it. A lone survivor of the applying group next to peers still at round 5
+    is not enough (its θ is unconfirmed: no joiner could take it)."""
+    from hivemind.utils import get_dht_time
+
+    cfg = load_config(None, [f"model.seq_len={SEQ}"])
+    now = get_dht_time()
+    view = _View([rec("p1", theta_round=6, theta_hash="a" * 64, time=now),
+                  rec("p2", theta_round=5, theta_hash="b" * 64, time=now)])
+    tracker = RoundTracker(cfg, FP, "me", view, banned=dict)
+    assert not tracker.theta_past(5, tracker.records())
+    view.records_now.append(rec("p3", theta_round=6, theta_hash="a" * 64, time=now, state="done"))
+    assert tracker.theta_past(5, tracker.records())
+    assert not tracker.theta_past(6, tracker.records())
+    view.records_now = [rec("p1", theta_round=6, theta_hash="a" * 64, time=now),
+                        rec("p2", theta_round=6, theta_hash="c" * 64, time=now)]  # two different θ: a fork
+    assert not tracker.theta_past(5, tracker.records())
+    view.records_now = [rec("p1", theta_round=6, theta_hash="a" * 64, time=now),
+                        rec("p2", theta_round=5, theta_hash="b" * 64, time=now - 60)]  # p2 gone
+    assert tracker.theta_past(5, tracker.records())  # the only other live peer holds it
+    assert tracker.counts(tracker.records(), 5)["ahead"]()
 
 
 class _View:
@@ -521,7 +550,7 @@ def test_a_fork_in_the_last_round_is_settled_before_the_peer_leaves():
     now = get_dht_time()
     view = _View([rec("p1", round=3, theta_round=3, theta_hash=theirs, state="done", time=now),
                   rec("p2", round=3, theta_round=3, theta_hash=theirs, state="done", time=now),
-                  rec("p3", round=2, theta_round=2, theta_hash="c" * 16, state="averaging", time=now)])
+                  rec("p3", round=2, theta_round=2, theta_hash="c" * 64, state="averaging", time=now)])
     tracker = RoundTracker(cfg, FP, "me", view, banned=dict)
     healed, stop = [], threading.Event()
     t0 = time.monotonic()
@@ -539,7 +568,7 @@ def test_a_fork_in_the_last_round_is_settled_before_the_peer_leaves():
     assert healed == []  # interrupted: no settling
     # the finished side lingers for a live peer at its round on another θ, and not for one on its own
     stop.clear()
-    view.records_now = [rec("p3", round=3, theta_round=3, theta_hash="c" * 16, state="averaging", time=get_dht_time())]
+    view.records_now = [rec("p3", round=3, theta_round=3, theta_hash="c" * 64, state="averaging", time=get_dht_time())]
     t0 = time.monotonic()
     linger(cfg, tracker, view, stop, my_round=3, my_hash=ours)
     assert time.monotonic() - t0 >= 0.4
@@ -547,3 +576,35 @@ def test_a_fork_in_the_last_round_is_settled_before_the_peer_leaves():
     t0 = time.monotonic()
     linger(cfg, tracker, view, stop, my_round=3, my_hash=ours)
     assert time.monotonic() - t0 < 0.3
+
+
+def test_a_state_change_record_is_republished_with_a_fresh_time_while_nothing_newer_comes():
+    """'averaging' can outlast tracker.ALIVE_S: the view re-publishes the last state-change record every
+    HEARTBEAT_S with a fresh time (soak: peers waiting on the stages looked gone to the others). Training
+    records are not restamped (their time dates the samples they claim); a newer offer goes out instead."""
+    from hivemind.utils import get_dht_time
+
+    from p2p_photon.peer import swarm_view
+
+    class Publisher:
+        def __init__(self):
+            self.sent = []
+
+        def publish(self, record):
+            self.sent.append(record)
+            return True
+
+    pub = Publisher()
+    view = swarm_view.SwarmView(None, "run", pub, interval=0.5)
+    t0 = get_dht_time() - 100
+    view.publish(rec("me", state="averaging", time=t0))
+    assert view._due() is None  # just published
+    view._last_pub -= swarm_view.HEARTBEAT_S
+    beat = view._due()
+    assert beat.state == "averaging" and beat.time > t0 + 99 and beat.round == 5
+    assert beat.model_copy(update=dict(time=t0)) == pub.sent[0]  # only the time changed
+    view.offer(rec("me", state="training", samples=40, time=t0 + 1))
+    assert view._due().samples == 40  # the interval passed: the newest offer, not a heartbeat
+    view.publish(rec("me", state="training", time=t0 + 2))
+    view._last_pub -= 2 * swarm_view.HEARTBEAT_S
+    assert view._due() is None

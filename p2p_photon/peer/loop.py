@@ -195,10 +195,9 @@ class Peer(PeerParts):
             self._join_pipeline()
 
     def sync_from_peers(self, attempts: int = 4, want: str | None = None, min_round: int = 0) -> bool:
-        if not super().sync_from_peers(attempts, want, min_round):
-            return False
-        self._join_pipeline()
-        return True
+        if ok := super().sync_from_peers(attempts, want, min_round):
+            self._join_pipeline()
+        return ok
 
     def _join_pipeline(self) -> None:
         """Overlapped swarm: when most peers hold our θ round R and train R+1, and enough of them to form
@@ -249,6 +248,8 @@ class Peer(PeerParts):
         if moved_on and self.sync_from_peers(attempts=3, min_round=r + 1):
             logger.info("took the state the other groups of round %d averaged", r)
             return report
+        if moved_on:  # nothing to take: the next attempt averages round r with whoever is still at it
+            self.tracker.missed_refuted = r
         if self.failed_here >= STUCK_AFTER and self.sync_from_peers(attempts=1):
             logger.warning("%d failed attempts at round %d: re-synchronized with the swarm", self.failed_here, r)
             return report

@@ -114,7 +114,7 @@ class PeerParts:
             logger.info("client mode: accepting no connections; we send our parts of Δ and receive the averages "
                         "(owning no slice) and serve no state")
         self.tracker = RoundTracker(cfg, self.fp, self.peer_id, self.view, banned=self._banned)
-        self.reporter = Reporter(cfg, self.gs, self.policy, self.peer_id, publisher, self.view, self._banned)
+        self.reporter = Reporter(cfg, self.gs, self.policy, self.peer_id, self.view, self._banned)
         if math.isfinite(self.initial_loss):  # of the seeded init (θ round 0), until the first round's evaluation
             self.reporter.eval_loss, self.reporter.eval_round = self.initial_loss, 0
         self.sync = StateSync(self.gs, self.averager, self.view.refresh, self.peer_id,

@@ -16,7 +16,7 @@ from hivemind.utils import get_dht_time
 
 from ..config import Config
 from ..inner import perplexity
-from ..progress import ProgressPublisher, ProgressRecord, ban_entries
+from ..progress import ProgressRecord, ban_entries
 from .contribution import ContributionPolicy
 from .global_state import GlobalState
 from .swarm_view import SwarmView
@@ -52,9 +52,9 @@ class RoundReport:
 
 class Reporter:
     def __init__(self, cfg: Config, gs: GlobalState, policy: ContributionPolicy, peer_id: str,
-                 publisher: ProgressPublisher, view: SwarmView, banned: Callable[[], dict[str, str]] = dict):
+                 view: SwarmView, banned: Callable[[], dict[str, str]] = dict):
         self.cfg, self.gs, self.policy, self.peer_id, self.banned = cfg, gs, policy, peer_id, banned
-        self.publisher, self.view = publisher, view
+        self.view = view  # publishes our records (state changes at once, training progress in its thread)
         self.last_rate = 0.0  # tokens/s of the latest training
         self.last_wait_s = 0.0  # seconds the last round spent outside training (averaging, sync)
         self.eval_loss: float | None = None  # the latest held-out loss of the global model, and its θ round
@@ -77,7 +77,7 @@ class Reporter:
             eval_round=self.eval_round, client=self.cfg.dht.client_mode)
         rec = self.policy.record(rec)
         if now or phase != "training" or not self.view.is_alive():
-            self.publisher.publish(rec)
+            self.view.publish(rec)
         else:
             self.view.offer(rec)
 

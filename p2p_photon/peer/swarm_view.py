@@ -1,5 +1,13 @@
 """The swarm view: this peer's progress record goes out, the swarm's records come in, in a
-background thread, so the training loop never blocks on the DHT (it reads the cached view)."""
+background thread, so the training loop never blocks on the DHT (it reads the cached view).
+
+A record published for a state change ('averaging', 'syncing', ...) is re-published with a fresh time
+every HEARTBEAT_S while nothing newer comes: others count a peer as present only while its newest
+record is younger than tracker.ALIVE_S, and one round's averaging can outlast that (soak: peers waiting
+50 s on the stages looked gone, and a joiner concluded every live peer had averaged its round without it).
+Training records need no heartbeat: they come every progress interval, and their time dates the samples
+they claim (others extrapolate from it).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +15,13 @@ import logging
 import threading
 import time
 
+from hivemind.utils import get_dht_time
+
 from ..progress import ProgressPublisher, ProgressRecord, fetch_progress
 
 logger = logging.getLogger(__name__)
+
+HEARTBEAT_S = 5.0  # well under tracker.ALIVE_S (30 s)
 
 
 class SwarmView(threading.Thread):
@@ -26,6 +38,9 @@ class SwarmView(threading.Thread):
         self._records: list[ProgressRecord] = []
         self.invalid = 0
         self._lock = threading.Lock()
+        self._publishing = threading.Lock()  # one store at a time: a heartbeat never overtakes a newer record
+        self._last: ProgressRecord | None = None  # the newest record published
+        self._last_pub = 0.0
 
     def offer(self, record: ProgressRecord) -> None:
         with self._lock:
@@ -42,17 +57,37 @@ class SwarmView(threading.Thread):
             self._records, self.invalid = records, invalid
         return records
 
+    def publish(self, record: ProgressRecord) -> bool:
+        """Publish `record` now (a state change), from any thread."""
+        with self._publishing:
+            return self._publish(record)
+
+    def _publish(self, record: ProgressRecord) -> bool:
+        ok = self.publisher.publish(record)
+        self._last, self._last_pub = record, time.monotonic()
+        return ok
+
+    def _due(self) -> ProgressRecord | None:
+        """The record to publish now, if any: the newest offered one once the interval passed, else a
+        heartbeat of the last state-change record."""
+        since = time.monotonic() - self._last_pub
+        if since >= self.interval:
+            with self._lock:  # take the newest record only when it is due
+                pending, self._pending = self._pending, None
+            if pending is not None:
+                return pending
+        last = self._last
+        if last is not None and last.state != "training" and since >= HEARTBEAT_S:
+            return last.model_copy(update=dict(time=get_dht_time()))
+        return None
+
     def run(self) -> None:
-        last_pub = 0.0
         while not self.stopped.wait(min(0.5, self.interval / 2)):
             try:
-                pending = None
-                if time.monotonic() - last_pub >= self.interval:
-                    with self._lock:  # take the newest record only when it is due
-                        pending, self._pending = self._pending, None
-                if pending is not None:
-                    self.publisher.publish(pending)
-                    last_pub = time.monotonic()
+                with self._publishing:
+                    record = self._due()
+                    if record is not None:
+                        self._publish(record)
                 self.refresh()
             except Exception as e:  # the DHT may be shutting down; the loop reads the last good view
                 logger.debug("swarm view: %s", e)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 
 from hivemind.utils import get_dht_time
@@ -148,6 +149,7 @@ class RoundTracker:
         # a lagging peer publishes its θ of a round within about one round's averaging; past that, a tie
         # is broken anyway (under churn some peer always lags, and a 2+2 split must not last for ever)
         self.tie_grace_s = cfg.averaging.attempt_s
+        self.missed_refuted: int | None = None  # a round whose `missed` verdict a failed catch-up refuted
 
     def records(self, fresh: bool = False) -> list[ProgressRecord]:
         """The swarm's records (fetched now if `fresh`, else the cached view) without banned peers'."""
@@ -266,7 +268,12 @@ class RoundTracker:
         """Polled while we look for a group of round r: every other live peer of the run (finished ones
         aside) holds θ of a later round, so nobody is left to average round r with. The reason, else None.
         (A joiner that downloaded θ of round r just as the swarm averaged r sat a whole round in
-        matchmaking until went_on_without_us's r+2 fired, and took part only 2 rounds after its join.)"""
+        matchmaking until went_on_without_us's r+2 fired, and took part only 2 rounds after its join.)
+        Not again for a round whose catch-up found no state to take (`missed_refuted`, set by the loop): the
+        view was wrong or the later θ is unconfirmed, and failing the round again at once only repeats it
+        (soak: a joiner failed the same round 5 times in 25 s while peers still at that round were there)."""
+        if self.missed_refuted == r:
+            return None
         now = get_dht_time()
         live = [x for x in self.mates(records) if now - x.time < ALIVE_S and x.state != "done"]
         if live and all(x.theta_round > r for x in live):
@@ -275,11 +282,16 @@ class RoundTracker:
         return None
 
     def theta_past(self, round_no: int, records: list[ProgressRecord]) -> bool:
-        """A live peer of the run (finished ones too) holds θ of a round after `round_no`: it applied that
-        round's average."""
+        """Live peers of the run (finished ones too) hold θ of a round after `round_no`, and we could take
+        it: two of them publish the same θ, or the one holding it is the only other live peer (what a
+        joiner's download needs, StateSync.unconfirmed). One survivor of a group that applied the round,
+        next to peers still at it, is not proof: they average the round again and it re-syncs as the
+        minority (soak: every later wave of a round failed as 'late' for 50 s, and no catch-up could take
+        the lone survivor's θ)."""
         now = get_dht_time()
-        return any(now - x.time < ALIVE_S and x.theta_round > round_no and x.fingerprint == self.fp
-                   and x.peer_id != self.peer_id for x in records)
+        live = [x for x in records if now - x.time < ALIVE_S and x.fingerprint == self.fp and x.peer_id != self.peer_id]
+        later = Counter(x.theta_hash for x in live if x.theta_round > round_no)
+        return bool(later) and (len(live) == 1 or max(later.values()) >= 2)
 
     def present(self) -> int:
         """Peers of this run present now, this one included (for the round's log line)."""
