@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the directory holding this p2p_photon package
 logger = logging.getLogger(__name__)
 
 
@@ -60,6 +61,9 @@ class LocalSwarm:
     def _env(self, name: str, extra: dict[str, str] | None = None) -> dict[str, str]:
         env = dict(os.environ, PYTHONUNBUFFERED="1", P2P_PHOTON_LOG_PREFIX=f"{name} ", **(extra or {}))
         env.update(OMP_NUM_THREADS=str(self.threads_per_peer), MKL_NUM_THREADS=str(self.threads_per_peer))
+        # the children run this very package, not whichever one an editable install points at (a second
+        # checkout's tests and benchmarks ran the first checkout's peers)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p)
         return env
 
     def spawn(self, name: str, args: list[str], script: str | None = None,

@@ -507,7 +507,8 @@ def test_a_dead_representative_is_noticed_when_its_heartbeat_mark_expires(dhts, 
     marks.mark("posted")
     threading.Timer(3.0, marks.final, args=("single",)).start()  # a live rep, 3 LIVE_TTLs in 'posted'
     t0 = time.monotonic()
-    assert member._follow_rep(key, "rep") == ("single", "posted") and time.monotonic() - t0 >= 2.9
+    follow = stages.Member(member, stages.Group("g", ("member", "rep"), 2.0), 1)
+    assert follow.decision_of("rep") == ("single", "posted", None) and time.monotonic() - t0 >= 2.9
 
     key = stages.decision_key("run", 2, "g")
     marks = stages.PhaseMarks(rep, key)
@@ -515,9 +516,9 @@ def test_a_dead_representative_is_noticed_when_its_heartbeat_mark_expires(dhts, 
     posted_at = get_dht_time()
     threading.Timer(1.0, marks.stop).start()  # the rep dies in stage 2: no decision, no more beats
     t0 = time.monotonic()
-    decision, phase = member._follow_rep(key, "rep")
+    decision, phase, gone_in = stages.Member(member, stages.Group("g", ("member", "rep"), 2.0), 2).decision_of("rep")
     took = time.monotonic() - t0
-    assert decision is None and "stage2" in phase and "expired" in phase, phase
+    assert decision is None and "stage2" in phase and "expired" in phase and gone_in == "stage2", phase
     assert 1.0 + 1.0 <= took < 6.0, took  # its last beat + LIVE_TTL + grace; the bound is 160 s
     # a later group waiting for that rep's decision stops waiting too (its post is older than the mark)
     t0 = time.monotonic()

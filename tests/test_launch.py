@@ -75,3 +75,18 @@ def test_a_forked_child_of_a_process_that_handles_sigterm_still_ends_on_sigterm(
     """))
     out = subprocess.run([sys.executable, str(script)], env=python_env(), capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.startswith("ended"), (out.stdout, out.stderr[-2000:])
+
+
+def test_children_run_the_package_of_the_parent_not_an_editable_installs(tmp_path, monkeypatch):
+    """A second checkout's tests and benchmarks started the first checkout's peers (the editable install
+    points there): a child's PYTHONPATH leads with the directory holding the parent's p2p_photon."""
+    import p2p_photon
+    from p2p_photon.launch import LocalSwarm
+
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    env = LocalSwarm(str(tmp_path))._env("peer0")
+    here = os.path.dirname(os.path.dirname(os.path.abspath(p2p_photon.__file__)))
+    assert env["PYTHONPATH"].split(os.pathsep) == [here, "/elsewhere"]
+    code = "import p2p_photon, os; print(os.path.dirname(os.path.dirname(p2p_photon.__file__)))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert out.stdout.strip() == here, out.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 
 from p2p_photon.averaging import consensus, stages
@@ -162,8 +163,8 @@ def test_a_member_notices_a_silent_representative_within_the_bound_of_its_phase(
 
     def timed(rep):
         t0 = time.monotonic()
-        out = sp._follow_rep(key, rep)
-        return out, time.monotonic() - t0
+        out = stages.Member(sp, stages.Group("g", (rep, "x"), 2.0), 1).decision_of(rep)
+        return out[:2], time.monotonic() - t0
 
     (decision, phase), took = timed("never")  # no mark after stage 1: gone within slack + propagation
     assert decision is None and "never after stage 1" in phase and 0.15 <= took < 1.0
@@ -196,8 +197,8 @@ def test_every_wait_of_the_stages_ends_when_the_swarm_went_past_our_round():
     sp.moved_on = lambda: "the swarm went on"
     key = stages.decision_key("run", 1, "g")
     dht.store(key, subkey="rep", value="posted", expiration_time=0)
-    for wait in (lambda: sp._follow_rep(key, "rep"),
-                 lambda: sp._post_and_wait(stages.Group("g2", ("me", "x"), 2.0), 1, expected=5),
+    for wait in (lambda: stages.Member(sp, stages.Group("g", ("me", "rep"), 2.0), 1).decision_of("rep"),
+                 lambda: sp.post_and_wait(stages.Group("g2", ("me", "x"), 2.0), 1, expected=5),
                  lambda: sp._applied({"g": {"t": get_dht_time(), "members": ["rep", "y"]}}, 1)):
         t0 = time.monotonic()
         with pytest.raises(AveragedWithoutUs, match="went on"):
@@ -229,7 +230,7 @@ def test_a_group_that_held_every_expected_peer_is_on_the_board_and_a_later_group
     assert stages.read_decision(spanner("c").dht, stages.decision_key("run", 7, g.group_id), "a") == "single"
     t0 = time.monotonic()
     with pytest.raises(AveragedWithoutUs, match="of our wave averaged this round without us"):
-        spanner("c")._post_and_wait(stages.Group("g2", ("c", "d"), 2.0), 7, expected=4)
+        spanner("c").post_and_wait(stages.Group("g2", ("c", "d"), 2.0), 7, expected=4)
     assert time.monotonic() - t0 < 1.0
 
 
@@ -250,11 +251,11 @@ def test_an_applied_decision_that_no_live_peer_holds_does_not_make_a_group_late(
     late = stages.Spanner(dht, "run", "c", None, codec="none", board_wait=5.0, gather_s=1.0, stage_timeout=1.0)
     late.ahead = lambda: False  # the decided group's θ is nowhere: its members died
     t0 = time.monotonic()
-    wave = late._post_and_wait(stages.Group("g2", ("c", "d"), 2.0), 5, expected=4)
+    wave = late.post_and_wait(stages.Group("g2", ("c", "d"), 2.0), 5, expected=4)
     assert "g2" in wave and 0.5 <= time.monotonic() - t0 < 3.0
     late.ahead = lambda: True  # a member published θ of round 6: it did apply
     with pytest.raises(AveragedWithoutUs, match="of our wave averaged this round without us"):
-        late._post_and_wait(stages.Group("g3", ("e", "f"), 2.0), 5, expected=6)
+        late.post_and_wait(stages.Group("g3", ("e", "f"), 2.0), 5, expected=6)
 
 
 def test_a_dead_stage_two_leader_is_dropped_and_the_other_representatives_go_on_without_its_group(monkeypatch):
@@ -297,7 +298,7 @@ def test_a_dead_stage_two_leader_is_dropped_and_the_other_representatives_go_on_
         sp = stages.Spanner(dht, "run", "b", run_stage, codec="none", board_wait=1.0, gather_s=1.0, stage_timeout=1.0)
         t0 = time.monotonic()
         try:
-            out = sp._stage2([torch.zeros(2)], stages.Group("g2", ("b", "y"), 1.0), {"b": 1}, board, 4, {})
+            out = sp.stage2([torch.zeros(2)], stages.Group("g2", ("b", "y"), 1.0), {"b": 1}, board, 4, {})
         except AveragingFailed as e:
             out = e
         assert sp.moved_on() is None  # the round's own check is back
@@ -321,3 +322,72 @@ def test_a_dead_stage_two_leader_is_dropped_and_the_other_representatives_go_on_
     assert not isinstance(out, Exception) and out[1] == 7 and took >= 1.5 and len(runs) == 1, out
 
 
+
+
+def test_a_member_takes_the_place_of_a_representative_that_died_waiting_for_its_wave(monkeypatch):
+    """Soak: a killed representative failed its whole group's round. Group g2 = (c, d, e) posted by c, which
+    dies while 'posted' (its mark expires): d, the next member, posts g2 again under c's post time and joins
+    stage 2 in c's place, led by the same leader (a), at the same group size; then it leads stage 3 for the
+    two members left, and e follows d. If the dead rep was stage 2's leader, its members fail (the others
+    redo stage 2 without its group); a rep that dies in stage 2 is not replaced."""
+    import threading
+
+    from hivemind.utils import get_dht_time
+
+    monkeypatch.setattr(stages, "LIVE_TTL", 0.3)
+    monkeypatch.setattr(stages, "GONE_GRACE_S", 0.2)
+    monkeypatch.setattr(stages, "HEARTBEAT_S", 0.05)
+    t_post = get_dht_time() - 5.0  # the wave closed long ago (board_wait 0.2 s)
+    x = torch.tensor([1.5, -2.0])
+
+    def setup(dies_in: str, groups):
+        dht, runs = FakeDHT(), []
+        for gid, members in groups.items():
+            dht.store(stages.board_key("run", 4), subkey=gid, value=dict(members=list(members), weight=float(
+                len(members)), rep=members[0], t=t_post), expiration_time=0)
+        rep, gid = groups["000000b2"][0], "000000b2"
+        dht.store(stages.decision_key("run", 4, gid), subkey=rep, value=dies_in, expiration_time=0)
+        dht.store(stages.decision_key("run", 4, "000000a1"), subkey=groups["000000a1"][0], value="stage2", expiration_time=0)
+        threading.Timer(0.3, lambda: dht.data[stages.decision_key("run", 4, gid)].pop(rep)).start()  # it dies
+        return dht, runs
+
+    def member(dht, runs, me, group):
+        def run_stage(run):
+            runs.append((me, run.stage, run.policy["leader"], run.policy["target_group_size"], run.weight))
+            if run.stage == 2:
+                return [x.clone()], {"a": {"group_totals": {"steps": 3, "samples": 30}},
+                                     me: {"group_totals": {"steps": 9, "samples": 90}}}
+            peers = {"d": {"source": True, "spanned": 5, "swarm_totals": {"steps": 12, "samples": 120}},
+                     "e": {"source": False}}
+            return [x.clone()], peers
+        sp = stages.Spanner(dht, "run", me, run_stage, codec="none", board_wait=0.2, gather_s=0.1, stage_timeout=0.5)
+        return stages.Member(sp, group, 4)
+
+    groups = {"000000a1": ("a", "x"), "000000b2": ("c", "d", "e")}
+    g2 = stages.Group("000000b2", ("c", "d", "e"), 3.0)
+    dht, runs = setup("posted", groups)
+    out = {}
+    follower = threading.Thread(target=lambda: out.setdefault("e", member(dht, runs, "e", g2).follow(
+        [torch.zeros(2)], {"steps": 9, "samples": 90}, {}, 5)))
+    follower.start()
+    got_d = member(dht, runs, "d", g2).follow([torch.ones(2)], {"steps": 9, "samples": 90}, {}, 5)
+    follower.join(timeout=10)
+    assert sorted(r for r in runs if r[0] == "d") == [("d", 2, "a", 2, 3.0), ("d", 3, "d", 2, 1.0)], runs
+    assert [r for r in runs if r[0] == "e"] == [("e", 3, "d", 2, 0.0)], runs
+    post = dht.get(stages.board_key("run", 4)).value["000000b2"].value
+    assert post["rep"] == "d" and post["t"] == t_post and post["members"] == ["c", "d", "e"]
+    for got in (got_d, out["e"]):
+        assert torch.equal(got[0][0], x) and got[1] == 5 and got[2] == {"steps": 12, "samples": 120}, got
+    assert stages.read_decision(dht, stages.decision_key("run", 4, "000000b2"), "d") == "broadcast"
+
+    # the dead rep led stage 2 (a < c): its successor does not take part; the members fail
+    groups = {"000000a1": ("e", "y"), "000000b2": ("a", "d", "f")}
+    dht, runs = setup("posted", groups)
+    with pytest.raises(AveragingFailed, match="stage 2's leader"):
+        member(dht, runs, "d", stages.Group("000000b2", ("a", "d", "f"), 3.0)).follow([torch.ones(2)], {}, {}, 5)
+    assert runs == []
+    # the rep died in stage 2: nobody takes over
+    dht, runs = setup("stage2", {"000000a1": ("a", "x"), "000000b2": ("c", "d", "e")})
+    with pytest.raises(AveragingFailed, match="went silent.*stage2"):
+        member(dht, runs, "d", g2).follow([torch.ones(2)], {}, {}, 5)
+    assert runs == []

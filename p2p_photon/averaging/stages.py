@@ -58,6 +58,7 @@ What can go wrong, and what happens:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -108,12 +109,21 @@ class Group:
     members: tuple[str, ...]
     weight: float  # W_g: the sum of the members' weights
     clients: frozenset[str] = frozenset()  # members in client mode: they accept no connections
+    gone: frozenset[str] = frozenset()  # representatives that died after stage 1 (their Δ is in the average)
 
     @property
     def rep(self) -> str:
         """The smallest member that accepts connections (it may have to lead stage 2, and it leads stage
         3): a client-mode peer represents its group only when it is alone in it."""
-        return min((m for m in self.members if m not in self.clients), default=self.members[0])
+        return min(self.successors(), default=self.members[0])
+
+    def successors(self) -> list[str]:
+        """Members that can represent the group: they accept connections and are not gone."""
+        return [m for m in self.members if m not in self.clients and m not in self.gone]
+
+    def without(self, rep: str) -> Group:
+        """The group after its representative `rep` died: the next member represents it (Member.follow)."""
+        return dataclasses.replace(self, gone=self.gone | {rep})
 
     @classmethod
     def from_metadata(cls, peers: Mapping[str, Mapping[str, Any]]) -> Group:
@@ -245,7 +255,7 @@ class Spanner:
         self.moved_on: Callable[[], str | None] = lambda: None  # the round's (SwarmAverager.average)
         self.ahead: Callable[[], bool] = lambda: True  # a live peer holds θ of a later round (ditto)
 
-    def _check_moved_on(self) -> None:
+    def check_moved_on(self) -> None:
         """While we wait: the swarm averaged past this round without us? Stop waiting (the peer catches up)."""
         if (why := self.moved_on()) is not None:
             raise AveragedWithoutUs(why)
@@ -258,8 +268,8 @@ class Spanner:
         group = Group.from_metadata(peers)
         totals = totals_of(peers)
         if group.rep == self.peer_id:
-            return self._as_rep(averaged, group, totals, round_no, member_caps, expected)
-        return self._as_member(averaged, group, totals, round_no)
+            return self.as_rep(averaged, group, totals, round_no, member_caps, expected)
+        return Member(self, group, round_no).follow(averaged, totals, member_caps, expected)
 
     def announce(self, peers: Mapping[str, Mapping[str, Any]], round_no: int) -> None:
         """Our stage-1 group held every peer we expected: its rep still posts it, decided 'single', so that a
@@ -282,22 +292,29 @@ class Spanner:
         group = Group("solo" + self.peer_id[-12:], (self.peer_id,), float(weight),
                       frozenset([self.peer_id]) if self.client else frozenset())
         try:
-            board = self._post_and_wait(group, round_no, expected)
+            board = self.post_and_wait(group, round_no, expected)
         except AveragedWithoutUs:
             raise
         except AveragingFailed:
             raise why from None
         if len(board) <= 1:
             raise why
-        return self._stage2(deltas, group, totals, board, round_no, member_caps)
+        return self.stage2(deltas, group, totals, board, round_no, member_caps)
 
-    def _as_rep(self, averaged, group: Group, totals: dict[str, int], round_no: int, member_caps, expected: int
-                ) -> tuple[list, int, dict[str, int]]:
+    def as_rep(self, averaged, group: Group, totals: dict[str, int], round_no: int, member_caps, expected: int,
+               replacing: str | None = None) -> tuple[list, int, dict[str, int]]:
+        """Our group's representative, from the board to stage 3. `replacing`: the rep that died while it
+        waited for its wave, whose place we take (Member.follow): its post stays as the others read it."""
         marks = PhaseMarks(self, decision_key(self.prefix, round_no, group.group_id))
         try:
             marks.mark("posted")  # our members now know we are alive and waiting for the wave
             try:
-                board = self._post_and_wait(group, round_no, expected)
+                board = self.post_and_wait(group, round_no, expected, replacing)
+                if replacing is not None:  # stage 2 as the other reps run it: led by the same leader, same caps
+                    board[group.group_id] = dict(board[group.group_id], rep=replacing)
+                    if len(board) > 1 and stage2_leader(board) == replacing:
+                        raise AveragingFailed(f"across groups: our representative {replacing[-8:]} died; it was "
+                                              "stage 2's leader, and the others go on without our group")
             except AveragingFailed:
                 marks.final("failed")
                 raise
@@ -306,16 +323,16 @@ class Spanner:
                 return averaged, len(group.members), totals
             marks.mark("stage2")
             try:
-                x, spanned, swarm_totals = self._stage2(averaged, group, totals, board, round_no, member_caps)
+                x, spanned, swarm_totals = self.stage2(averaged, group, totals, board, round_no, member_caps)
             except AveragingFailed:
                 marks.final("failed")
                 raise
             marks.final("broadcast")
         finally:
             marks.stop()
-        return self._broadcast(x, group, round_no, source=True, spanned=spanned, totals=swarm_totals)
+        return self.broadcast(x, group, round_no, source=True, spanned=spanned, totals=swarm_totals)
 
-    def _stage2(self, averaged, group: Group, totals: dict[str, int], board: Mapping[str, dict], round_no: int,
+    def stage2(self, averaged, group: Group, totals: dict[str, int], board: Mapping[str, dict], round_no: int,
                 member_caps, retry: bool = True) -> tuple[list, int, dict[str, int]]:
         """The representatives' average of their groups' results: (x, peers it covers, their totals). A leader
         that goes silent is dropped once: the others redo the stage without its group (without_dead_leader)."""
@@ -342,24 +359,13 @@ class Spanner:
             logger.warning("round %d: only %d of the %d groups' representatives averaged together; the swarm "
                            "will hold more than one θ until the minority re-syncs", round_no, len(reps), len(board))
         swarm_totals = totals_of({p: m.get("group_totals") or {} for p, m in reps.items()})
-        return x, sum(len(v["members"]) for v in board.values() if rep_of(v) in reps), swarm_totals
+        return x, sum(len(v["members"]) for g, v in board.items() if rep_of(v) in reps or g == group.group_id), \
+            swarm_totals
 
-    def _as_member(self, averaged, group: Group, totals: dict[str, int], round_no: int
-                   ) -> tuple[list, int, dict[str, int]]:
-        dkey = decision_key(self.prefix, round_no, group.group_id)
-        decision, phase = self._follow_rep(dkey, group.rep)
-        if decision == "single":
-            return averaged, len(group.members), totals
-        if decision != "broadcast":
-            raise AveragingFailed(f"across groups: our group's representative {group.rep[-8:]} "
-                                  + ("failed" if decision else f"went silent ({phase})"))
-        zeros = [None if t is None else torch.zeros_like(t) for t in averaged]
-        return self._broadcast(zeros, group, round_no, source=False, spanned=0, totals={})
-
-    def _broadcast(self, tensors, group: Group, round_no: int, *, source: bool, spanned: int,
+    def broadcast(self, tensors, group: Group, round_no: int, *, source: bool, spanned: int,
                    totals: dict[str, int]) -> tuple[list, int, dict[str, int]]:
         policy = dict(codec=self.codec, aggregator=BROADCAST, error_feedback=False,
-                      target_group_size=len(group.members), weight_caps={}, leader=group.rep)
+                      target_group_size=len(group.members) - len(group.gone), weight_caps={}, leader=group.rep)
         try:
             x, peers = self.run_stage(StageRun(tensors, 3, stage_bits(round_no, 3, group.group_id),
                                                1.0 if source else 0.0, policy,
@@ -379,12 +385,16 @@ class Spanner:
         base = self.gather_s + self.board_wait + PROPAGATION_S
         return base if leader == self.peer_id else 2 * base
 
-    def _post_and_wait(self, group: Group, round_no: int, expected: int = 0) -> dict[str, dict]:
+    def post_and_wait(self, group: Group, round_no: int, expected: int = 0, replacing: str | None = None
+                      ) -> dict[str, dict]:
         """Post our group, then our wave of the round's board as every representative sees it (waves: the
         module docstring); the wait ends early once the wave covers the `expected` peers. AveragedWithoutUs
-        if a group of an earlier wave, or of ours, already applied an average: we were late for it."""
+        if a group of an earlier wave, or of ours, already applied an average: we were late for it.
+        `replacing`: our dead rep posted the group; the post keeps its time (the others' waves hold it)."""
         key = board_key(self.prefix, round_no)
         mine = group.post()
+        if replacing is not None and (old := read_board(self.dht, self.prefix, round_no).get(group.group_id)):
+            mine = dict(old, rep=group.rep)
         dht_call(self.dht, "store", key, subkey=group.group_id, value=mine,
                  expiration_time=get_dht_time() + BOARD_TTL, slow=AveragingFailed)
         board = read_board(self.dht, self.prefix, round_no)
@@ -403,7 +413,7 @@ class Spanner:
             if expected and covered({g: v for g, v in board.items() if start <= float(v.get("t", start)) <= close
                                      }) >= expected and now > mine["t"] + POLL_S:
                 break
-            self._check_moved_on()
+            self.check_moved_on()
             time.sleep(POLL_S)
         board = read_board(self.dht, self.prefix, round_no)
         board[group.group_id] = mine
@@ -414,14 +424,14 @@ class Spanner:
         # a group of our own wave that already applied an average went without us (it closed the wave early,
         # covering the peers it expected, or announced a whole-swarm group): stage 2 with it cannot happen
         applied = self._applied({g: v for g, v in wave.items() if g != group.group_id}, round_no, wait=False)
-        if applied and proven(self.ahead, self._check_moved_on):
+        if applied and proven(self.ahead, self.check_moved_on):
             raise AveragedWithoutUs(f"across groups: {applied} group(s) of our wave averaged this round without us; "
                                     "we catch up with their θ")
         return wave
 
     def _raise_if_applied(self, earlier: Mapping[str, dict], round_no: int, late_s: float, wait: bool = True) -> None:
         applied = self._applied(earlier, round_no, wait)
-        if applied and proven(self.ahead, self._check_moved_on):
+        if applied and proven(self.ahead, self.check_moved_on):
             raise AveragedWithoutUs(f"across groups: {applied} other group(s) had already averaged this round "
                                     f"when ours finished ({late_s:.1f}s after their board opened); "
                                     f"we catch up with their θ")
@@ -445,7 +455,7 @@ class Spanner:
                     del pending[g]  # failed, or its rep is gone: its phase mark (stored before its post) expired
             if not pending or not wait or get_dht_time() > deadline:
                 return 0
-            self._check_moved_on()
+            self.check_moved_on()
             time.sleep(POLL_S)
         return 0
 
@@ -453,32 +463,68 @@ class Spanner:
         dht_call(self.dht, "store", key, subkey=self.peer_id, value=decision,
                  expiration_time=get_dht_time() + ttl, slow=AveragingFailed)
 
-    def _follow_rep(self, key: str, rep: str) -> tuple[str | None, str]:
+class Member:
+    """A member of a stage-1 group that is not its representative: it follows the rep's decision, takes
+    part in stage 3, and takes the rep's place when the rep dies while waiting for its wave.
+
+    Takeover: the rep's 'posted' mark expired (it died after stage 1, before stage 2: most of a rep's
+    time in a round is that wait). Every member holds the group's stage-1 average and weight, so the next
+    member (Group.without) posts the group again under the dead rep's post time and joins stage 2 in its
+    place, led by the same leader and capped like it; the others follow the new rep. Not when the dead rep
+    was stage 2's leader (the others redo stage 2 without its group: without_dead_leader) or died in
+    stage 2 (its stage failed or went on without it). (Soak: every killed rep failed its whole group's
+    round; one group waited 75 s on a second representative that failed too.)"""
+
+    def __init__(self, spanner: Spanner, group: Group, round_no: int):
+        self.spanner, self.group, self.round_no = spanner, group, round_no
+        self.key = decision_key(spanner.prefix, round_no, group.group_id)
+
+    def follow(self, averaged, totals: dict[str, int], member_caps, expected: int) -> tuple[list, int, dict[str, int]]:
+        sp, group = self.spanner, self.group
+        decision, why, gone_in = self.decision_of(group.rep)
+        while decision is None and gone_in == "posted" and len(group.successors()) > 1:
+            dead, group = group.rep, group.without(group.rep)
+            logger.warning("round %d: our group's representative %s died before stage 2; %s its place", self.round_no,
+                           dead[-8:], "we take" if group.rep == sp.peer_id else f"{group.rep[-8:]} takes")
+            if group.rep == sp.peer_id:
+                return sp.as_rep(averaged, group, totals, self.round_no, member_caps, expected, replacing=dead)
+            decision, why, gone_in = self.decision_of(group.rep)
+        if decision == "single":
+            return averaged, len(group.members), totals
+        if decision != "broadcast":
+            raise AveragingFailed(f"across groups: our group's representative {group.rep[-8:]} "
+                                  + ("failed" if decision else f"went silent ({why})"))
+        zeros = [None if t is None else torch.zeros_like(t) for t in averaged]
+        return sp.broadcast(zeros, group, self.round_no, source=False, spanned=0, totals={})
+
+    def decision_of(self, rep: str) -> tuple[str | None, str, str | None]:
         """(what the representative decided for our group: 'single', 'broadcast', 'failed', or None if it
-        went silent; the phase it was last seen in). It marks its phases ('posted': on the board and
-        waiting for its wave; 'stage2': averaging with the other representatives) and refreshes the mark
-        every HEARTBEAT_S while in it; a mark lives LIVE_TTL. A rep that dies is noticed when its mark
-        expires (~LIVE_TTL); a live rep stuck in a phase, at that phase's bound. (Soak: with phase bounds
-        alone, the members of a killed rep's group waited 136-157 s, and the swarm stalled a whole round.)"""
+        went silent; why it counts as silent; the phase whose mark expired, None if none did). It marks its
+        phases ('posted': on the board and waiting for its wave; 'stage2': averaging with the other
+        representatives) and refreshes the mark every HEARTBEAT_S while in it; a mark lives LIVE_TTL. A rep
+        that dies is noticed when its mark expires (~LIVE_TTL); a live rep stuck in a phase, at that phase's
+        bound. (Soak: with phase bounds alone, the members of a killed rep's group waited 136-157 s, and the
+        swarm stalled a whole round.)"""
+        sp = self.spanner
         bounds = {None: STAGE1_SLACK_S + PROPAGATION_S,
-                  "posted": self.board_wait + PROPAGATION_S + 2 * self.stage_timeout + STAGE1_SLACK_S,
-                  "stage2": self.stage_timeout + 2 * (self.gather_s + self.board_wait + PROPAGATION_S) + STAGE1_SLACK_S}
+                  "posted": sp.board_wait + PROPAGATION_S + 2 * sp.stage_timeout + STAGE1_SLACK_S,
+                  "stage2": sp.stage_timeout + 2 * (sp.gather_s + sp.board_wait + PROPAGATION_S) + STAGE1_SLACK_S}
         seen, since = None, time.monotonic()
         alive_at = since
         while True:
-            decision = read_decision(self.dht, key, rep)
+            decision = read_decision(sp.dht, self.key, rep)
             if decision in FINAL:
-                return decision, str(seen)
+                return decision, str(seen), None
             now = time.monotonic()
             if decision is not None and decision in bounds:
                 alive_at = now
                 if decision != seen:
                     seen, since = decision, now
             elif seen is not None and now - alive_at > GONE_GRACE_S:
-                return None, f"last seen: {seen}, its mark expired {now - since:.0f}s after it entered that phase"
+                return None, f"last seen: {seen}, its mark expired {now - since:.0f}s after it entered that phase", seen
             if now - since > bounds[seen]:
-                return None, f"last seen: {seen or 'never after stage 1'}, {bounds[seen]:.0f}s ago"
-            self._check_moved_on()
+                return None, f"last seen: {seen or 'never after stage 1'}, {bounds[seen]:.0f}s ago", None
+            sp.check_moved_on()
             time.sleep(POLL_S)
 
 
@@ -494,7 +540,7 @@ def without_dead_leader(spanner: Spanner, averaged, group: Group, totals: dict[s
     logger.warning("round %d: %s; the other %d group(s) average without its group", round_no, watch.gone, len(rest))
     if len(rest) <= 1:
         return averaged, len(group.members), totals
-    return spanner._stage2(averaged, group, totals, rest, round_no, member_caps, retry=False)
+    return spanner.stage2(averaged, group, totals, rest, round_no, member_caps, retry=False)
 
 
 class LeaderWatch:
