@@ -398,8 +398,10 @@ def joiner_figures(p: PeerRun, ev: LogEvents, swarm_ok: list[tuple[float, int, s
     """Seconds and rounds from a joiner's start (and from its DHT join) to its first averaged round.
 
     rounds = (its first averaged round) − (the round the swarm was training at that moment) + 1: one
-    when it takes part in the round in progress. A joiner killed before the swarm finished two rounds
-    after its join had no chance to contribute: `censored`, not counted against the target."""
+    when it takes part in the round in progress. A joiner killed before the swarm finished the round
+    after the one in progress at its join (the target's 2 rounds) had no full chance to contribute:
+    `censored`, not counted against the target. (Counting any two rounds finished meanwhile judged a
+    joiner killed 7 s after its join, while lagging groups finished two old rounds.)"""
     def swarm_round(t: float) -> int:
         done = [r for tt, r, _ in swarm_ok if tt <= t]
         return max(done) + 1 if done else 0
@@ -415,7 +417,7 @@ def joiner_figures(p: PeerRun, ev: LogEvents, swarm_ok: list[tuple[float, int, s
         return out
     end = p.killed if p.killed is not None else float("inf")
     after = {r for tt, r, _ in swarm_ok if ev.joined is not None and ev.joined <= tt <= end}
-    out["censored"] = len(after) < 2
+    out["censored"] = out["join_round"] is None or not any(r >= out["join_round"] + 1 for r in after)
     out["swarm_rounds_while_alive_after_join"] = len(after)
     return out
 

@@ -37,11 +37,14 @@ the last bits). One group of representatives holds up to target_group_size group
 span target_group_size² peers (4096 with the default 64).
 
 What can go wrong, and what happens:
-* a rep dies or times out before or during stage 2 or 3: its group's stage 3 has no sender, every
-  member of the group sees it in the metadata (`check_broadcast`) and fails the round; the peer then
-  catches up from the swarm's θ by download, like after any failed round. A rep refreshes its phase
-  mark every HEARTBEAT_S (`PhaseMarks`), so a dead rep is noticed when the mark expires (~LIVE_TTL),
-  by its members and by later groups waiting for its decision, not at the phase's bound.
+* a rep dies while it waits for its wave (after stage 1, before stage 2): the next member takes its
+  place (`Member`): every member holds m_g and W_g, so it re-posts the group under the dead rep's post
+  time and joins stage 2 with the same leader, then leads stage 3 for the members left. A rep refreshes
+  its phase mark every HEARTBEAT_S (`PhaseMarks`), so a dead rep is noticed when the mark expires
+  (~LIVE_TTL), by its members and by later groups waiting for its decision, not at the phase's bound.
+* a rep dies or times out during stage 2 or 3, or it led stage 2: its group's stage 3 has no sender,
+  every member of the group sees it (its decision, or `check_broadcast` on the metadata) and fails the
+  round; the peer then catches up from the swarm's θ by download, like after any failed round.
 * a group finishes stage 1 after the board closed, or the reps split into two stage-2 groups: the
   swarm ends the round with two θ; every peer compares θ hashes in the progress records (tracker.fork)
   and the minority re-syncs from the majority within the next round: detected and healed, logged.

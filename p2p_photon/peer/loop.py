@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from .. import memory
 from ..averaging import AveragedWithoutUs, AveragingFailed
 from ..config import Config
 from ..watchdog import StartupInterrupted, stop_on_signals
@@ -302,6 +303,8 @@ def run_peer(cfg: Config, *, resume: bool = False, summary_out: str | None = Non
     policy = policy_class(cfg.averaging.max_delta_norm_ratio)
     stop, starting = threading.Event(), threading.Event()
     starting.set()
+    memory.limit_arenas()  # before the DHT and averager are forked and the threads start
+    memory.start_trimmer(stop)
     try:
         with stop_on_signals(stop, "finishing the current step, checkpointing and leaving", starting):
             return Peer(cfg, resume=resume, stop_event=stop, summary_out=summary_out, policy=policy).run(starting)
