@@ -608,3 +608,7 @@ def test_a_state_change_record_is_republished_with_a_fresh_time_while_nothing_ne
     view.publish(rec("me", state="training", time=t0 + 2))
     view._last_pub -= 2 * swarm_view.HEARTBEAT_S
     assert view._due() is None
+    view.offer(rec("me", state="training", samples=80, time=t0 + 3))  # older than the state change below
+    view.publish(rec("me", state="syncing", time=t0 + 4))
+    view._last_pub -= 1.0
+    assert view._due() is None and pub.sent[-1].state == "syncing"

@@ -336,7 +336,7 @@ class Spanner:
         return self.broadcast(x, group, round_no, source=True, spanned=spanned, totals=swarm_totals)
 
     def stage2(self, averaged, group: Group, totals: dict[str, int], board: Mapping[str, dict], round_no: int,
-                member_caps, retry: bool = True) -> tuple[list, int, dict[str, int]]:
+               member_caps, retry: bool = True) -> tuple[list, int, dict[str, int]]:
         """The representatives' average of their groups' results: (x, peers it covers, their totals). A leader
         that goes silent is dropped once: the others redo the stage without its group (without_dead_leader)."""
         outer, watch = self.moved_on, None
@@ -366,7 +366,7 @@ class Spanner:
             swarm_totals
 
     def broadcast(self, tensors, group: Group, round_no: int, *, source: bool, spanned: int,
-                   totals: dict[str, int]) -> tuple[list, int, dict[str, int]]:
+                  totals: dict[str, int]) -> tuple[list, int, dict[str, int]]:
         policy = dict(codec=self.codec, aggregator=BROADCAST, error_feedback=False,
                       target_group_size=len(group.members) - len(group.gone), weight_caps={}, leader=group.rep)
         try:
@@ -465,6 +465,7 @@ class Spanner:
     def _decide(self, key: str, decision: str, ttl: float = BOARD_TTL) -> None:
         dht_call(self.dht, "store", key, subkey=self.peer_id, value=decision,
                  expiration_time=get_dht_time() + ttl, slow=AveragingFailed)
+
 
 class Member:
     """A member of a stage-1 group that is not its representative: it follows the rep's decision, takes

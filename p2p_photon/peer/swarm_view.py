@@ -58,8 +58,11 @@ class SwarmView(threading.Thread):
         return records
 
     def publish(self, record: ProgressRecord) -> bool:
-        """Publish `record` now (a state change), from any thread."""
+        """Publish `record` now (a state change), from any thread; a training record still waiting to go out
+        is older, and is dropped."""
         with self._publishing:
+            with self._lock:
+                self._pending = None
             return self._publish(record)
 
     def _publish(self, record: ProgressRecord) -> bool:
