@@ -450,6 +450,60 @@ def test_healing_a_fork_takes_the_elected_theta_or_a_newer_one_the_swarm_confirm
     assert catch_up([("d4", same), ("d2", newer)])[2] == "d2"
 
 
+def test_a_fresh_joiner_waits_for_the_theta_the_swarm_elects_instead_of_starting_a_second_model(monkeypatch):
+    """10-minute soak: joiners whose download found no confirmed state (two peers, two θ) trained from the
+    seeded init, and when the last peers holding the swarm's θ died, its round fell from 20 to 0. The joiner
+    keeps asking for the θ the records elect; it stops when no live peer holds trained state, or after its
+    patience."""
+    import threading
+    from types import SimpleNamespace
+
+    from p2p_photon.peer.sync import StateSync
+
+    mine = _state(_model([1.0, 2.0], 0.5))
+    a, b = (_state(_model([w, 2.0], 0.5)) for w in (3.0, 4.0))
+    a.counters.round = b.counters.round = 9
+
+    class Averager:
+        asked = 0
+
+        def load_state_from_peers(self, timeout, exclude):  # nobody answers at first; then b, then a
+            Averager.asked += 1
+            donor = {1: None, 2: b}.get(Averager.asked, a) if "db" not in exclude else a
+            return None if donor is None else (("da" if donor is a else "db"), *donor.share())
+
+    records = [SimpleNamespace(theta_hash=a.hash, fingerprint=mine.fp, state="training", peer_id="p1")]
+    sync = StateSync(mine, Averager(), lambda: records, "me", 1.0, threading.Event())
+    monkeypatch.setattr(sync.stop, "wait", lambda s: False)  # no 2 s pauses in a test
+    elects = []
+    got = sync.await_elected(lambda recs: elects.append(1) or a.hash, patience_s=5.0)
+    # asked again after nobody answered; b's θ (not elected, nobody publishes it) refused, a's taken
+    assert got[2] == "da" and got[0]["theta"] == a.hash and len(elects) == 2 and Averager.asked == 3
+    assert sync.await_elected(lambda recs: None, patience_s=5.0) is None
+    Averager.load_state_from_peers = lambda self, timeout, exclude: None  # nobody serves it: patience ends
+    t0 = time.monotonic()
+    assert sync.await_elected(lambda recs: a.hash, patience_s=0.3) is None
+    assert time.monotonic() - t0 < 2.0
+
+
+def test_the_elected_theta_is_the_hash_most_trained_live_peers_hold():
+    from hivemind.utils import get_dht_time
+
+    cfg = load_config(None, [f"model.seq_len={SEQ}"])
+    now = get_dht_time()
+    view = _View([rec("p1", theta_round=9, theta_hash="a" * 64, total_samples=10, time=now),
+                  rec("p2", theta_round=9, theta_hash="b" * 64, total_samples=50, time=now),
+                  rec("j1", theta_round=0, theta_hash="c" * 64, time=now),
+                  rec("j2", theta_round=0, theta_hash="c" * 64, time=now)])
+    tracker = RoundTracker(cfg, FP, "me", view, banned=dict)
+    assert tracker.elected_theta(tracker.records()) == "b" * 64  # a 1-1 tie: more samples
+    view.records_now.append(rec("p3", theta_round=9, theta_hash="a" * 64, time=now))
+    assert tracker.elected_theta(tracker.records()) == "a" * 64  # two peers hold it
+    view.records_now = [rec("j1", theta_round=0, theta_hash="c" * 64, time=now),
+                        rec("p1", theta_round=9, theta_hash="a" * 64, time=now - 60)]  # gone
+    assert tracker.elected_theta(tracker.records()) is None
+
+
 def test_a_dead_dht_never_hangs_a_call_and_says_what_to_do():
     """hivemind's DHT.store/get wait without a deadline for the DHT's child process: a peer whose DHT
     process had exited hung in its final progress record, SIGTERM unanswered. dht_call bounds it."""

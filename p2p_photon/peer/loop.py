@@ -195,8 +195,8 @@ class Peer(PeerParts):
         if self.inflight is None:
             self._join_pipeline()
 
-    def sync_from_peers(self, attempts: int = 4, want: str | None = None, min_round: int = 0) -> bool:
-        if ok := super().sync_from_peers(attempts, want, min_round):
+    def sync_from_peers(self, *args, **kwargs) -> bool:
+        if ok := super().sync_from_peers(*args, **kwargs):
             self._join_pipeline()
         return ok
 

@@ -159,11 +159,12 @@ class PeerParts:
             logger.warning("ignoring %d peer(s) of run %s with another fingerprint (%s): they are not averaged with",
                            len(foreign), self.cfg.dht.run_id, foreign[0].fingerprint)
         ahead, start = self.tracker.theta_round(records), "our checkpoint" if self.resume else "the seeded init"
-        if self.gs.counters.round == 0 and not self.gs.counters.history:  # fresh: join the swarm that trained
+        fresh = self.gs.counters.round == 0 and not self.gs.counters.history
+        if fresh:  # join the swarm that trained; wait for its state rather than start a second model
             ahead = max(ahead, self.tracker.established_round(records))
         if ahead > self.gs.counters.round:
             logger.info("swarm is at round %d, we are at %d: downloading state from peers", ahead, self.gs.counters.round)
-            if not self.sync_from_peers():
+            if not self.sync_from_peers(patience_s=self.cfg.averaging.attempt_s if fresh else 0.0):
                 logger.warning("no peer served its state: starting from %s at round %d", start, self.gs.counters.round)
         elif not ours:
             logger.info("no other peers yet: starting from %s at round %d", start, self.gs.counters.round)
@@ -176,10 +177,14 @@ class PeerParts:
 
     # ------------------------------------------------------------------ state from the swarm
 
-    def sync_from_peers(self, attempts: int = 4, want: str | None = None, min_round: int = 0) -> bool:
+    def sync_from_peers(self, attempts: int = 4, want: str | None = None, min_round: int = 0,
+                        patience_s: float = 0.0) -> bool:
         """Download and load the swarm's state (see sync.py); False if no donor served a usable one.
-        With `want`, only a state whose θ hash is `want`; with `min_round`, only one of that round or later."""
+        With `want`, only a state whose θ hash is `want`; with `min_round`, only one of that round or later;
+        with `patience_s`, then keep asking that long for the θ the swarm elects (StateSync.await_elected)."""
         got = self.sync.download(attempts, want=want, min_round=min_round)
+        if got is None and patience_s > 0:
+            got = self.sync.await_elected(self.tracker.elected_theta, patience_s)
         if got is None:
             return False
         meta, tensors, donor = got

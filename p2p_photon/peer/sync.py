@@ -66,6 +66,21 @@ class StateSync:
                 delay *= 2
         return None
 
+    def await_elected(self, elect: Callable[[list], str | None], patience_s: float
+                      ) -> tuple[dict, list[torch.Tensor], str] | None:
+        """A fresh joiner whose download found no confirmed state keeps asking, for up to `patience_s`, for
+        the θ the swarm's records elect (`elect(records)`; None: no live peer holds trained state any more,
+        stop). (10-minute soak: joiners that found none trained a second model from the seeded init, and
+        once the last peers holding the swarm's θ died, the swarm's round fell from 20 to 0.)"""
+        deadline = time.monotonic() + patience_s
+        while time.monotonic() < deadline and not self.stop.wait(2.0):
+            want = elect(self.records())
+            if want is None:
+                return None
+            if (got := self.download(attempts=1, want=want)) is not None:
+                return got
+        return None
+
     def _newer(self, meta: dict, donor: str) -> bool:
         """Healing a fork, a donor may already hold a later round's θ than the one the swarm elected (the
         swarm moved on meanwhile): that state heals the fork too, once another peer confirms it."""

@@ -227,6 +227,17 @@ class RoundTracker:
         a second model at round 0 next to a swarm at round 5)."""
         return majority_round([x.theta_round for x in self.mates(records) if x.theta_round > 0])
 
+    def elected_theta(self, records: list[ProgressRecord]) -> str | None:
+        """The θ a fresh joiner waits for: at the round most live peers with trained state hold
+        (established_round), the hash most of them publish (ties: more samples, then the smaller hash, as
+        swarm_theta breaks them); None when no live peer holds trained state."""
+        r, now, votes = self.established_round(records), get_dht_time(), {}
+        for x in self.mates(records):
+            if r > 0 and x.theta_round == r and now - x.time < ALIVE_S:
+                v = votes.setdefault(x.theta_hash, [0, 0])
+                v[0], v[1] = v[0] + 1, v[1] + x.total_samples
+        return min(votes, key=lambda h: (-votes[h][0], -votes[h][1], h)) if votes else None
+
     def swarm_finished(self) -> bool:
         """All other peers of this run we know of have published 'done' (a bounded run is over); for a
         client-mode peer, also when every peer that could lead a group (not in client mode) is done:
