@@ -5,7 +5,8 @@ children copy its allocator settings. glibc gives each contending thread its own
 8 per core) and returns freed memory to the system only from the top of each heap, so the resident
 size creeps up round after round although nothing is leaked (soak: 2.7–7.6 MB/min over 3 minutes).
 `limit_arenas` caps the arenas before the threads and children start; `start_trimmer` returns freed
-pages to the system every `interval` seconds from a daemon thread.
+pages to the system every `interval` seconds from a daemon thread, in this process and (`in_children`)
+in every process it forks afterwards (hivemind's DHT and averager: a thread does not survive a fork).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import threading
 
 logger = logging.getLogger(__name__)
@@ -43,10 +45,19 @@ def trim() -> bool:
     return bool(libc and libc.malloc_trim(0) == 1)
 
 
-def start_trimmer(stop: threading.Event, interval: float = 30.0) -> threading.Thread | None:
-    """A daemon thread calling trim() every `interval` seconds until `stop` is set (None without glibc)."""
+_forks_trimmed = False
+
+
+def start_trimmer(stop: threading.Event, interval: float = 30.0, in_children: bool = False
+                  ) -> threading.Thread | None:
+    """A daemon thread calling trim() every `interval` seconds until `stop` is set (None without glibc);
+    `in_children`: also one in each child this process forks from now on (it runs until the child exits)."""
+    global _forks_trimmed
     if _libc() is None:
         return None
+    if in_children and not _forks_trimmed:
+        _forks_trimmed = True
+        os.register_at_fork(after_in_child=lambda: start_trimmer(threading.Event(), interval))
 
     def run():
         while not stop.wait(interval):

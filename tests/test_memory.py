@@ -42,3 +42,21 @@ def test_the_trimmer_thread_runs_until_stopped(monkeypatch):
     thread.join(timeout=2)
     assert not thread.is_alive() and len(calls) >= 3
     assert memory.limit_arenas(2)
+
+
+@glibc
+def test_a_forked_child_trims_too(monkeypatch):
+    """hivemind's DHT and averager are forked children: a thread does not survive the fork, so each child
+    starts its own trimmer."""
+    import os
+
+    monkeypatch.setattr(memory, "_forks_trimmed", False)
+    stop = threading.Event()
+    memory.start_trimmer(stop, interval=0.05, in_children=True)
+    stop.set()
+    pid = os.fork()
+    if pid == 0:  # the child: its trimmer thread is there
+        ok = any(t.name == "malloc-trim" and t.is_alive() for t in threading.enumerate())
+        os._exit(0 if ok else 3)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

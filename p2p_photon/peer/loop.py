@@ -304,7 +304,7 @@ def run_peer(cfg: Config, *, resume: bool = False, summary_out: str | None = Non
     stop, starting = threading.Event(), threading.Event()
     starting.set()
     memory.limit_arenas()  # before the DHT and averager are forked and the threads start
-    memory.start_trimmer(stop)
+    memory.start_trimmer(stop, in_children=True)
     try:
         with stop_on_signals(stop, "finishing the current step, checkpointing and leaving", starting):
             return Peer(cfg, resume=resume, stop_event=stop, summary_out=summary_out, policy=policy).run(starting)
