@@ -200,31 +200,42 @@ def test_a_tie_is_broken_when_every_peer_has_published_this_rounds_theta_or_afte
 def test_fresh_peers_do_not_outvote_the_peers_that_trained():
     """Three joiners starting together next to two peers at θ round 5: by plain majority the swarm's θ
     round is 0 (a joiner would start a second model); counting only peers with an averaged θ it is 5."""
+    from hivemind.utils import get_dht_time
+
     cfg = load_config(None, [f"model.seq_len={SEQ}"])
-    view = _View([rec("j2", theta_round=0, round=0), rec("j3", theta_round=0, round=0),
-                  rec("p1", theta_round=5, round=5), rec("p2", theta_round=5, round=5)])
+    now = get_dht_time()
+    view = _View([rec("j2", time=now, theta_round=0, round=0), rec("j3", time=now, theta_round=0, round=0),
+                  rec("p1", time=now, theta_round=5, round=5), rec("p2", time=now, theta_round=5, round=5)])
     tracker = RoundTracker(cfg, FP, "j1", view, banned=dict)
     assert tracker.theta_round(tracker.records()) == 0
     assert tracker.established_round(tracker.records()) == 5
     # established peers at 6, 6 and 4: a strict majority (2 of 3) has reached 6
-    view.records_now = [rec("p1", theta_round=6), rec("p2", theta_round=6), rec("p3", theta_round=4),
-                        rec("j2", theta_round=0)]
+    view.records_now = [rec("p1", time=now, theta_round=6), rec("p2", time=now, theta_round=6), rec("p3", time=now, theta_round=4),
+                        rec("j2", time=now, theta_round=0)]
     assert tracker.established_round(tracker.records()) == 6
-    view.records_now = [rec("j2", theta_round=0)]
+    view.records_now = [rec("j2", time=now, theta_round=0)]
     assert tracker.established_round(tracker.records()) == -1
+    # peers that died (no record for ALIVE_S) do not vote: a resumed peer behind them was told the swarm
+    # was at its own old round, and trained it alone (soak)
+    view.records_now = [rec("d1", time=now - 60, theta_round=2), rec("d2", time=now - 60, theta_round=2),
+                        rec("p1", time=now, theta_round=6)]
+    assert tracker.theta_round(tracker.records()) == tracker.established_round(tracker.records()) == 6
 
 
 def test_the_swarm_went_on_without_us_only_when_most_peers_averaged_the_round_after_ours():
     """Polled while round 5's averaging waits: peers holding θ of round 6 averaged round 5 (ours may still
     land: our group can be slower); θ of round 7 means they averaged round 6 too. One peer far ahead is
     not the swarm."""
+    from hivemind.utils import get_dht_time
+
     cfg = load_config(None, [f"model.seq_len={SEQ}"])
-    view = _View([rec("p1", theta_round=6), rec("p2", theta_round=6), rec("p3", theta_round=5)])
+    now = get_dht_time()
+    view = _View([rec("p1", time=now, theta_round=6), rec("p2", time=now, theta_round=6), rec("p3", time=now, theta_round=5)])
     tracker = RoundTracker(cfg, FP, "me", view, banned=dict)
     assert tracker.went_on_without_us(5, tracker.records()) is None
-    view.records_now = [rec("p1", theta_round=9), rec("p2", theta_round=5), rec("p3", theta_round=5)]
+    view.records_now = [rec("p1", time=now, theta_round=9), rec("p2", time=now, theta_round=5), rec("p3", time=now, theta_round=5)]
     assert tracker.went_on_without_us(5, tracker.records()) is None
-    view.records_now = [rec("p1", theta_round=7), rec("p2", theta_round=8), rec("p3", theta_round=5)]
+    view.records_now = [rec("p1", time=now, theta_round=7), rec("p2", time=now, theta_round=8), rec("p3", time=now, theta_round=5)]
     assert "round 7" in tracker.went_on_without_us(5, tracker.records())
 
 

@@ -160,6 +160,12 @@ class RoundTracker:
     def mates(self, records: Iterable[ProgressRecord]) -> list[ProgressRecord]:
         return others(records, self.peer_id, self.fp)
 
+    def live_mates(self, records: Iterable[ProgressRecord]) -> list[ProgressRecord]:
+        """The other peers of this run that have not finished and published within ALIVE_S (a peer that
+        averages or syncs re-publishes every few seconds: swarm_view.HEARTBEAT_S)."""
+        now = get_dht_time()
+        return [x for x in self.mates(records) if now - x.time < ALIVE_S]
+
     def round_over(self, train_round: int, samples: int) -> bool:
         """Progress-based end: the swarm's samples for this round (see round_progress) reach the
         target, or a majority of the other peers already moved on."""
@@ -209,7 +215,7 @@ class RoundTracker:
 
     def theta_round(self, records: list[ProgressRecord]) -> int:
         """The θ round a majority of the other live peers holds (-1: none)."""
-        return majority_round([x.theta_round for x in self.mates(records)])
+        return majority_round([x.theta_round for x in self.live_mates(records)])
 
     def went_on_without_us(self, r: int, records: list[ProgressRecord]) -> str | None:
         """Polled while our round r's averaging waits: most other live peers hold θ of round r+2 or later,
@@ -225,15 +231,15 @@ class RoundTracker:
         (-1: none). For a fresh peer: peers still at the seeded init carry no work of the swarm, so they
         must not outvote the ones that trained (several joiners starting together would otherwise start
         a second model at round 0 next to a swarm at round 5)."""
-        return majority_round([x.theta_round for x in self.mates(records) if x.theta_round > 0])
+        return majority_round([x.theta_round for x in self.live_mates(records) if x.theta_round > 0])
 
     def elected_theta(self, records: list[ProgressRecord]) -> str | None:
         """The θ a fresh joiner waits for: at the round most live peers with trained state hold
         (established_round), the hash most of them publish (ties: more samples, then the smaller hash, as
         swarm_theta breaks them); None when no live peer holds trained state."""
-        r, now, votes = self.established_round(records), get_dht_time(), {}
-        for x in self.mates(records):
-            if r > 0 and x.theta_round == r and now - x.time < ALIVE_S:
+        r, votes = self.established_round(records), {}
+        for x in self.live_mates(records):
+            if r > 0 and x.theta_round == r:
                 v = votes.setdefault(x.theta_hash, [0, 0])
                 v[0], v[1] = v[0] + 1, v[1] + x.total_samples
         return min(votes, key=lambda h: (-votes[h][0], -votes[h][1], h)) if votes else None
@@ -252,7 +258,7 @@ class RoundTracker:
 
     def only_clients(self, records: list[ProgressRecord]) -> bool:
         """We are in client mode and so is every other live peer of the run: nobody can lead a group."""
-        live = [x for x in self.mates(records) if get_dht_time() - x.time < ALIVE_S and x.state != "done"]
+        live = self.live_mates(records)
         return self.cfg.dht.client_mode and bool(live) and all(x.client for x in live)
 
     def weight_caps(self, records: list[ProgressRecord], my_rate: float) -> dict[str, float]:
@@ -263,9 +269,7 @@ class RoundTracker:
     def averaging_peers(self, records: list[ProgressRecord], round_no: int) -> int:
         """Peers that will average round `round_no`, this one included: live peers of this run at that
         round or beyond (overlapped peers train the next one meanwhile) that have not finished."""
-        now = get_dht_time()
-        return 1 + sum(1 for x in self.mates(records)
-                       if now - x.time < ALIVE_S and x.round >= round_no and x.state != "done")
+        return 1 + sum(1 for x in self.live_mates(records) if x.round >= round_no)
 
     def counts(self, records: list[ProgressRecord], round_no: int) -> dict:
         """SwarmAverager.average's view of the swarm for round `round_no`: the peers that will average it,
@@ -285,8 +289,7 @@ class RoundTracker:
         (soak: a joiner failed the same round 5 times in 25 s while peers still at that round were there)."""
         if self.missed_refuted == r:
             return None
-        now = get_dht_time()
-        live = [x for x in self.mates(records) if now - x.time < ALIVE_S and x.state != "done"]
+        live = self.live_mates(records)
         if live and all(x.theta_round > r for x in live):
             return (f"the swarm averaged round {r} without us: every other live peer holds θ of round "
                     f"{min(x.theta_round for x in live)} or later")
@@ -306,5 +309,4 @@ class RoundTracker:
 
     def present(self) -> int:
         """Peers of this run present now, this one included (for the round's log line)."""
-        now = get_dht_time()
-        return 1 + sum(1 for r in self.mates(self.view.records()) if now - r.time < ALIVE_S)
+        return 1 + len(self.live_mates(self.view.records()))
