@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import threading
@@ -22,6 +23,7 @@ logger = logging.getLogger(__name__)
 M_ARENA_MAX = -8  # mallopt parameter (malloc.h)
 
 
+@functools.cache  # find_library runs `ldconfig -p`: once per process, not on every trim
 def _libc():
     name = ctypes.util.find_library("c")
     if not name:

@@ -190,7 +190,6 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    args.argv = argv
     if args.worker:
         result = worker(args, json.loads(os.environ["BENCH_GPU_SPEC"]))
         if int(os.environ.get("RANK", "0")) == 0:
