@@ -18,18 +18,26 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import zygote
+
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the directory holding this p2p_photon package
 logger = logging.getLogger(__name__)
 
 
-def _end_with_parent() -> None:
-    """In the child, before exec (Linux): SIGTERM when the launcher dies, even by SIGKILL, so that no
-    peer of a killed demo or test keeps training on its own (each then stops as on any SIGTERM)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+def quiet_port(low: int = 20000, high: int = 32000) -> int:
+    """A free TCP port on 127.0.0.1 below the kernel's ephemeral range (32768-60999 by default), so that
+    no connection or port-0 bind takes it between now and when the process we give it to binds it."""
+    import random
+    import socket
 
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    for port in random.sample(range(low, high), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free TCP port in {low}-{high} on 127.0.0.1")
 
 
 @dataclass
@@ -51,6 +59,7 @@ class LocalSwarm:
     capture: bool = True  # peers log to files in workdir (tests); False: to this terminal (demo)
     procs: list[Proc] = field(default_factory=list)
     maddrs: list[str] = field(default_factory=list)
+    boot: Proc | None = None
 
     def __post_init__(self):
         self.workdir = Path(self.workdir).resolve()  # the children run in it: paths given to them must be absolute
@@ -72,10 +81,17 @@ class LocalSwarm:
         process; `wrap` goes before it (e.g. `ip netns exec NS`: a command that execs what follows)."""
         cmd = [*wrap, sys.executable, *([script] if script else ["-m", "p2p_photon.cli"]), *args]
         log = self.workdir / f"{name}.log" if self.capture else None
+        if zygote.enabled() and not wrap and log is not None:  # the test suite: fork a pre-imported process
+            forked = zygote.Zygote.get(self._env("zygote")).spawn(
+                list(args), self._env(name, extra_env), str(self.workdir), str(log),
+                script=str(Path(script).resolve()) if script else None)
+            proc = Proc(name, forked, log)
+            self.procs.append(proc)
+            return proc
         out = open(log, "w") if log else None
         popen = subprocess.Popen(cmd, stdout=out or None, stderr=subprocess.STDOUT if out else None,
                                  env=self._env(name, extra_env), cwd=self.workdir, stdin=subprocess.DEVNULL,
-                                 preexec_fn=_end_with_parent)
+                                 preexec_fn=zygote.end_with_parent)
         if out:
             out.close()
         proc = Proc(name, popen, log)
@@ -83,12 +99,25 @@ class LocalSwarm:
         return proc
 
     def start_bootstrap(self, timeout: float = 90.0, extra: list[str] = (), wrap: Sequence[str] = ()) -> list[str]:
+        """Start the bootstrap node; its --initial-peers multiaddrs. A plain bootstrap on 127.0.0.1 gets its
+        identity and port from us, so its address is known at once and the peers start up alongside it
+        (they retry an initial peer that is not up yet); with `extra` or `wrap` (a run to host, a network
+        namespace) we wait for the address it writes."""
         maddrs_file = self.workdir / "bootstrap.json"
         maddrs_file.unlink(missing_ok=True)
         args = ["bootstrap", "--maddrs-file", str(maddrs_file), *extra]
         if self.config:
             args += ["--config", self.config]
-        proc = self.spawn("bootstrap", args, wrap=wrap)
+        if not extra and not wrap:
+            from .network import prepare_identity
+
+            key, peer_id = prepare_identity(str(self.workdir / "bootstrap.key"))
+            port = quiet_port()
+            args += ["--identity-path", key, "--host-maddrs", f"/ip4/127.0.0.1/tcp/{port}"]
+            self.boot = self.spawn("bootstrap", args)
+            self.maddrs = [f"/ip4/127.0.0.1/tcp/{port}/p2p/{peer_id}"]
+            return self.maddrs
+        proc = self.boot = self.spawn("bootstrap", args, wrap=wrap)
         deadline = time.monotonic() + timeout
         while not maddrs_file.exists():
             if not proc.alive() or time.monotonic() > deadline:
@@ -103,6 +132,8 @@ class LocalSwarm:
         """A peer on silo `index` of the shared corpus, or (`data`) on that private corpus, joining the run
         the bootstrap hosts (`start_bootstrap(extra=["--run", RUN_DIR])`)."""
         name = name or f"peer{index}"
+        if self.boot is not None and not self.boot.alive():
+            raise RuntimeError(f"the bootstrap node exited: {self.tail(self.boot)}")
         args = ["peer", "--initial-peers", *self.maddrs, "--summary-out", str(self.summary_path(name))]
         if self.config:
             args += ["--config", self.config]

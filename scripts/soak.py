@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 import benchlib  # noqa: E402
 import psutil  # noqa: E402
 
+from p2p_photon import zygote  # noqa: E402
 from p2p_photon.launch import LocalSwarm, Proc  # noqa: E402
 
 TAG_VAR = "P2P_PHOTON_SOAK_TAG"  # every process of a soak inherits it: p2pd left behind is still ours
@@ -675,6 +676,7 @@ def main(argv=None) -> int:
         print(f"[soak] {error}", flush=True)
     finally:
         soak.swarm.stop(grace=30)
+        zygote.shutdown()  # the tests' process starter, if they asked for it: it carries the tag too
     left = leftovers(tag)
     result, recs, ok = build_result(soak, args, left, cpu0, load0)
     result["error"] = error

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import pytest
 
 from tests.helpers import SMALL_DATA, no_leaked_p2pd
+
+# LocalSwarm forks its peers from one pre-imported process (p2p_photon/zygote.py): ~9 s of imports less per
+# peer, bootstrap and hostile script; tests/test_launch.py also starts them as plain `python -m` processes
+os.environ.setdefault("P2P_PHOTON_ZYGOTE", "1")
 
 
 def pytest_addoption(parser):

@@ -212,3 +212,15 @@ def _done(value):
     future = concurrent.futures.Future()
     future.set_result(value)
     return future
+
+
+def round_story(swarm, names: list[str], n: int = 40) -> str:
+    """Each peer's round lines (applied, failed, re-synced, forks) from its log: what a failed swarm
+    assertion needs to be read from CI output alone."""
+    keys = ("round ", "FAILED", "forked", "download", "re-sync", "took the state", "caught up", "joined")
+    out = []
+    for name in names:
+        path = swarm.workdir / f"{name}.log"
+        lines = path.read_text(errors="replace").splitlines() if path.exists() else ["(no log)"]
+        out += [f"--- {name}", *[ln[:220] for ln in lines if any(k in ln for k in keys)][-n:]]
+    return "\n".join(out)

@@ -7,6 +7,9 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
+
+import pytest
 
 from tests.helpers import python_env, wait_until
 
@@ -20,9 +23,10 @@ def _alive(pid: int) -> bool:
         return f.read().split(")")[-1].split()[0] != "Z"
 
 
-def test_children_end_when_the_launcher_is_killed_and_a_relative_workdir_works(tmp_path):
+@pytest.mark.parametrize("zygote", ["0", "1"])
+def test_children_end_when_the_launcher_is_killed_and_a_relative_workdir_works(tmp_path, zygote):
     """Soak finding: a launcher killed with SIGKILL left its peers training on their own; and a relative
-    workdir broke the paths handed to the children (they run inside it)."""
+    workdir broke the paths handed to the children (they run inside it). Plain children and a zygote's."""
     child = tmp_path / "child.py"
     child.write_text("import os, sys, time\nopen(sys.argv[1], 'w').write(str(os.getpid()))\ntime.sleep(300)\n")
     launcher = tmp_path / "launcher.py"
@@ -33,7 +37,7 @@ def test_children_end_when_the_launcher_is_killed_and_a_relative_workdir_works(t
         swarm.spawn("c", [str(swarm.workdir / "pid")], script={str(child)!r})
         time.sleep(300)
     """))
-    proc = subprocess.Popen([sys.executable, str(launcher)], cwd=tmp_path, env=python_env())
+    proc = subprocess.Popen([sys.executable, str(launcher)], cwd=tmp_path, env=dict(python_env(), P2P_PHOTON_ZYGOTE=zygote))
     pid_file = tmp_path / "rel-work" / "pid"
     try:
         wait_until(lambda: pid_file.exists() and pid_file.read_text(), 60, "the child to start")
@@ -90,3 +94,44 @@ def test_children_run_the_package_of_the_parent_not_an_editable_installs(tmp_pat
     code = "import p2p_photon, os; print(os.path.dirname(os.path.dirname(p2p_photon.__file__)))"
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
     assert out.stdout.strip() == here, out.stderr
+
+
+def test_a_zygote_child_runs_like_a_process_of_its_own(tmp_path, monkeypatch):
+    """LocalSwarm with P2P_PHOTON_ZYGOTE=1 (the suite) forks its children from one pre-imported process: each
+    has its own arguments, environment, working directory, log and thread count, its exit code comes back
+    (a signal's as -N, like subprocess), and `python SCRIPT` children run as __main__."""
+    from p2p_photon.launch import LocalSwarm
+
+    monkeypatch.setenv("P2P_PHOTON_ZYGOTE", "1")
+    script = tmp_path / "child.py"
+    script.write_text(textwrap.dedent("""
+        import os, sys, time, torch
+        print("argv", sys.argv[1:], "cwd", os.getcwd(), "var", os.environ.get("ZVAR"), "threads",
+              torch.get_num_threads(), "main", __name__)
+        sys.stderr.write("to stderr\\n")
+        if sys.argv[1] == "sleep":
+            time.sleep(120)
+        sys.exit(int(sys.argv[2]))
+    """))
+    swarm = LocalSwarm(tmp_path / "work")
+    a = swarm.spawn("a", ["exit", "3"], script=str(script), extra_env={"ZVAR": "x1"})
+    b = swarm.spawn("b", ["sleep", "0"], script=str(script), extra_env={"ZVAR": "x2"})
+    c = swarm.spawn("c", ["--help"])  # the CLI itself
+    try:
+        assert type(a.popen).__name__ == "ForkedProcess"
+        assert swarm.wait([a, c], timeout=120) == [3, 0]
+        log = a.log.read_text()
+        assert f"argv ['exit', '3'] cwd {swarm.workdir} var x1 threads 1 main __main__" in log, log
+        assert "to stderr" in log
+        assert "federated" in c.log.read_text().lower() or "usage" in c.log.read_text().lower()
+        wait_until(lambda: "var x2" in b.log.read_text(), 60, "the sleeping child to start")
+        assert b.alive() and a.popen.pid != b.popen.pid
+        b.popen.kill()
+        assert b.popen.wait(30) == -signal.SIGKILL
+    finally:
+        swarm.stop(grace=5)
+        from p2p_photon import zygote
+
+        t0 = time.monotonic()
+        zygote.shutdown()
+        assert time.monotonic() - t0 < 30

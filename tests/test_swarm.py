@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from p2p_photon.launch import LocalSwarm
-from tests.helpers import wait_until
+from tests.helpers import round_story, wait_until
 
 pytestmark = [pytest.mark.swarm, pytest.mark.timeout(400)]
 
@@ -42,8 +42,8 @@ def test_three_peers_share_one_model_and_learn(tmp_path, swarm_overrides, mode):
     by_round = _rounds_by_peer(swarm, names)
     for r in range(n):
         hashes = {by_round[name][r]["theta"] for name in names if r in by_round[name]}
-        assert len(hashes) == 1, f"θ differs after round {r}: {hashes}"
-        assert sum(r in by_round[name] for name in names) >= 2
+        assert len(hashes) == 1, f"θ differs after round {r}: {hashes}\n{round_story(swarm, names)}"
+        assert sum(r in by_round[name] for name in names) >= 2, round_story(swarm, names)
     assert len({s["theta"] for s in summaries.values()}) == 1
     for s in summaries.values():
         assert s["rounds"] == n
@@ -104,9 +104,9 @@ def test_a_slow_peer_contributes_to_every_round_without_stalling_it(tmp_path, sw
         assert swarm.wait(procs, timeout=300) == [0, 0, 0], [swarm.tail(p) for p in procs]
     by_round = _rounds_by_peer(swarm, names)
     for r in range(3):
-        assert all(r in by_round[n] for n in names), f"round {r} missing a peer: {by_round}"
+        assert all(r in by_round[n] for n in names), f"round {r} missing a peer:\n{round_story(swarm, names)}"
         assert by_round["slow"][r]["group"] == 3
-        assert len({by_round[n][r]["theta"] for n in names}) == 1
+        assert len({by_round[n][r]["theta"] for n in names}) == 1, round_story(swarm, names)
         # max, not min: in round 0 a fast peer that finished starting up late trains only briefly
         fast_steps = max(by_round[n][r]["steps"] for n in ("peer0", "peer1"))
         assert 0 < by_round["slow"][r]["steps"] < fast_steps, by_round
@@ -135,5 +135,5 @@ def test_a_peer_off_the_swarms_theta_notices_and_resyncs(tmp_path, swarm_overrid
     by_round = _rounds_by_peer(swarm, names)
     assert any(not h["ok"] and "θ forked" in (h.get("why") or "") for h in summaries["forked"]["history"])
     for r in (3, 4):  # every round's θ agrees among the peers that averaged it
-        assert len({by_round[n][r]["theta"] for n in names if r in by_round[n]}) == 1, r
+        assert len({by_round[n][r]["theta"] for n in names if r in by_round[n]}) == 1, (r, round_story(swarm, names))
     assert 4 in by_round["forked"], "the healed peer took part again"
