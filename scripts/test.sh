@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 source scripts/_venv.sh
 ./scripts/_ensure_apt.sh chromium chromium "the dashboard browser test" || echo "[setup] chromium not available: the browser test will fail" >&2
 ./scripts/_ensure_apt.sh nft nftables "the emulated-WAN tests" || echo "[setup] nftables not available: the emulated-WAN tests will be skipped" >&2
-exec python -m pytest -q -p no:cacheprovider --durations=15 "$@"
+# two workers: the swarm tests leave a core idle much of the time (start-ups, matchmaking waits); `-n 0` runs serially
+exec python -m pytest -q -p no:cacheprovider --durations=15 -n 2 --dist load "$@"

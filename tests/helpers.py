@@ -1,7 +1,7 @@
 """Shared test utilities: waiting, process trees, the check that no p2pd outlives its test, and the
 factories several test modules use (a small corpus config, a progress record, a checkpoint payload).
 
-Importing this module puts a session tag in os.environ. Every p2pd started by the tests
+Importing this module puts a session tag (one per xdist worker) in os.environ. Every p2pd started by the tests
 (in-process or from a subprocess) inherits it at exec, so a p2pd that leaked and was
 re-parented to PID 1 is still found — and only ours, never another worker's.
 """
@@ -22,6 +22,8 @@ import psutil
 
 TAG_VAR = "P2P_PHOTON_TEST_TAG"
 os.environ.setdefault(TAG_VAR, uuid.uuid4().hex)
+if (_worker := os.environ.get("PYTEST_XDIST_WORKER")) and not os.environ[TAG_VAR].endswith("-" + _worker):
+    os.environ[TAG_VAR] = f"{uuid.uuid4().hex}-{_worker}"  # each xdist worker checks only its own p2pd
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_DATA = ["data.max_corpus_mb=1", "data.vocab_size=1024", "data.num_silos=3"]
 """Overrides for the small stdlib corpus that the session's `data_cache` fixture prepares once."""
