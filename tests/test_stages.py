@@ -391,3 +391,17 @@ def test_a_member_takes_the_place_of_a_representative_that_died_waiting_for_its_
     with pytest.raises(AveragingFailed, match="went silent.*stage2"):
         member(dht, runs, "d", g2).follow([torch.ones(2)], {}, {}, 5)
     assert runs == []
+
+
+def test_every_member_of_a_group_expects_the_same_swarm_from_the_groups_metadata():
+    """Suite finding (overlapped 3-peer swarm): one member counted 2 peers at round 0 and applied its group's
+    average, the other counted 3 and went on to stage 2 with the third peer: two θ after round 0, for 4
+    rounds. The group now decides from its members' metadata, the same for all: the largest count sent
+    (malformed counts ignored); no counts at all: 0 (nothing to span)."""
+    from p2p_photon.averaging.swarm_averager import group_expectation
+
+    group = {"a": {"expect": 2}, "b": {"expect": 3}}
+    assert group_expectation(group) == 3
+    assert group_expectation(dict(reversed(list(group.items())))) == 3  # the same whoever computes it
+    assert group_expectation({"a": {"expect": 2}, "b": {"expect": "9"}, "c": {"expect": True}, "d": {}}) == 2
+    assert group_expectation({"a": {}, "b": {"expect": -4}}) == 0

@@ -107,9 +107,11 @@ def test_a_slow_peer_contributes_to_every_round_without_stalling_it(tmp_path, sw
         assert all(r in by_round[n] for n in names), f"round {r} missing a peer:\n{round_story(swarm, names)}"
         assert by_round["slow"][r]["group"] == 3
         assert len({by_round[n][r]["theta"] for n in names}) == 1, round_story(swarm, names)
-        # max, not min: in round 0 a fast peer that finished starting up late trains only briefly
+        # max, not min: in round 0 a fast peer that finished starting up late trains only briefly; and round 0
+        # is not compared at all: the slow peer is launched first, and with the suite's fast start-ups (zygote)
+        # its head start gave it as many steps in round 0 as the faster pair (11, 11 and 6)
         fast_steps = max(by_round[n][r]["steps"] for n in ("peer0", "peer1"))
-        assert 0 < by_round["slow"][r]["steps"] < fast_steps, by_round
+        assert 0 < by_round["slow"][r]["steps"] and (r == 0 or by_round["slow"][r]["steps"] < fast_steps), by_round
 
 
 ATTACKER = str(Path(__file__).with_name("attacker.py"))

@@ -14,7 +14,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -46,6 +46,18 @@ def _always() -> bool:
 
 def _never() -> str | None:
     return None
+
+
+def group_expectation(peers: Mapping[str, Mapping[str, Any]]) -> int:
+    """How many peers the stage-1 group `peers` expects to average the round: the largest count any member
+    sent (each counts the peers at the round in its own view of the records). Every member computes the
+    same number from the same metadata, so the whole group spans the round across groups or the whole group
+    applies its own average. (Each member used its own count: in a 3-peer swarm a member that saw 2 peers
+    applied the group's average of 2 while the other member, which saw 3, went on to stage 2 with the
+    third peer: two θ after round 0, kept for 4 rounds.) A member that inflates its count only makes the
+    group wait for its wave (`board_wait`), then apply what the wave holds."""
+    counts = [m.get("expect") for m in peers.values() if isinstance(m, Mapping)]
+    return max((c for c in counts if isinstance(c, int) and not isinstance(c, bool) and c >= 0), default=0)
 
 
 class SwarmAverager:
@@ -124,7 +136,8 @@ class SwarmAverager:
         self.spanner.board_wait = self._timeout + 2 * self.cfg.matchmaking_time
         try:
             averaged, peers = self._run_stage(StageRun(list(deltas), 1, stage_bits(round_no, 1), weight,
-                                                       dict(weight_caps=dict(weight_caps or {})), {}))
+                                                       dict(weight_caps=dict(weight_caps or {})),
+                                                       dict(expect=int(swarm_size or 0))))
         except AveragingFailed as e:
             if swarm_size is None or swarm_size <= 1 or isinstance(e, AveragedWithoutUs):
                 raise
@@ -135,10 +148,11 @@ class SwarmAverager:
                                time.perf_counter() - t0, totals=totals)
         residual_norm = self._carry_residuals(active)
         size, totals = len(peers), None
-        if swarm_size is not None and size < swarm_size:
+        expected = group_expectation(peers) if swarm_size is not None else None
+        if expected is not None and size < expected:
             averaged, size, totals = self.spanner.span(averaged, peers, round_no, weight_caps or {},
-                                                       expected=swarm_size)
-        elif swarm_size is not None and swarm_size > 1:
+                                                       expected=expected)
+        elif expected is not None and expected > 1:
             self.spanner.announce(peers, round_no)
         return RoundResult(averaged, size, peers, self._bytes[0], self._bytes[1], time.perf_counter() - t0,
                            residual_norm=residual_norm, totals=totals)
