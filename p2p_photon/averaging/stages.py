@@ -48,7 +48,8 @@ What can go wrong, and what happens:
 * a group finishes stage 1 after the board closed, or the reps split into two stage-2 groups: the
   swarm ends the round with two θ; every peer compares θ hashes in the progress records (tracker.fork)
   and the minority re-syncs from the majority within the next round: detected and healed, logged.
-* a group holds every peer it expected (the tracker's count of peers at this round) and applies its
+* a group holds every peer it expected (the largest of its members' counts of peers at this round, the
+  same on every member: `swarm_averager.group_expectation`) and applies its
   stage-1 average without stages 2-3: its rep still posts it, decided 'single' (`Spanner.announce`).
   Without this, a pair that believed itself the whole swarm (the others one round behind) averaged
   round after round unseen, and the rest, arriving at those rounds later, averaged them again apart
