@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,9 +29,6 @@ logger = logging.getLogger(__name__)
 def quiet_port(low: int = 20000, high: int = 32000) -> int:
     """A free TCP port on 127.0.0.1 below the kernel's ephemeral range (32768-60999 by default), so that
     no connection or port-0 bind takes it between now and when the process we give it to binds it."""
-    import random
-    import socket
-
     for port in random.sample(range(low, high), 200):
         with socket.socket() as s:
             try:
@@ -43,7 +42,7 @@ def quiet_port(low: int = 20000, high: int = 32000) -> int:
 @dataclass
 class Proc:
     name: str
-    popen: subprocess.Popen
+    popen: subprocess.Popen | zygote.ForkedProcess
     log: Path | None
 
     def alive(self) -> bool:
@@ -82,18 +81,16 @@ class LocalSwarm:
         cmd = [*wrap, sys.executable, *([script] if script else ["-m", "p2p_photon.cli"]), *args]
         log = self.workdir / f"{name}.log" if self.capture else None
         if zygote.enabled() and not wrap and log is not None:  # the test suite: fork a pre-imported process
-            forked = zygote.Zygote.get(self._env("zygote")).spawn(
+            popen = zygote.Zygote.get(self._env("zygote")).spawn(
                 list(args), self._env(name, extra_env), str(self.workdir), str(log),
                 script=str(Path(script).resolve()) if script else None)
-            proc = Proc(name, forked, log)
-            self.procs.append(proc)
-            return proc
-        out = open(log, "w") if log else None
-        popen = subprocess.Popen(cmd, stdout=out or None, stderr=subprocess.STDOUT if out else None,
-                                 env=self._env(name, extra_env), cwd=self.workdir, stdin=subprocess.DEVNULL,
-                                 preexec_fn=zygote.end_with_parent)
-        if out:
-            out.close()
+        else:
+            out = open(log, "w") if log else None
+            popen = subprocess.Popen(cmd, stdout=out or None, stderr=subprocess.STDOUT if out else None,
+                                     env=self._env(name, extra_env), cwd=self.workdir, stdin=subprocess.DEVNULL,
+                                     preexec_fn=zygote.end_with_parent)
+            if out:
+                out.close()
         proc = Proc(name, popen, log)
         self.procs.append(proc)
         return proc

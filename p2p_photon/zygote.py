@@ -54,9 +54,7 @@ def end_with_parent() -> None:
 
 def _run_child(req: dict) -> int:
     """In the forked child: become the requested process, run it, return its exit code."""
-    end_with_parent()
-    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGPIPE):
-        signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
+    end_with_parent()  # the zygote changes no signal disposition: the child starts with a fresh interpreter's
     os.chdir(req["cwd"])
     os.environ.clear()
     os.environ.update(req["env"])
@@ -89,7 +87,10 @@ def _run_child(req: dict) -> int:
 
         return main(req["argv"])
     except SystemExit as e:
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if isinstance(e.code, int) or e.code is None:
+            return e.code or 0
+        print(e.code, file=sys.stderr)  # as the interpreter does with sys.exit("message")
+        return 1
 
 
 def _write_status(status_dir: Path, pid: int, code: int) -> None:
@@ -120,10 +121,7 @@ def serve(status_dir: Path) -> int:
     print(json.dumps({"ready": True}), file=out, flush=True)
     stdin_open = True
     while stdin_open or children:
-        if stdin_open:
-            ready = select.select([sys.stdin], [], [], 0.1)[0]
-        else:
-            ready = time.sleep(0.1)
+        ready = select.select([sys.stdin] if stdin_open else [], [], [], 0.1)[0]
         _reap(status_dir, children)
         if not ready:
             continue
