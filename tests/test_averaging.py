@@ -225,7 +225,10 @@ def dhts():
 
 
 def _averagers(dhts, n=3, members=None, shapes=SHAPES, clients=(), **cfg_kw):
-    cfg = AveragingConfig(matchmaking_time=1.0, allreduce_timeout=30.0, min_group_size=2,
+    # matchmaking_time 2 s: hivemind's join request then waits 1 s for the leader's answer. At 1 s (0.5 s to
+    # answer), a follower on a loaded machine gave up on a leader that had already counted it into its
+    # group; the other two waited for its part and the one attempt failed (a suite run under xdist).
+    cfg = AveragingConfig(matchmaking_time=2.0, allreduce_timeout=30.0, min_group_size=2,
                           **{"aggregator": "mean", "target_group_size": n, **cfg_kw})
     prefix = f"t{next(_prefixes)}-fp"
     return [SwarmAverager(d, shapes, prefix=prefix, cfg=cfg, members=members, client_mode=i in clients)
@@ -457,7 +460,7 @@ def test_state_download_through_the_averager_process_and_donor_exclusion(dhts):
     """A joiner downloads a donor's (metadata, tensors) through SwarmAverager.load_state_from_peers, in the
     averager process and back; an excluded donor is skipped (then nobody serves: None)."""
     state = [torch.arange(6, dtype=torch.float32).reshape(2, 3), torch.full((4,), 0.5)]
-    cfg = AveragingConfig(matchmaking_time=1.0, allreduce_timeout=30.0)
+    cfg = AveragingConfig(matchmaking_time=2.0, allreduce_timeout=30.0)
     prefix = f"t{next(_prefixes)}-fp"
     donor = SwarmAverager(dhts[0], SHAPES, prefix=prefix, cfg=cfg,
                           state_fn=lambda: (dict(round=7, theta="abc"), [t.clone() for t in state]))
