@@ -292,6 +292,37 @@ def test_rpc_handlers_are_registered_under_our_class_name_from_our_type_hints():
     assert params(ServicerBase.get_stub) == ["p2p", "peer", "namespace"]
 
 
+def test_no_one_joins_a_group_of_a_step_that_is_over(avg, monkeypatch):
+    async def hivemind_join(self, request, context):
+        yield averaging_pb2.MessageFromLeader(code=averaging_pb2.ACCEPTED)
+
+    async def answers(step):
+        avg._matchmaking = SimpleNamespace(_request_join_group=None, group_key_manager=SimpleNamespace(),
+                                           step_control=step)
+        return [m.code async for m in avg.rpc_join_group(averaging_pb2.JoinRequest(),
+                                                           SimpleNamespace(remote_id=OTHER))]
+
+    monkeypatch.setattr(DecentralizedAverager, "rpc_join_group", hivemind_join)
+    monkeypatch.setattr(avg, "_members", None)
+    running, over = SimpleNamespace(done=lambda: False), SimpleNamespace(done=lambda: True)
+    assert asyncio.run(answers(running)) == [averaging_pb2.ACCEPTED]  # hivemind's handler decides
+    assert asyncio.run(answers(over)) == [averaging_pb2.NOT_LOOKING_FOR_GROUP]
+    monkeypatch.setattr(avg, "_members", frozenset({ME.to_base58()}))
+    assert asyncio.run(answers(running)) == [averaging_pb2.PROTOCOL_VIOLATION]  # not a member
+
+
+def test_a_step_that_is_over_is_seen_by_our_join_handler_and_hivemind_does_not_wait_for_its_matchmaking():
+    """rpc_join_group refuses joiners once `_matchmaking.step_control` (set for the whole look_for_group)
+    is done; hivemind's _step cancels the matchmaking task on a cancelled step without awaiting it, which
+    is the window the refusal closes."""
+    assert "self.step_control = step_control" in src(matchmaking.Matchmaking.looking_for_group)
+    step_src = src(DecentralizedAverager._step)
+    assert "if step.cancelled():\n" in step_src and "matchmaking_task.cancel()\n" in step_src
+    assert "await matchmaking_task" not in step_src[step_src.index("matchmaking_task.cancel()"):][:80]
+    assert "leader_assemble_group" in src(matchmaking.Matchmaking.rpc_join_group)
+    assert "self.step_control.data_for_gather" in src(matchmaking.Matchmaking.leader_assemble_group)
+
+
 def test_state_donors_are_declared_where_we_look_for_them():
     """_load_state_excluding reads f"{_matchmaking.group_key_manager.prefix}.all_averagers" (subkey: peer ID
     bytes, value: priority) like _load_state_from_peers, and asks get_stub(_p2p, peer, namespace=prefix)."""

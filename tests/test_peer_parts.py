@@ -185,7 +185,7 @@ def test_a_tie_is_broken_when_every_peer_has_published_this_rounds_theta_or_afte
     assert tracker.fork(tracker.records(), 5, b, my_total=100) is None
     time.sleep(0.1)
     assert tracker.fork(tracker.records(), 5, b, my_total=100) == a  # tied 1-1: the larger total samples
-    # another round's tie has its own clock
+    # a tie seen again in a later round, after a round without one, starts a new clock
     tracker.tie_grace_s = 3600.0
     view.records_now = [rec("p1", theta_round=6, theta_hash=a, total_samples=500), rec("p2", theta_round=4)]
     assert tracker.fork(tracker.records(), 6, b, my_total=100) is None
@@ -195,6 +195,47 @@ def test_a_tie_is_broken_when_every_peer_has_published_this_rounds_theta_or_afte
     view.records_now[1] = rec("p2", theta_round=5, theta_hash="c" * 64, total_samples=10)
     assert tracker.fork(tracker.records(), 5, b, my_total=100) == a  # all in, 1-1-1: larger total samples
     assert tracker.fork(tracker.records(), 5, a, my_total=100) is None
+
+
+def test_a_tie_that_lasts_round_after_round_keeps_its_clock():
+    """Two peers averaging together on two θ hold a new pair of hashes every round while a third lags: a
+    clock per round never ran out. The tie's clock runs on from one θ round to the next."""
+    cfg = load_config(None, [f"model.seq_len={SEQ}"])
+    a, b = "a" * 16, "b" * 16
+    view = _View([rec("p1", theta_round=5, theta_hash=a, total_samples=500), rec("p2", theta_round=3)])
+    tracker = RoundTracker(cfg, FP, "me", view, banned=dict)
+    tracker.tie_grace_s = 0.3
+    assert tracker.fork(tracker.records(), 5, b, my_total=100) is None
+    time.sleep(0.35)
+    view.records_now[0] = rec("p1", theta_round=6, theta_hash=a, total_samples=500)
+    assert tracker.fork(tracker.records(), 6, b, my_total=100) == a  # round 6's tie is round 5's, 0.35 s on
+    assert tracker.fork(tracker.records(), 6, b, my_total=100) is None  # broken: a new tie starts afresh
+    view.records_now[0] = rec("p1", theta_round=8, theta_hash=a, total_samples=500)
+    time.sleep(0.35)
+    assert tracker.fork(tracker.records(), 8, b, my_total=100) is None  # round 7 had no tie: a new clock
+
+
+def test_a_fork_inside_our_group_is_healed_at_once_by_the_one_that_loses_the_tie():
+    """We averaged round 5 in one group with p1 on another θ than ours; p2 lags. The tie (one hash each)
+    is broken at once, the same way on both sides: the loser takes the winner's θ, the winner keeps it."""
+    cfg = load_config(None, [f"model.seq_len={SEQ}"])
+    a, b, old_a, old_b = "a" * 16, "b" * 16, "c" * 16, "d" * 16
+    view = _View([rec("p1", theta_round=6, theta_hash=a, total_samples=500), rec("p2", theta_round=5)])
+    loser, winner = (RoundTracker(cfg, FP, me, view, banned=dict) for me in ("me", "p1"))
+    group = {"me": dict(theta=old_b), "p1": dict(theta=old_a), "p2-not-there": "malformed"}
+    assert loser.fork(loser.records(), 6, b, my_total=100) is None  # no group noted: the tie waits
+    loser.note_group(group, old_b, 6)
+    assert loser.fork(loser.records(), 6, b, my_total=100) == a  # a: the larger total samples
+    # the winner, seeing our record, keeps its θ
+    view.records_now = [rec("me", theta_round=6, theta_hash=b, total_samples=100), rec("p2", theta_round=5)]
+    winner.note_group(group, old_a, 6)
+    assert winner.fork(winner.records(), 6, a, my_total=500) is None
+    # a group mate that averaged on our θ is no proof of a fork in the group; another round's group neither
+    view.records_now = [rec("p1", theta_round=6, theta_hash=a, total_samples=500), rec("p2", theta_round=5)]
+    loser.note_group({"p1": dict(theta=old_b)}, old_b, 6)
+    assert loser.fork(loser.records(), 6, b, my_total=100) is None
+    loser.note_group(group, old_b, 5)
+    assert loser.fork(loser.records(), 6, b, my_total=100) is None
 
 
 def test_fresh_peers_do_not_outvote_the_peers_that_trained():

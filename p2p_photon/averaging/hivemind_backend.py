@@ -555,9 +555,17 @@ class _Averager(DecentralizedAverager):
 
     async def rpc_join_group(self, request: averaging_pb2.JoinRequest, context: P2PContext
                              ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
-        """Non-members and banned peers are not let into a group we lead."""
+        """Non-members and banned peers are not let into a group we lead; nobody is let into a group of a
+        step that is over. hivemind's cancelled step (the swarm went on without us) returns at once while its
+        matchmaking still winds down (un-declaring us in the DHT): a request answered then was accepted into
+        a group assembled with the cancelled step's metadata, which no step of ours ran (a partner's next
+        round failed: 'averaged for round 3, we are in 4')."""
         if not self._is_welcome(context.remote_id):
             yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
+        step = self._matchmaking.step_control
+        if step is not None and step.done():
+            yield averaging_pb2.MessageFromLeader(code=averaging_pb2.NOT_LOOKING_FOR_GROUP)
             return
         async for message in super().rpc_join_group(request, context):
             yield message

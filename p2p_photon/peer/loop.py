@@ -126,10 +126,6 @@ class Peer(PeerParts):
                     weight_caps=self.tracker.weight_caps(records, self.reporter.last_rate),
                     timeout=self.cfg.averaging.step_timeout, **self.tracker.counts(records, r))
 
-    def _apply(self, res, reset_local: bool) -> None:
-        self.gs.apply(res, self.model if reset_local else None)
-        self.averager.set_priority(self.policy.sharing_priority(self.gs.counters.round))
-
     # ------------------------------------------------------------------ one round, overlapped
 
     def overlapped_round(self) -> RoundReport | None:

@@ -202,6 +202,12 @@ class PeerParts:
         c = self.gs.counters
         return self.tracker.fork(records, c.round, self.gs.hash, c.total_samples)
 
+    def _apply(self, res, reset_local: bool) -> None:
+        """θ ← OuterOpt(θ, Δ̄) for a group's result (the local model reset to it if `reset_local`)."""
+        self.tracker.note_group(res.gathered, self.gs.hash, self.gs.counters.round + 1)
+        self.gs.apply(res, self.model if reset_local else None)
+        self.averager.set_priority(self.policy.sharing_priority(self.gs.counters.round))
+
     def heal_fork(self, st: RoundStats, want: str) -> RoundReport:
         """Our θ is not the swarm's (groups that averaged apart): download the swarm's θ and drop this
         round's work, which was trained on ours. Counted and published as a failed round."""

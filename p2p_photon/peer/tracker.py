@@ -145,7 +145,13 @@ class RoundTracker:
                  banned: Callable[[], Mapping[str, str]]):
         self.cfg, self.fp, self.peer_id, self.view, self._banned = cfg, fingerprint, peer_id, view, banned
         self._ignored_claims: set[str] = set()
-        self._tie_since: dict[int, float] = {}  # θ round -> when we first saw it tied with a lagging peer
+        # (θ round, when we first saw a tie with a lagging peer): the clock runs on while the tie is seen
+        # again in the next θ round (two peers that keep averaging together hold a new pair of hashes
+        # every round; a clock per round never ran out while a third peer lagged)
+        self._tie: tuple[int, float] | None = None
+        # the group we last averaged with, peer id -> the θ hash it averaged on, and the θ round that
+        # averaging produced (note_group)
+        self._group: tuple[int, dict[str, str]] = (-1, {})
         # a lagging peer publishes its θ of a round within about one round's averaging; past that, a tie
         # is broken anyway (under churn some peer always lags, and a 2+2 split must not last for ever)
         self.tie_grace_s = cfg.averaging.attempt_s
@@ -196,22 +202,38 @@ class RoundTracker:
     def fork(self, records: list[ProgressRecord], theta_round: int, my_hash: str, my_total: int) -> str | None:
         """The swarm's θ hash if ours is not it (a fork: groups that averaged apart), else None. A tie is
         broken once every live peer has published its θ of this round (a stale record must not make an
-        honest peer follow a broken one), or when it has lasted `tie_grace_s` (some peer always lags
-        under churn; two halves of a split swarm must not keep their θ for ever)."""
+        honest peer follow a broken one), when it has lasted `tie_grace_s` (some peer always lags
+        under churn; two halves of a split swarm must not keep their θ for ever), or at once when a
+        holder of the other θ averaged with us on a θ other than ours (note_group): the two of us
+        then applied one average to two θ, and the lagging peer cannot end that tie, since it can
+        only download a θ that two peers publish."""
         best, held = swarm_theta(records, me=self.peer_id, fingerprint=self.fp, theta_round=theta_round,
                                  my_hash=my_hash, my_total=my_total)
         if best == my_hash:
             return None
-        if held[best] == held[my_hash] and any(m.theta_round < theta_round for m in self.mates(records)):
-            for old in [r for r in self._tie_since if r < theta_round]:
-                del self._tie_since[old]
-            since = self._tie_since.setdefault(theta_round, time.monotonic())
-            if time.monotonic() - since < self.tie_grace_s:
+        tied = held[best] == held[my_hash] and any(m.theta_round < theta_round for m in self.mates(records))
+        if tied and not self._forked_in_group(records, theta_round, best):
+            if self._tie is None or self._tie[0] < theta_round - 1:
+                self._tie = (theta_round, time.monotonic())
+            if time.monotonic() - self._tie[1] < self.tie_grace_s:
                 return None
         logger.warning("θ forked at round %d: %d peer(s) hold %s, %d (this one included) hold ours %s; "
                        "re-synchronizing with the swarm's", theta_round, held[best], best[:8], held[my_hash],
                        my_hash[:8])
+        self._tie = None
         return best
+
+    def note_group(self, gathered: Mapping[str, Mapping], my_hash: str, theta_round: int) -> None:
+        """Remember the group we just averaged with on θ `my_hash`, which gives θ round `theta_round`:
+        each member's θ hash as its metadata (`theta`) says."""
+        self._group = (theta_round, {p: str(m.get("theta")) for p, m in gathered.items()
+                                     if p != self.peer_id and isinstance(m, Mapping) and m.get("theta") != my_hash})
+
+    def _forked_in_group(self, records: list[ProgressRecord], theta_round: int, best: str) -> bool:
+        """A peer that publishes `best` at `theta_round` averaged that round with us on another θ than ours."""
+        r, differed = self._group
+        return r == theta_round and any(x.peer_id in differed and x.theta_round == theta_round
+                                        and x.theta_hash == best for x in self.mates(records))
 
     def theta_round(self, records: list[ProgressRecord]) -> int:
         """The θ round a majority of the other live peers holds (-1: none)."""
