@@ -76,6 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.minutes = args.minutes if args.minutes is not None else (0.5 if args.quick else 2.5)
     args.settle = args.settle if args.settle is not None else (90.0 if args.quick else 150.0)
     args.workdir = Path(args.workdir or ROOT / "runs" / "soak" / time.strftime("%Y%m%d-%H%M%S"))
+    if args.workdir.exists() and any(args.workdir.iterdir()):  # another run's logs and checkpoints: a
+        # resumed peer would take that run's checkpoint (and refuse it, another fingerprint)
+        p.error(f"--workdir {args.workdir} is not empty: give a new directory, or leave --workdir out")
     return args
 
 
