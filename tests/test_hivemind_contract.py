@@ -170,12 +170,15 @@ def test_our_matchmaking_never_asks_an_unwelcome_leader(avg, monkeypatch):
         asked.append(leader)
         return "group"
 
-    mm = SimpleNamespace(_request_join_group=request_join_group, group_key_manager=SimpleNamespace())
+    mm = SimpleNamespace(_request_join_group=request_join_group, group_key_manager=SimpleNamespace(),
+                         step_control=None)
     monkeypatch.setattr(avg, "_members", frozenset({ME.to_base58()}))
     avg._matchmaking = mm
     assert avg._matchmaking is mm
     assert asyncio.run(mm._request_join_group(OTHER)) is None
     assert asyncio.run(mm._request_join_group(ME)) == "group" and asked == [ME]
+    mm.step_control = SimpleNamespace(done=lambda: True)  # a cancelled step's search asks nobody
+    assert asyncio.run(mm._request_join_group(ME)) is None and asked == [ME]
 
 
 def test_a_designated_leader_that_refused_us_is_asked_again_until_the_search_ends(avg, monkeypatch):
@@ -195,7 +198,8 @@ def test_a_designated_leader_that_refused_us_is_asked_again_until_the_search_end
     monkeypatch.setattr(hivemind_backend, "JOIN_RETRY_S", 0.01)
     search = SimpleNamespace(search_end_time=get_dht_time() + 30)
     mm = SimpleNamespace(_request_join_group=request_join_group, assembled_group=SimpleNamespace(done=lambda: False),
-                         is_looking_for_group=True, potential_leaders=search, group_key_manager=SimpleNamespace())
+                         is_looking_for_group=True, potential_leaders=search, group_key_manager=SimpleNamespace(),
+                         step_control=None)
     avg._matchmaking = mm
     avg._policy["leader"] = ME.to_base58()
     try:

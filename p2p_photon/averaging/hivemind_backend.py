@@ -430,6 +430,9 @@ class _Averager(DecentralizedAverager):
         request_join_group = matchmaking._request_join_group
 
         async def request_join_welcome_group(leader: PeerID) -> GroupInfo | None:
+            step = matchmaking.step_control
+            if step is not None and step.done():  # a cancelled step's search, winding down: its metadata is stale
+                return None
             if not self._is_welcome(leader):
                 logger.debug("not joining the group of non-member or banned peer %s", leader.to_base58()[-8:])
                 return None
@@ -555,11 +558,9 @@ class _Averager(DecentralizedAverager):
 
     async def rpc_join_group(self, request: averaging_pb2.JoinRequest, context: P2PContext
                              ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
-        """Non-members and banned peers are not let into a group we lead; nobody is let into a group of a
-        step that is over. hivemind's cancelled step (the swarm went on without us) returns at once while its
-        matchmaking still winds down (un-declaring us in the DHT): a request answered then was accepted into
-        a group assembled with the cancelled step's metadata, which no step of ours ran (a partner's next
-        round failed: 'averaged for round 3, we are in 4')."""
+        """Non-members and banned peers are not let into a group we lead; nobody into a cancelled step's group
+        (hivemind's _step returns while its matchmaking winds down; a group assembled then carries the stale
+        step's metadata, and no step of ours runs it: 'averaged for round 3, we are in 4')."""
         if not self._is_welcome(context.remote_id):
             yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
             return
