@@ -193,17 +193,21 @@ def test_a_designated_leader_that_refused_us_is_asked_again_until_the_search_end
 
     async def request_join_group(leader):
         asked.append(leader)
+        waits.append(mm.request_timeout)
         return answers.pop(0)
 
     monkeypatch.setattr(hivemind_backend, "JOIN_RETRY_S", 0.01)
     search = SimpleNamespace(search_end_time=get_dht_time() + 30)
     mm = SimpleNamespace(_request_join_group=request_join_group, assembled_group=SimpleNamespace(done=lambda: False),
                          is_looking_for_group=True, potential_leaders=search, group_key_manager=SimpleNamespace(),
-                         step_control=None)
+                         step_control=None, request_timeout=0.5)
+    waits = []
     avg._matchmaking = mm
     avg._policy["leader"] = ME.to_base58()
     try:
         assert asyncio.run(mm._request_join_group(ME)) == "group" and asked == [ME] * 3
+        # the one leader to ask gets DESIGNATED_ANSWER_S to answer (hivemind's request_timeout is restored after)
+        assert waits == [hivemind_backend.DESIGNATED_ANSWER_S] * 3 and mm.request_timeout == 0.5
         assert asyncio.run(mm._request_join_group(OTHER)) is None and len(asked) == 3  # only the designated one
         answers[:] = [None] * 100
         search.search_end_time = get_dht_time()  # the step's search is over: no more asking

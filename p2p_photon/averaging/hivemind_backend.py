@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 HIVEMIND_VERSION = "1.1.12"
 RESULT_LINGER_S = 1.0  # an owner keeps a sender's stream open this long after its last result (OwnerRunner)
 JOIN_RETRY_S = 0.5  # pause between requests to a stage's designated leader that refused us
+DESIGNATED_ANSWER_S = 5.0  # how long a stage's member waits for its designated leader to answer its join
 CONTRACT_TESTS = "tests/test_hivemind_contract.py"
 _version_warned = False
 
@@ -348,6 +349,51 @@ class OwnerRunner(AllReduceRunner):
 # ----------------------------------------------------------------------------- the averager process
 
 
+def welcome_joins(avg: _Averager, matchmaking: Matchmaking) -> Callable:
+    """Matchmaking's `_request_join_group(leader)` for `avg`: never a non-member or banned leader, only a stage's
+    designated leader (asked again while it refuses us for a passing reason), nobody for a cancelled step."""
+    request_join_group = matchmaking._request_join_group
+
+    async def request_join_welcome_group(leader: PeerID) -> GroupInfo | None:
+        step = matchmaking.step_control
+        if step is not None and step.done():  # a cancelled step's search, winding down: its metadata is stale
+            return None
+        if not avg._is_welcome(leader):
+            logger.debug("not joining the group of non-member or banned peer %s", leader.to_base58()[-8:])
+            return None
+        chosen = avg._policy.get("leader")
+        if chosen is None:
+            return await request_join_group(leader)
+        if leader.to_base58() != chosen:  # a stage with a designated leader
+            return None
+        # hivemind tries each (leader, expiration) once per step; a designated leader that refused us
+        # for a passing reason (not declared or not looking yet: the stage's members start it a moment
+        # apart) would never be asked again, and with no one else to join we would fail the stage
+        while True:
+            joined = await join_patiently(matchmaking, request_join_group, leader)
+            if joined is not None or matchmaking.assembled_group.done() or not matchmaking.is_looking_for_group \
+                    or get_dht_time() > matchmaking.potential_leaders.search_end_time - 2 * JOIN_RETRY_S:
+                return joined
+            await asyncio.sleep(JOIN_RETRY_S)
+
+    return request_join_welcome_group
+
+
+async def join_patiently(matchmaking: Matchmaking, request_join_group: Callable, leader: PeerID
+                         ) -> GroupInfo | None:
+    """Ask a stage's designated leader, waiting up to DESIGNATED_ANSWER_S for its answer. hivemind waits
+    request_timeout (matchmaking_time / 2), so that a follower does not sit on one unresponsive leader while
+    others wait on it; with one leader to ask there is nobody else, and a follower that gave up on a slow
+    ACCEPTED was still counted into the leader's group, which then waited for its part and failed
+    (test_averaging, a loaded machine: 'could not find a group' on one side, 50 % of the parts on the other)."""
+    usual = matchmaking.request_timeout
+    matchmaking.request_timeout = max(usual, DESIGNATED_ANSWER_S)
+    try:
+        return await request_join_group(leader)
+    finally:
+        matchmaking.request_timeout = usual
+
+
 class _Averager(DecentralizedAverager):
     """DecentralizedAverager running our all-reduce; closed-swarm membership and bans at matchmaking,
     all-reduce and state sharing; state for late joiners from the peer's `state_fn`.
@@ -427,31 +473,7 @@ class _Averager(DecentralizedAverager):
     @_matchmaking.setter
     def _matchmaking(self, matchmaking: Matchmaking) -> None:
         """Followers of an outsider's group would be left alone in it once we drop the outsider."""
-        request_join_group = matchmaking._request_join_group
-
-        async def request_join_welcome_group(leader: PeerID) -> GroupInfo | None:
-            step = matchmaking.step_control
-            if step is not None and step.done():  # a cancelled step's search, winding down: its metadata is stale
-                return None
-            if not self._is_welcome(leader):
-                logger.debug("not joining the group of non-member or banned peer %s", leader.to_base58()[-8:])
-                return None
-            chosen = self._policy.get("leader")
-            if chosen is None:
-                return await request_join_group(leader)
-            if leader.to_base58() != chosen:  # a stage with a designated leader
-                return None
-            # hivemind tries each (leader, expiration) once per step; a designated leader that refused us
-            # for a passing reason (not declared or not looking yet: the stage's members start it a moment
-            # apart) would never be asked again, and with no one else to join we would fail the stage
-            while True:
-                joined = await request_join_group(leader)
-                if joined is not None or matchmaking.assembled_group.done() or not matchmaking.is_looking_for_group \
-                        or get_dht_time() > matchmaking.potential_leaders.search_end_time - 2 * JOIN_RETRY_S:
-                    return joined
-                await asyncio.sleep(JOIN_RETRY_S)
-
-        matchmaking._request_join_group = request_join_welcome_group
+        matchmaking._request_join_group = welcome_joins(self, matchmaking)
         # hivemind moves a peer's group bits after each all-reduce by sampling target_group_size buckets
         # for the group's members; a stage whose group is larger than the configured target (stage 2 with
         # more groups than averaging.target_group_size) made that raise inside the leader, which then
