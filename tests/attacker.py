@@ -9,6 +9,8 @@ contribution policy swapped in (`run_peer(policy_class=AttackPolicy)`). Run as `
   round=K     publish round + K
   donor       claim the highest state-sharing priority and serve NaN / wrong-shaped state
   fork=R      (not hostile: broken) after the outer step of round R, hold a θ that is off the swarm's
+  lag=R:S     (not hostile: slow) before training round R, sleep S seconds; its last record (round R-1's
+              averaging) keeps being re-published meanwhile, so the others see a live peer lagging behind
 
 Never used outside tests.
 """
@@ -82,9 +84,29 @@ def fork_after(round_no: int) -> None:
     GlobalState.apply = apply
 
 
+def lag_at(round_no: int, seconds: float) -> None:
+    """This process's peer stalls for `seconds` before it trains round `round_no` (once)."""
+    import time
+
+    from p2p_photon.peer.loop import Peer
+
+    honest_train = Peer.train_until_round_ends
+    stalled = []
+
+    def train(self):
+        if self.train_round == round_no and not stalled:
+            stalled.append(True)
+            time.sleep(seconds)
+        return honest_train(self)
+
+    Peer.train_until_round_ends = train
+
+
 if __name__ == "__main__":
     if KIND == "fork":
         fork_after(int(ARG))
+    if KIND == "lag":
+        lag_at(int(ARG.split(":")[0]), float(ARG.split(":")[1]))
     # `p2p-photon peer` calls p2p_photon.peer.run_peer: the same peer, with the hostile policy
     peer.run_peer = functools.partial(peer.run_peer, policy_class=AttackPolicy)
     sys.exit(cli.main())

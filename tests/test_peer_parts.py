@@ -172,6 +172,13 @@ def test_swarm_theta_is_the_hash_most_peers_hold_with_deterministic_ties():
     assert theta([rec("p1", theta_round=5, theta_hash=b, total_samples=100)], mine=a)[0] == a
     liar = [rec("p1", theta_round=5, theta_hash=b, total_samples=10**12), rec("p2", theta_round=5, theta_hash=a)]
     assert theta(liar, mine=a)[0] == a
+    # two tied peers, each mid-round: a record's total_samples includes its round in progress, which is not
+    # in the θ; counted, each saw the other's total as the larger and both switched (a swarm test)
+    seen_by_a = swarm_theta([rec("b", theta_round=5, theta_hash=b, total_samples=130, samples=30)], me="a",
+                            fingerprint=FP, theta_round=5, my_hash=a, my_total=100)[0]
+    seen_by_b = swarm_theta([rec("a", theta_round=5, theta_hash=a, total_samples=150, samples=50)], me="b",
+                            fingerprint=FP, theta_round=5, my_hash=b, my_total=100)[0]
+    assert seen_by_a == seen_by_b == a  # equal samples of θ: the smaller hash, on both sides
 
 
 def test_a_tie_is_broken_when_every_peer_has_published_this_rounds_theta_or_after_a_grace():

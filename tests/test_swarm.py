@@ -139,3 +139,30 @@ def test_a_peer_off_the_swarms_theta_notices_and_resyncs(tmp_path, swarm_overrid
     for r in (3, 4):  # every round's θ agrees among the peers that averaged it
         assert len({by_round[n][r]["theta"] for n in names if r in by_round[n]}) == 1, (r, round_story(swarm, names))
     assert 4 in by_round["forked"], "the healed peer took part again"
+
+
+def test_two_peers_averaging_on_two_thetas_while_a_third_lags_heal_at_once(tmp_path, swarm_overrides):
+    """After round 2 one of three peers holds a θ off the swarm's while the third stalls (alive, publishing
+    its round-1 record). The two tie 1:1 and average together on their two θ; waiting for the lagging peer
+    cannot end the tie (it could only download a θ two peers publish), and a tie clock per round never ran
+    out. The tie is broken at once once the two have averaged on different θ (their group's metadata):
+    the loser re-syncs, and the lagging peer, awake again, downloads the θ both publish and takes part."""
+    run = [*swarm_overrides, "rounds.num_rounds=14", "averaging.target_group_size=3"]
+    names = ["peer0", "forked", "lagging"]
+    with LocalSwarm(tmp_path, overrides=run) as swarm:
+        swarm.start_bootstrap()
+        procs = [swarm.start_peer(0),
+                 swarm.start_peer(1, name="forked", script=ATTACKER, env={"P2P_PHOTON_ATTACK": "fork=2"}),
+                 swarm.start_peer(2, name="lagging", script=ATTACKER, env={"P2P_PHOTON_ATTACK": "lag=2:12"})]
+        assert swarm.wait(procs, timeout=360) == [0, 0, 0], [swarm.tail(p) for p in procs]
+        logs = {p.name: swarm.tail(p, 4000) for p in procs}
+    story = round_story(swarm, names)
+    # the fork is at θ round 3; the two average round 3 on two θ, and the loser re-syncs at θ round 4
+    forks = [int(r) for n in ("peer0", "forked") for r in re.findall(r"θ forked at round (\d+)", logs[n])]
+    assert forks and min(forks) <= 4, story
+    summaries = {n: swarm.summary(n) for n in names}
+    assert len({s["theta"] for s in summaries.values()}) == 1, story
+    by_round = _rounds_by_peer(swarm, names)
+    for r in range(5, 14):  # from the round after the heal on, every round's θ agrees among those that averaged it
+        assert len({by_round[n][r]["theta"] for n in names if r in by_round[n]}) == 1, (r, story)
+    assert any(r >= 5 for r in by_round["lagging"]), ("the lagging peer never took part again", story)

@@ -120,12 +120,20 @@ def weight_caps(records: Iterable[ProgressRecord], *, me: str, fingerprint: str,
                                  * min(60.0, max(0.0, now - x.time) + 5)) for x in mates}
 
 
+def theta_samples(r: ProgressRecord) -> int:
+    """The samples a record's θ covers: its total_samples less those of the round in progress."""
+    return max(0, r.total_samples - r.samples)
+
+
 def swarm_theta(records: Iterable[ProgressRecord], *, me: str, fingerprint: str, theta_round: int,
                 my_hash: str, my_total: int) -> tuple[str, dict[str, int]]:
     """(the swarm's θ hash at `theta_round`, peers per hash), this peer included.
 
     The swarm's θ is the hash held by the most peers; ties go to the larger sum of the holders'
-    total_samples, then to the smaller hash, so every peer that sees the same records picks the
+    samples of their θ (`my_total` for ours: the samples the averaged rounds of that θ cover; for the
+    others, their record's total_samples less the round in progress, the same number: with the
+    round in progress counted, two tied peers each saw the other's total as the larger, and both
+    switched), then to the smaller hash, so every peer that sees the same records picks the
     same one. Peers are counted rather than their claimed samples weighed, so one peer claiming
     10^6 samples cannot make the swarm adopt its θ (sync.py also requires another peer to publish a
     donor's θ before it is downloaded)."""
@@ -133,7 +141,7 @@ def swarm_theta(records: Iterable[ProgressRecord], *, me: str, fingerprint: str,
     for r in others(records, me, fingerprint):
         if r.theta_round == theta_round:
             v = votes.setdefault(r.theta_hash, [0, 0])
-            v[0], v[1] = v[0] + 1, v[1] + r.total_samples
+            v[0], v[1] = v[0] + 1, v[1] + theta_samples(r)
     best = min(votes, key=lambda h: (-votes[h][0], -votes[h][1], h))
     return best, {h: v[0] for h, v in votes.items()}
 
@@ -263,7 +271,7 @@ class RoundTracker:
         for x in self.live_mates(records):
             if r > 0 and x.theta_round == r:
                 v = votes.setdefault(x.theta_hash, [0, 0])
-                v[0], v[1] = v[0] + 1, v[1] + x.total_samples
+                v[0], v[1] = v[0] + 1, v[1] + theta_samples(x)
         return min(votes, key=lambda h: (-votes[h][0], -votes[h][1], h)) if votes else None
 
     def swarm_finished(self) -> bool:
