@@ -157,8 +157,8 @@ class RoundTracker:
         # again in the next θ round (two peers that keep averaging together hold a new pair of hashes
         # every round; a clock per round never ran out while a third peer lagged)
         self._tie: tuple[int, float] | None = None
-        # the group we last averaged with, peer id -> the θ hash it averaged on, and the θ round that
-        # averaging produced (note_group)
+        # the θ round our last average produced, and the members of that group that averaged on another θ
+        # than ours: peer id -> the θ hash their metadata gave (note_group)
         self._group: tuple[int, dict[str, str]] = (-1, {})
         # a lagging peer publishes its θ of a round within about one round's averaging; past that, a tie
         # is broken anyway (under churn some peer always lags, and a 2+2 split must not last for ever)
