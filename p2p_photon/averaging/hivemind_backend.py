@@ -355,8 +355,7 @@ def welcome_joins(avg: _Averager, matchmaking: Matchmaking) -> Callable:
     request_join_group = matchmaking._request_join_group
 
     async def request_join_welcome_group(leader: PeerID) -> GroupInfo | None:
-        step = matchmaking.step_control
-        if step is not None and step.done():  # a cancelled step's search, winding down: its metadata is stale
+        if step_is_over(matchmaking):  # a cancelled step's search, winding down: its metadata is stale
             return None
         if not avg._is_welcome(leader):
             logger.debug("not joining the group of non-member or banned peer %s", leader.to_base58()[-8:])
@@ -377,6 +376,11 @@ def welcome_joins(avg: _Averager, matchmaking: Matchmaking) -> Callable:
             await asyncio.sleep(JOIN_RETRY_S)
 
     return request_join_welcome_group
+
+
+def step_is_over(matchmaking: Matchmaking) -> bool:
+    """The step whose matchmaking runs is done (cancelled: hivemind's _step returned without awaiting it)."""
+    return matchmaking.step_control is not None and matchmaking.step_control.done()
 
 
 async def join_patiently(matchmaking: Matchmaking, request_join_group: Callable, leader: PeerID
@@ -586,8 +590,7 @@ class _Averager(DecentralizedAverager):
         if not self._is_welcome(context.remote_id):
             yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
             return
-        step = self._matchmaking.step_control
-        if step is not None and step.done():
+        if step_is_over(self._matchmaking):
             yield averaging_pb2.MessageFromLeader(code=averaging_pb2.NOT_LOOKING_FOR_GROUP)
             return
         async for message in super().rpc_join_group(request, context):

@@ -137,13 +137,23 @@ def swarm_theta(records: Iterable[ProgressRecord], *, me: str, fingerprint: str,
     same one. Peers are counted rather than their claimed samples weighed, so one peer claiming
     10^6 samples cannot make the swarm adopt its θ (sync.py also requires another peer to publish a
     donor's θ before it is downloaded)."""
-    votes: dict[str, list[int]] = {my_hash: [1, my_total]}
-    for r in others(records, me, fingerprint):
-        if r.theta_round == theta_round:
-            v = votes.setdefault(r.theta_hash, [0, 0])
-            v[0], v[1] = v[0] + 1, v[1] + theta_samples(r)
-    best = min(votes, key=lambda h: (-votes[h][0], -votes[h][1], h))
-    return best, {h: v[0] for h, v in votes.items()}
+    votes = tally([r for r in others(records, me, fingerprint) if r.theta_round == theta_round],
+                  {my_hash: [1, my_total]})
+    return elect(votes), {h: v[0] for h, v in votes.items()}
+
+
+def tally(records: Iterable[ProgressRecord], votes: dict[str, list[int]] | None = None) -> dict[str, list[int]]:
+    """θ hash -> [peers holding it, samples their θ covers], added to `votes`."""
+    votes = {} if votes is None else votes
+    for r in records:
+        v = votes.setdefault(r.theta_hash, [0, 0])
+        v[0], v[1] = v[0] + 1, v[1] + theta_samples(r)
+    return votes
+
+
+def elect(votes: Mapping[str, list[int]]) -> str:
+    """The hash most peers hold; ties: more samples, then the smaller hash (the same on every peer)."""
+    return min(votes, key=lambda h: (-votes[h][0], -votes[h][1], h))
 
 
 class RoundTracker:
@@ -267,12 +277,9 @@ class RoundTracker:
         """The θ a fresh joiner waits for: at the round most live peers with trained state hold
         (established_round), the hash most of them publish (ties: more samples, then the smaller hash, as
         swarm_theta breaks them); None when no live peer holds trained state."""
-        r, votes = self.established_round(records), {}
-        for x in self.live_mates(records):
-            if r > 0 and x.theta_round == r:
-                v = votes.setdefault(x.theta_hash, [0, 0])
-                v[0], v[1] = v[0] + 1, v[1] + theta_samples(x)
-        return min(votes, key=lambda h: (-votes[h][0], -votes[h][1], h)) if votes else None
+        r = self.established_round(records)
+        votes = tally([x for x in self.live_mates(records) if r > 0 and x.theta_round == r])
+        return elect(votes) if votes else None
 
     def swarm_finished(self) -> bool:
         """All other peers of this run we know of have published 'done' (a bounded run is over); for a
