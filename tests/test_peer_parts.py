@@ -288,22 +288,33 @@ def test_the_swarm_went_on_without_us_only_when_most_peers_averaged_the_round_af
 
 
 
-def test_a_peer_looking_for_a_group_stops_once_every_other_live_peer_applied_its_round():
-    """While matchmaking for round 5: when every other live peer (finished ones aside) holds θ of round 6
-    or later, nobody is left to average round 5 with (the joiner that downloaded θ just as the swarm
-    averaged its round waited a whole round). One peer still at 5, or a stale record, keeps us waiting."""
+def test_a_peer_looking_for_a_group_stops_once_the_swarm_applied_its_round():
+    """While matchmaking for round 5. Stage 1: when most other live peers hold θ of round 6 or later and that θ
+    could be taken (two publish it), any group we could still form is late (the joiner that downloaded θ just
+    as the swarm averaged its round waited a whole round; the record of a peer killed at round 5 held it
+    there too). A minority ahead, or a later θ nobody confirms, keeps us waiting. Stages 2 and 3 are the
+    round's own groups: only every other live peer (finished ones aside) ahead ends the wait."""
     from hivemind.utils import get_dht_time
 
     cfg = load_config(None, [f"model.seq_len={SEQ}"])
     now = get_dht_time()
-    view = _View([rec("p1", theta_round=6, time=now), rec("p2", theta_round=7, time=now),
+    a, b = "a1" * 32, "b2" * 32
+    view = _View([rec("p1", theta_round=6, theta_hash=a, time=now), rec("p2", theta_round=7, theta_hash=b, time=now),
                   rec("p3", theta_round=5, time=now)])
     tracker = RoundTracker(cfg, FP, "me", view, banned=dict)
-    assert tracker.missed(5, tracker.records()) is None
-    view.records_now[2] = rec("p3", theta_round=5, time=now, state="done")
-    assert "round 6 or later" in tracker.missed(5, tracker.records())
+    assert tracker.missed(5, tracker.records()) is None  # a majority ahead, but no θ two peers agree on
+    view.records_now[1] = rec("p2", theta_round=6, theta_hash=a, time=now)
+    assert "2 of 3 other live peers hold θ of round 6 or later" in tracker.missed(5, tracker.records())
+    assert tracker.counts([], 5)["missed"]() is not None  # the averager's poll: stage 1 by default
+    assert tracker.missed(5, tracker.records(), stage=2) is None  # p3 may still be in our stage-2/3 group
+    assert tracker.counts([], 5)["missed"](3) is None
+    view.records_now[1] = rec("p2", theta_round=5, time=now)
+    assert tracker.missed(5, tracker.records()) is None  # one of three ahead is not the swarm
+    view.records_now = [rec("p1", theta_round=6, theta_hash=a, time=now), rec("p2", theta_round=7, theta_hash=b,
+                        time=now), rec("p3", theta_round=5, time=now, state="done")]
+    assert "round 6 or later" in tracker.missed(5, tracker.records(), stage=2)  # every live peer is ahead
     view.records_now[2] = rec("p3", theta_round=5, time=now - 60)  # gone: its record is past ALIVE_S
-    assert "round 6 or later" in tracker.missed(5, tracker.records())
+    assert "round 6 or later" in tracker.missed(5, tracker.records(), stage=3)
     assert tracker.missed(6, tracker.records()) is None  # p1 is still at θ 6: it may average round 6
     view.records_now = [rec("p1", theta_round=6, time=now, state="done")]
     assert tracker.missed(5, tracker.records()) is None  # nobody live: the run's end is someone else's call

@@ -44,7 +44,7 @@ def _always() -> bool:
     return True
 
 
-def _never() -> str | None:
+def _never(*_) -> str | None:
     return None
 
 
@@ -97,7 +97,8 @@ class SwarmAverager:
         # this, T+1's Δ could overwrite T's average before T reads it, and T+1's group bits could move
         # T's matchmaking to the wrong round)
         self._one_round = threading.Lock()
-        self._missed: Callable[[], str | None] = _never  # the round's (average)
+        self._missed: Callable[[int], str | None] = _never  # the round's (average); called with the stage
+        self._stage = 1  # the stage whose all-reduce runs (_run_stage)
         self.spanner = Spanner(dht, prefix, self.peer_id, self._run_stage,
                                codec=stage_codec(self.codec.lossy),
                                board_wait=cfg.step_timeout + 2 * cfg.matchmaking_time, gather_s=cfg.step_timeout,
@@ -107,7 +108,7 @@ class SwarmAverager:
                 meta: dict[str, Any], active: Sequence[int] | None = None,
                 weight_caps: dict[str, float] | None = None, timeout: float | None = None,
                 swarm_size: int | None = None, moved_on: Callable[[], str | None] | None = None,
-                ahead: Callable[[], bool] | None = None, missed: Callable[[], str | None] | None = None
+                ahead: Callable[[], bool] | None = None, missed: Callable[[int], str | None] | None = None
                 ) -> RoundResult:
         """One round: matchmaking in the round's group (`round_no` picks the group bits), then our
         all-reduce of the active tensors (all by default; Δ of the others is ignored), weighted by
@@ -117,8 +118,8 @@ class SwarmAverager:
         a reason when the swarm has averaged past this round without us, which ends the round at once
         with AveragedWithoutUs (the peer then downloads the newer state) instead of at its timeouts.
         `ahead`: does a live peer hold θ of a later round? (proof that a group on the board applied it).
-        `missed`, polled while hivemind looks for a group: a reason when nobody is left to average this
-        round with (AveragedWithoutUs too). Raises AveragingFailed. Concurrent calls run one after the other."""
+        `missed(stage)`, polled while hivemind looks for a group of that stage: a reason when nobody is left to
+        average this round with (AveragedWithoutUs too). Raises AveragingFailed. Concurrent calls run one after the other."""
         with self._one_round:
             self.spanner.moved_on = moved_on or _never
             self._missed = missed or _never
@@ -159,7 +160,7 @@ class SwarmAverager:
 
     def _run_stage(self, run: StageRun) -> tuple[list[torch.Tensor | None], dict[str, dict]]:
         """One all-reduce of a round's stage: (the average per tensor, peer id -> metadata of the group)."""
-        round_no = self._round
+        round_no, self._stage = self._round, run.stage
         self._prepare(run)
         meta = dict(self._meta, weight=float(run.weight), stage=run.stage, client=self.client_mode, **run.extra_meta)
         gathered_meta = gather_metadata(meta, round_no, self._active, run.policy.get("codec") or self.codec.name)
@@ -220,7 +221,7 @@ class SwarmAverager:
         """Why to stop waiting: the round's check or a stage's watch; while matchmaking, nobody left."""
         why = self.spanner.moved_on()
         if why is None and control.stage == AveragingStage.LOOKING_FOR_GROUP:
-            why = self._missed()
+            why = self._missed(self._stage)
         return why
 
     def _read_average(self, active: list[int]) -> list[torch.Tensor | None]:

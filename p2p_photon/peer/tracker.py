@@ -313,24 +313,31 @@ class RoundTracker:
         whether the swarm went past it without us, whether a live peer already applied it."""
         return dict(swarm_size=self.averaging_peers(records, round_no),
                     moved_on=lambda: self.went_on_without_us(round_no, self.records()),
-                    missed=lambda: self.missed(round_no, self.records()),
+                    missed=lambda stage=1: self.missed(round_no, self.records(), stage),
                     ahead=lambda: self.theta_past(round_no, self.records()))
 
-    def missed(self, r: int, records: list[ProgressRecord]) -> str | None:
-        """Polled while we look for a group of round r: every other live peer of the run (finished ones
-        aside) holds θ of a later round, so nobody is left to average round r with. The reason, else None.
+    def missed(self, r: int, records: list[ProgressRecord], stage: int = 1) -> str | None:
+        """Polled while we look for a group of round r (`stage` of its all-reduce): the swarm applied round r
+        without us, so a group we could still form would only be late (stages.py: a late wave catches up).
+        Looking for our stage-1 group: most other live peers hold θ of a later round and we could take it
+        (theta_past). A stage-2/3 group is the round's own: only when every other live peer (finished ones
+        aside) holds a later θ. The reason, else None.
         (A joiner that downloaded θ of round r just as the swarm averaged r sat a whole round in
-        matchmaking until went_on_without_us's r+2 fired, and took part only 2 rounds after its join.)
+        matchmaking until went_on_without_us's r+2 fired, and took part only 2 rounds after its join; with
+        'every peer' in stage 1 too, the record of a peer killed in round r, alive for ALIVE_S, held it
+        there: soak smoke, a joiner killed 7 s after its join before its first round.)
         Not again for a round whose catch-up found no state to take (`missed_refuted`, set by the loop): the
         view was wrong or the later θ is unconfirmed, and failing the round again at once only repeats it
         (soak: a joiner failed the same round 5 times in 25 s while peers still at that round were there)."""
         if self.missed_refuted == r:
             return None
         live = self.live_mates(records)
-        if live and all(x.theta_round > r for x in live):
-            return (f"the swarm averaged round {r} without us: every other live peer holds θ of round "
-                    f"{min(x.theta_round for x in live)} or later")
-        return None
+        later = [x.theta_round for x in live if x.theta_round > r]
+        if not later or (len(later) < len(live) and (stage > 1 or 2 * len(later) <= len(live)
+                                                     or not self.theta_past(r, records))):
+            return None
+        return (f"the swarm averaged round {r} without us: {len(later)} of {len(live)} other live peers hold θ of "
+                f"round {min(later)} or later")
 
     def theta_past(self, round_no: int, records: list[ProgressRecord]) -> bool:
         """Live peers of the run (finished ones too) hold θ of a round after `round_no`, and we could take
