@@ -83,6 +83,9 @@ class ProgressRecord(BaseModel):
     time: Annotated[float, Field(allow_inf_nan=False)]
     """Unix seconds (hivemind.get_dht_time())."""
     state: Literal["training", "averaging", "syncing", "done"]
+    since: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 0.0
+    """DHT time at which this peer entered `state` for `round` (0: not said). A joiner reads it to tell a
+    round whose groups formed long ago from one it can still join (tracker.groups_formed)."""
     target_samples: Count = 0
     """The run's rounds.target_samples_per_round (part of the fingerprint, so every peer of the run
     agrees on it); the monitor reads it from here. 0 from a peer that did not say."""

@@ -4,6 +4,7 @@ state, the overlapped round's local correction; compared against hand-computed v
 from __future__ import annotations
 
 import math
+import threading
 import time
 
 import pytest
@@ -736,3 +737,55 @@ def test_a_state_change_record_is_republished_with_a_fresh_time_while_nothing_ne
     view.publish(rec("me", state="syncing", time=t0 + 4))
     view._last_pub -= 1.0
     assert view._due() is None and pub.sent[-1].state == "syncing"
+
+
+def test_a_peer_arriving_after_its_rounds_groups_formed_waits_for_the_rounds_theta(monkeypatch):
+    """A joiner that took θ of round 5 while most peers have been averaging round 5 for longer than the
+    groups need to form (their records' `since`) waits without training: until the swarm applied round 5
+    (two peers publish θ of round 6: take it), or went back to training round 5 (train it with them).
+    A round whose averaging just began, or a minority averaging, is joined as usual."""
+    from hivemind.utils import get_dht_time
+
+    from p2p_photon.peer import sync
+
+    cfg = load_config(None, [f"model.seq_len={SEQ}"])
+    now = get_dht_time()
+    long_ago, just_now = now - 20, now - 1
+    formed = [rec(p, round=5, theta_round=5, state="averaging", since=long_ago, time=now) for p in ("p1", "p2")]
+    view = _View(formed + [rec("p3", round=5, theta_round=5, state="training", since=long_ago, time=now)])
+    tracker = RoundTracker(cfg, FP, "me", view, banned=dict)
+    assert tracker.groups_formed(5, tracker.records(), after_s=10)
+    assert not tracker.groups_formed(5, tracker.records(), after_s=30)  # not that long ago
+    assert not tracker.groups_formed(6, tracker.records(), after_s=10)
+    view.records_now[1] = rec("p2", round=5, theta_round=5, state="averaging", since=just_now, time=now)
+    assert not tracker.groups_formed(5, tracker.records(), after_s=10)  # one of three
+    view.records_now[1] = rec("p2", round=5, theta_round=5, state="averaging", time=now)  # since not said
+    assert not tracker.groups_formed(5, tracker.records(), after_s=10)
+
+    class Script(_View):
+        """Each fetch moves on to the next list of records (the last one stays)."""
+
+        def __init__(self, *steps):
+            self.steps, self.fetches = list(steps), 0
+            super().__init__(self.steps[0])
+
+        def refresh(self):
+            self.records_now = self.steps[min(self.fetches, len(self.steps) - 1)]
+            self.fetches += 1
+            return list(self.records_now)
+
+    stop, waited = threading.Event(), []
+    monkeypatch.setattr(sync, "WAIT_POLL_S", 0.01)
+    applied = [rec(p, round=6, theta_round=6, state="training", time=now, theta_hash="c3" * 32) for p in ("p1", "p2")]
+    tracker.view = Script(formed, formed, formed, applied)
+    assert sync.wait_out_formed_round(tracker, 5, stop, 10, 5.0, waiting=lambda: waited.append(1))
+    assert waited == [1] and tracker.view.fetches == 4
+    back = [rec(p, round=5, theta_round=5, state="training", time=now) for p in ("p1", "p2")]
+    tracker.view = Script(formed, formed, back)
+    assert not sync.wait_out_formed_round(tracker, 5, stop, 10, 5.0)
+    assert tracker.view.fetches == 3
+    tracker.view = Script(formed)  # the round never lands: the wait is bounded
+    assert not sync.wait_out_formed_round(tracker, 5, stop, 10, 0.1)
+    tracker.view = Script(back, applied)  # not formed: no wait, one look
+    assert not sync.wait_out_formed_round(tracker, 5, stop, 10, 5.0, waiting=lambda: waited.append(2))
+    assert waited == [1] and tracker.view.fetches == 1

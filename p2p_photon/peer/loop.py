@@ -32,6 +32,7 @@ from .contribution import ContributionPolicy
 from .overlap import InFlight, carry_progress, launch, progress_since, swap_in_group_step
 from .parts import PeerParts
 from .reporting import RoundReport
+from .sync import wait_out_formed_round
 from .training import RoundStats
 
 logger = logging.getLogger(__name__)
@@ -197,10 +198,14 @@ class Peer(PeerParts):
         return ok
 
     def _join_pipeline(self) -> None:
-        """Overlapped swarm: when most peers hold our θ round R and train R+1, and enough of them to form
-        a group without us (averaging.min_group_size), round R's all-reduce is in the air without us:
-        train R+1 with them and land R by download (overlap.py). Otherwise train R and join its group."""
+        """After we took θ of round R. Overlapped: when most peers hold θ R and train R+1, enough to form a group
+        without us (averaging.min_group_size), R's all-reduce is in the air without us: train R+1 and land R by
+        download (overlap.py). Blocking: R's groups formed long ago: wait for its θ (sync.wait_out_formed_round)."""
         if not self.cfg.averaging.overlap:
+            r, a = self.gs.counters.round, self.cfg.averaging
+            if self.joined and wait_out_formed_round(self.tracker, r, self.stop, 2 * a.matchmaking_time, a.attempt_s,
+                                                     waiting=lambda: self.publish(RoundStats(), "syncing")):
+                PeerParts.sync_from_peers(self, attempts=3, min_round=r + 1)
             return
         records, r = self.tracker.records(fresh=True), self.gs.counters.round
         ahead = [m for m in self.tracker.mates(records) if m.theta_round == r and m.round > r]

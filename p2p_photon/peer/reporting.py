@@ -59,6 +59,7 @@ class Reporter:
         self.last_wait_s = 0.0  # seconds the last round spent outside training (averaging, sync)
         self.eval_loss: float | None = None  # the latest held-out loss of the global model, and its θ round
         self.eval_round = 0
+        self._state = ("", -1, 0.0)  # (phase, round, DHT time it began) of the latest record: its `since`
 
     def publish(self, st: RoundStats, phase: str, train_round: int, now: bool = False) -> None:
         """State changes are published at once; progress during training goes through the view's thread."""
@@ -66,12 +67,15 @@ class Reporter:
         if st.train_s > 0:
             self.last_rate = st.tokens / st.train_s
         busy = st.wall_s + self.last_wait_s  # this round's training plus the last round's averaging/sync
+        t = get_dht_time()
+        if self._state[:2] != (phase, train_round):
+            self._state = (phase, train_round, t)
         rec = ProgressRecord(
             peer_id=self.peer_id, round=train_round, samples=st.samples, steps=st.steps,
             total_samples=c.total_samples + st.samples, loss=st.loss if st.steps and st.loss == st.loss else 0.0,
             tokens_per_s=self.last_rate, fingerprint=self.gs.fp, theta_hash=self.gs.hash,
             failed_rounds=c.failed_rounds, bytes_sent=c.bytes_sent, bytes_received=c.bytes_received,
-            utilization=min(1.0, st.train_s / busy) if busy > 0 else 0.0, time=get_dht_time(), state=phase,
+            utilization=min(1.0, st.train_s / busy) if busy > 0 else 0.0, time=t, state=phase, since=self._state[2],
             target_samples=self.cfg.rounds.target_samples_per_round, seq_len=self.cfg.model.seq_len,
             theta_round=c.round, bans=ban_entries(self.banned()), eval_loss=self.eval_loss,
             eval_round=self.eval_round, client=self.cfg.dht.client_mode)

@@ -21,6 +21,8 @@ from .global_state import GlobalState
 
 logger = logging.getLogger(__name__)
 
+WAIT_POLL_S = 0.5  # how often a peer waiting out a round it arrived too late for reads the swarm view
+
 
 class StateSync:
     def __init__(self, gs: GlobalState, averager, records: Callable[[], list], peer_id: str, timeout: float,
@@ -95,3 +97,29 @@ class StateSync:
         if theirs and claimed not in theirs:
             return f"no other peer publishes its θ {claimed[:8]} (round {round_no})"
         return None
+
+
+def wait_out_formed_round(tracker, r: int, stop: threading.Event, formed_after_s: float, timeout_s: float,
+                          waiting: Callable[[], None] = lambda: None) -> bool:
+    """A peer that just took θ of round r (a joiner; a catch-up) while the swarm's groups of round r formed
+    long ago (tracker.groups_formed) cannot take part in round r: its training would only make it late for
+    the round (a failed attempt: soak, 7 of a run's 15 failures were joiners' first rounds). It waits
+    instead, without training: True once the swarm applied round r (take its θ and train round r+1 with
+    it); False when the swarm went back to training round r (its attempt failed: train it with them), after
+    `timeout_s`, or when the groups did not form long ago (train round r as usual). `waiting()` is called
+    once the wait begins (the peer publishes that it is not training)."""
+    if not tracker.groups_formed(r, tracker.records(fresh=True), formed_after_s):
+        return False
+    logger.info("the swarm's groups of round %d formed before we arrived: waiting for its θ of round %d "
+                "instead of training round %d", r, r + 1, r)
+    waiting()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not stop.wait(WAIT_POLL_S):
+        records = tracker.records(fresh=True)
+        if tracker.theta_round(records) > r and tracker.theta_past(r, records):
+            return True
+        live = tracker.live_mates(records)
+        if 2 * sum(x.round == r == x.theta_round and x.state == "training" for x in live) > len(live):
+            logger.info("the swarm went back to training round %d: training it with them", r)
+            return False
+    return False

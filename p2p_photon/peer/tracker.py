@@ -339,6 +339,13 @@ class RoundTracker:
         return (f"the swarm averaged round {r} without us: {len(later)} of {len(live)} other live peers hold θ of "
                 f"round {min(later)} or later")
 
+    def groups_formed(self, r: int, records: list[ProgressRecord], after_s: float) -> bool:
+        """Most other live peers stopped training round r on θ of round r and have been averaging it for more
+        than `after_s` (their `since`): its stage-1 groups formed, a peer arriving now can only be late for it."""
+        live, now = self.live_mates(records), get_dht_time()
+        busy = [x for x in live if x.round == r == x.theta_round and x.state == "averaging" and 0 < x.since < now - after_s]
+        return 2 * len(busy) > len(live)
+
     def theta_past(self, round_no: int, records: list[ProgressRecord]) -> bool:
         """Live peers of the run (finished ones too) hold θ of a round after `round_no`, and we could take
         it: two of them publish the same θ, or the one holding it is the only other live peer (what a
