@@ -761,6 +761,11 @@ def test_a_peer_arriving_after_its_rounds_groups_formed_waits_for_the_rounds_the
     assert not tracker.groups_formed(5, tracker.records(), after_s=10)  # one of three
     view.records_now[1] = rec("p2", round=5, theta_round=5, state="averaging", time=now)  # since not said
     assert not tracker.groups_formed(5, tracker.records(), after_s=10)
+    # peers syncing (other waiters among them) are in no group: two averaging of three others that train or
+    # average is most of the swarm; and waiters holding θ of round 5 do not hold back the applied round's θ
+    waiters = [rec(p, round=5, theta_round=5, state="syncing", time=now) for p in ("w1", "w2", "w3")]
+    view.records_now = formed + [rec("p3", round=5, theta_round=5, state="training", time=now)] + waiters
+    assert tracker.groups_formed(5, tracker.records(), after_s=10)
 
     class Script(_View):
         """Each fetch moves on to the next list of records (the last one stays)."""
@@ -777,11 +782,11 @@ def test_a_peer_arriving_after_its_rounds_groups_formed_waits_for_the_rounds_the
     stop, waited = threading.Event(), []
     monkeypatch.setattr(sync, "WAIT_POLL_S", 0.01)
     applied = [rec(p, round=6, theta_round=6, state="training", time=now, theta_hash="c3" * 32) for p in ("p1", "p2")]
-    tracker.view = Script(formed, formed, formed, applied)
+    tracker.view = Script(formed + waiters, formed + waiters, formed + waiters, applied + waiters)
     assert sync.wait_out_formed_round(tracker, 5, stop, 10, 5.0, waiting=lambda: waited.append(1))
     assert waited == [1] and tracker.view.fetches == 4
     back = [rec(p, round=5, theta_round=5, state="training", time=now) for p in ("p1", "p2")]
-    tracker.view = Script(formed, formed, back)
+    tracker.view = Script(formed + waiters, formed + waiters, back + waiters)
     assert not sync.wait_out_formed_round(tracker, 5, stop, 10, 5.0)
     assert tracker.view.fetches == 3
     tracker.view = Script(formed)  # the round never lands: the wait is bounded

@@ -104,10 +104,11 @@ def wait_out_formed_round(tracker, r: int, stop: threading.Event, formed_after_s
     """A peer that just took θ of round r (a joiner; a catch-up) while the swarm's groups of round r formed
     long ago (tracker.groups_formed) cannot take part in round r: its training would only make it late for
     the round (a failed attempt: soak, 7 of a run's 15 failures were joiners' first rounds). It waits
-    instead, without training: True once the swarm applied round r (take its θ and train round r+1 with
-    it); False when the swarm went back to training round r (its attempt failed: train it with them), after
-    `timeout_s`, or when the groups did not form long ago (train round r as usual). `waiting()` is called
-    once the wait begins (the peer publishes that it is not training)."""
+    instead, without training: True once the swarm applied round r (two peers publish a later θ,
+    tracker.theta_past: take it and train round r+1 with them); False when the swarm went back to training
+    round r (its attempt failed: train it with them), after `timeout_s`, or when the groups did not form
+    long ago (train round r as usual). `waiting()` is called once the wait begins (the peer publishes that it
+    is not training: other waiters do not count it as the swarm)."""
     if not tracker.groups_formed(r, tracker.records(fresh=True), formed_after_s):
         return False
     logger.info("the swarm's groups of round %d formed before we arrived: waiting for its θ of round %d "
@@ -116,10 +117,9 @@ def wait_out_formed_round(tracker, r: int, stop: threading.Event, formed_after_s
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and not stop.wait(WAIT_POLL_S):
         records = tracker.records(fresh=True)
-        if tracker.theta_round(records) > r and tracker.theta_past(r, records):
+        if tracker.theta_past(r, records):  # not a majority: the other waiters still publish θ of round r
             return True
-        live = tracker.live_mates(records)
-        if 2 * sum(x.round == r == x.theta_round and x.state == "training" for x in live) > len(live):
+        if tracker.training_again(r, records):
             logger.info("the swarm went back to training round %d: training it with them", r)
             return False
     return False

@@ -340,11 +340,22 @@ class RoundTracker:
                 f"round {min(later)} or later")
 
     def groups_formed(self, r: int, records: list[ProgressRecord], after_s: float) -> bool:
-        """Most other live peers stopped training round r on θ of round r and have been averaging it for more
-        than `after_s` (their `since`): its stage-1 groups formed, a peer arriving now can only be late for it."""
-        live, now = self.live_mates(records), get_dht_time()
+        """Most other live peers (those syncing aside: they are in no group) stopped training round r on θ of
+        round r and have been averaging it for more than `after_s` (their `since`): its stage-1 groups
+        formed, a peer arriving now can only be late for it."""
+        live, now = self.settled_mates(records), get_dht_time()
         busy = [x for x in live if x.round == r == x.theta_round and x.state == "averaging" and 0 < x.since < now - after_s]
         return 2 * len(busy) > len(live)
+
+    def training_again(self, r: int, records: list[ProgressRecord]) -> bool:
+        """Most other live peers (those syncing aside) train round r on θ of round r."""
+        live = self.settled_mates(records)
+        return 2 * sum(x.round == r == x.theta_round and x.state == "training" for x in live) > len(live)
+
+    def settled_mates(self, records: list[ProgressRecord]) -> list[ProgressRecord]:
+        """Live mates that train or average: not syncing (downloading θ, or waiting for a round's θ as we do:
+        soak, four joiners that counted each other as the swarm waited 76 s while two peers went 7 rounds on)."""
+        return [x for x in self.live_mates(records) if x.state != "syncing"]
 
     def theta_past(self, round_no: int, records: list[ProgressRecord]) -> bool:
         """Live peers of the run (finished ones too) hold θ of a round after `round_no`, and we could take
