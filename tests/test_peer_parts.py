@@ -789,6 +789,18 @@ def test_a_peer_arriving_after_its_rounds_groups_formed_waits_for_the_rounds_the
     tracker.view = Script(formed + waiters, formed + waiters, back + waiters)
     assert not sync.wait_out_formed_round(tracker, 5, stop, 10, 5.0)
     assert tracker.view.fetches == 3
+    tracker.view = Script(formed, waiters)  # nobody left but other waiters
+    assert not sync.wait_out_formed_round(tracker, 5, stop, 10, 5.0) and tracker.view.fetches == 2
+    # the one survivor of the group that applied round 5 trains round 6: its θ is no proof, and nobody averages
+    survivor = [rec("p1", round=6, theta_round=6, state="training", time=now, theta_hash="c3" * 32)]
+    tracker.view = Script(formed + waiters, survivor + waiters)
+    assert not sync.wait_out_formed_round(tracker, 5, stop, 10, 5.0)
+    assert tracker.view.fetches == 2
+    # peers that failed the round publish `syncing` on their way back: no verdict until they train or average
+    failing = [rec(p, round=5, theta_round=5, state="syncing", time=now) for p in ("p1", "p2")]
+    tracker.view = Script(formed, failing + [rec("p3", round=5, theta_round=5, state="averaging", since=long_ago,
+                                                 time=now)], applied + waiters)
+    assert sync.wait_out_formed_round(tracker, 5, stop, 10, 5.0) and tracker.view.fetches == 3
     tracker.view = Script(formed)  # the round never lands: the wait is bounded
     assert not sync.wait_out_formed_round(tracker, 5, stop, 10, 0.1)
     tracker.view = Script(back, applied)  # not formed: no wait, one look

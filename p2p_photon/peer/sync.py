@@ -105,10 +105,12 @@ def wait_out_formed_round(tracker, r: int, stop: threading.Event, formed_after_s
     long ago (tracker.groups_formed) cannot take part in round r: its training would only make it late for
     the round (a failed attempt: soak, 7 of a run's 15 failures were joiners' first rounds). It waits
     instead, without training: True once the swarm applied round r (two peers publish a later θ,
-    tracker.theta_past: take it and train round r+1 with them); False when the swarm went back to training
-    round r (its attempt failed: train it with them), after `timeout_s`, or when the groups did not form
-    long ago (train round r as usual). `waiting()` is called once the wait begins (the peer publishes that it
-    is not training: other waiters do not count it as the swarm)."""
+    tracker.theta_past: take it and train round r+1 with them); False when most peers no longer average r
+    and no such θ is there (round r failed and they train it again; or a lone survivor of the group that
+    applied it trains r+1: soak, five waiters sat 40 s until it gave up; we average r with the other
+    waiters), after `timeout_s`, or when the groups did not form long ago (train round r as usual).
+    `waiting()` is called once the wait begins (the peer publishes `syncing`: other waiters do not count it
+    as the swarm)."""
     if not tracker.groups_formed(r, tracker.records(fresh=True), formed_after_s):
         return False
     logger.info("the swarm's groups of round %d formed before we arrived: waiting for its θ of round %d "
@@ -119,7 +121,7 @@ def wait_out_formed_round(tracker, r: int, stop: threading.Event, formed_after_s
         records = tracker.records(fresh=True)
         if tracker.theta_past(r, records):  # not a majority: the other waiters still publish θ of round r
             return True
-        if tracker.training_again(r, records):
-            logger.info("the swarm went back to training round %d: training it with them", r)
+        if not tracker.groups_formed(r, records, 0.0):  # round r failed, or a lone survivor applied it
+            logger.info("most peers no longer average round %d and no later θ is confirmed: training round %d", r, r)
             return False
     return False

@@ -347,11 +347,6 @@ class RoundTracker:
         busy = [x for x in live if x.round == r == x.theta_round and x.state == "averaging" and 0 < x.since < now - after_s]
         return 2 * len(busy) > len(live)
 
-    def training_again(self, r: int, records: list[ProgressRecord]) -> bool:
-        """Most other live peers (those syncing aside) train round r on θ of round r."""
-        live = self.settled_mates(records)
-        return 2 * sum(x.round == r == x.theta_round and x.state == "training" for x in live) > len(live)
-
     def settled_mates(self, records: list[ProgressRecord]) -> list[ProgressRecord]:
         """Live mates that train or average: not syncing (downloading θ, or waiting for a round's θ as we do:
         soak, four joiners that counted each other as the swarm waited 76 s while two peers went 7 rounds on)."""
