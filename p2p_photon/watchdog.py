@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import logging
 import os
 import signal
@@ -143,13 +144,26 @@ def stop_on_signals(stop: threading.Event, what: str = "shutting down",
             logger.info(f"received {signal.Signals(signum).name} during start-up: leaving")
             raise StartupInterrupted(signal.Signals(signum).name)
         logger.info(f"received {signal.Signals(signum).name}: {what}")
+        _dump_if_stuck()
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
+        faulthandler.cancel_dump_traceback_later()
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+STUCK_AFTER_STOP_S = 60.0
+"""A process still running this long after a stop request writes the stacks of all its threads to stderr
+(the peer's log): where it is stuck, for the bug report. It keeps running; a second signal re-arms it."""
+
+
+def _dump_if_stuck() -> None:
+    with contextlib.suppress(Exception):  # no usable stderr (closed, or not a file): nothing to diagnose with
+        sys.stderr.flush()
+        faulthandler.dump_traceback_later(STUCK_AFTER_STOP_S, exit=False, file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- the reaper process

@@ -81,6 +81,35 @@ def test_a_forked_child_of_a_process_that_handles_sigterm_still_ends_on_sigterm(
     assert out.returncode == 0 and out.stdout.startswith("ended"), (out.stdout, out.stderr[-2000:])
 
 
+def test_a_process_stuck_after_a_stop_request_writes_where_it_is_stuck(tmp_path):
+    """Soak smoke: three peers answered SIGTERM ('finishing the current step') and never left, with nothing in
+    their logs to say where they were. Now a process still running STUCK_AFTER_STOP_S after the signal
+    writes every thread's stack to stderr (the peer's log), and goes on; leaving in time writes nothing."""
+    script = tmp_path / "stuck.py"
+    script.write_text(textwrap.dedent("""
+        import os, signal, sys, threading, time
+        from p2p_photon import watchdog
+        watchdog.STUCK_AFTER_STOP_S = 0.5
+
+        def stuck_in_a_step():
+            time.sleep(2.0)
+
+        with watchdog.stop_on_signals(threading.Event()):
+            os.kill(os.getpid(), signal.SIGTERM)
+            if sys.argv[1] == "stuck":
+                stuck_in_a_step()
+        time.sleep(1.0)  # the context is left: the dump is cancelled
+        print("left")
+    """))
+    out = subprocess.run([sys.executable, str(script), "stuck"], env=python_env(), capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "left", out.stderr[-2000:]
+    assert "stuck_in_a_step" in out.stderr and "most recent call first" in out.stderr, out.stderr[-2000:]
+    out = subprocess.run([sys.executable, str(script), "quick"], env=python_env(), capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and "most recent call first" not in out.stderr, out.stderr[-2000:]
+
+
 def test_children_run_the_package_of_the_parent_not_an_editable_installs(tmp_path, monkeypatch):
     """A second checkout's tests and benchmarks started the first checkout's peers (the editable install
     points there): a child's PYTHONPATH leads with the directory holding the parent's p2p_photon."""
