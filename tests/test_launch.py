@@ -110,6 +110,46 @@ def test_a_process_stuck_after_a_stop_request_writes_where_it_is_stuck(tmp_path)
     assert out.returncode == 0 and "most recent call first" not in out.stderr, out.stderr[-2000:]
 
 
+def test_a_zygote_child_killed_inside_a_dht_call_freezes_no_other_child(tmp_path, monkeypatch):
+    """hivemind takes a multiprocessing lock (SharedBytes._lock) for every MPFuture, i.e. every DHT call; it
+    is created at import, so every child forked from the zygote shared the zygote's one. A child SIGKILLed
+    while it held it froze every other child at its next DHT call (soak smoke: the survivors in their stage
+    waits and a new peer in its DHT start-up). Now each child has its own: the second child, started after
+    the first was killed holding its lock, creates futures at once."""
+    from p2p_photon.launch import LocalSwarm
+
+    monkeypatch.setenv("P2P_PHOTON_ZYGOTE", "1")
+    script = tmp_path / "child.py"
+    script.write_text(textwrap.dedent("""
+        import sys, time
+        from hivemind.utils.mpfuture import MPFuture, SharedBytes
+        if sys.argv[1] == "hold":
+            SharedBytes._lock.acquire()  # as a child killed inside SharedBytes.next() leaves it
+            MPFuture._update_lock.acquire()
+            print("held", flush=True)
+            time.sleep(120)
+        t0 = time.monotonic()
+        futures = [MPFuture() for _ in range(40)]  # more than one shared buffer's worth (16 by default)
+        futures[0].set_result(7)
+        print("futures", len(futures), futures[0].result(timeout=5), round(time.monotonic() - t0, 1), flush=True)
+    """))
+    swarm = LocalSwarm(tmp_path / "work")
+    try:
+        holder = swarm.spawn("holder", ["hold"], script=str(script))
+        assert type(holder.popen).__name__ == "ForkedProcess"
+        wait_until(lambda: holder.log.exists() and "held" in holder.log.read_text(), 60, "the first child to take the locks")
+        holder.popen.kill()
+        assert holder.popen.wait(30) == -signal.SIGKILL
+        other = swarm.spawn("other", ["use"], script=str(script))
+        assert swarm.wait([other], timeout=60) == [0], other.log.read_text()[-2000:]
+        assert "futures 40 7" in other.log.read_text()
+    finally:
+        swarm.stop(grace=5)
+        from p2p_photon import zygote
+
+        zygote.shutdown()
+
+
 def test_children_run_the_package_of_the_parent_not_an_editable_installs(tmp_path, monkeypatch):
     """A second checkout's tests and benchmarks started the first checkout's peers (the editable install
     points there): a child's PYTHONPATH leads with the directory holding the parent's p2p_photon."""
