@@ -52,26 +52,11 @@ def end_with_parent() -> None:
 # ----------------------------------------------------------------------------- the zygote process
 
 
-def own_interprocess_locks() -> None:
-    """In a forked child: its own copies of the multiprocessing locks hivemind creates at import. Each is one
-    semaphore shared by every process forked from the one that imported hivemind; MPFuture takes two of them
-    for every DHT call and state transfer (SharedBytes._lock, MPFuture._update_lock). A zygote child
-    SIGKILLed while it held one froze every other child for good, at its next DHT call (soak smoke: the
-    three survivors in their stage waits, SIGTERM unanswered, and the new peer in its DHT start-up, all in
-    SharedBytes.next). A peer started by `python -m` imports hivemind itself and shares them only with its
-    own DHT and averager children, which die with it."""
-    import multiprocessing as mp
-
-    from hivemind.utils.asyncio import _AsyncContextWrapper
-    from hivemind.utils.mpfuture import MPFuture
-
-    MPFuture.reset_backend()  # new _initialization_lock, _update_lock and SharedBytes._lock; no future exists yet
-    _AsyncContextWrapper.EXECUTOR_LOCK = mp.Lock()
-
-
 def _run_child(req: dict) -> int:
     """In the forked child: become the requested process, run it, return its exit code."""
     end_with_parent()  # the zygote changes no signal disposition: the child starts with a fresh interpreter's
+    from p2p_photon.averaging.hivemind_backend import own_interprocess_locks
+
     own_interprocess_locks()
     os.chdir(req["cwd"])
     os.environ.clear()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import multiprocessing as mp
 import signal
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -641,3 +642,18 @@ def start_averager(averaged_tensors: Sequence[torch.Tensor], dht, **kwargs) -> _
     """A started _Averager (its process forked and ready), Ctrl-C still working in the caller."""
     with keep_sigint():
         return _Averager(averaged_tensors, dht, start=True, **kwargs)
+
+
+def own_interprocess_locks() -> None:
+    """In a process forked from one that imported hivemind (the zygote's children): its own copies of the
+    multiprocessing locks hivemind creates at import. Each is one semaphore shared by every process forked
+    from the importer; MPFuture takes two of them for every DHT call and state transfer (SharedBytes._lock,
+    MPFuture._update_lock). A zygote child SIGKILLed while it held one froze every other child for good, at
+    its next DHT call (soak smoke: the three survivors in their stage waits, SIGTERM unanswered, and the new
+    peer in its DHT start-up, all in SharedBytes.next). A peer started by `python -m` imports hivemind itself
+    and shares them only with its own DHT and averager children, which die with it."""
+    from hivemind.utils import asyncio as hm_asyncio
+    from hivemind.utils.mpfuture import MPFuture
+
+    MPFuture.reset_backend()  # new _initialization_lock, _update_lock and SharedBytes._lock; no future exists yet
+    hm_asyncio._AsyncContextWrapper.EXECUTOR_LOCK = mp.Lock()
