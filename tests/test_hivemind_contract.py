@@ -15,6 +15,9 @@ import logging
 import multiprocessing.process
 import re
 import signal
+import subprocess
+import sys
+import textwrap
 from types import SimpleNamespace
 
 import hivemind
@@ -35,6 +38,7 @@ from hivemind.proto import averaging_pb2
 from p2p_photon.averaging import hivemind_backend as hb
 from p2p_photon.averaging.hivemind_backend import CollectingReducer, EncodingContainer, OwnerRunner, _Averager
 from p2p_photon.codecs import make_codec
+from tests.helpers import python_env
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -554,3 +558,34 @@ def test_a_refused_sender_is_banned_through_ban_sender_and_its_owner_side_fails(
     sender = mine.sender_peer_ids.index(OTHER)
     assert OTHER in mine.banned_senders and mine.tensor_part_reducer.sender_failed_after[sender] == 0
     assert theirs.failed_reducers == {str(ME)}  # our averager then fails the round for the refused peer
+
+
+def test_the_interprocess_locks_a_zygote_child_replaces_are_hivemind_s_import_time_ones():
+    """hivemind_backend.own_interprocess_locks: MPFuture.reset_backend replaces the locks MPFuture takes for every
+    future (SharedBytes._lock: each future's shared state byte; _update_lock: the result pipe), and
+    _AsyncContextWrapper's executor lock is the other one created at import. If hivemind moves them, a
+    zygote child killed inside a DHT call freezes its siblings again. (In a child process: a reset breaks the
+    futures of the process that does it.)"""
+    from hivemind.utils.mpfuture import MPFuture, SharedBytes
+
+    assert "with cls._lock:" in src(SharedBytes.next) and "MPFuture._update_lock" in src(MPFuture)
+    code = textwrap.dedent("""
+        import multiprocessing as mp
+        from hivemind.utils import asyncio as hm_asyncio
+        from hivemind.utils.mpfuture import MPFuture, SharedBytes
+        from p2p_photon.averaging.hivemind_backend import own_interprocess_locks
+
+        def locks():
+            return (SharedBytes._lock, MPFuture._update_lock, MPFuture._initialization_lock,
+                    hm_asyncio._AsyncContextWrapper.EXECUTOR_LOCK)
+
+        before = locks()
+        assert all(isinstance(lock, type(mp.Lock())) for lock in before)
+        own_interprocess_locks()
+        assert all(a is not b for a, b in zip(before, locks(), strict=True))
+        future = MPFuture()  # the backend starts again for this process
+        future.set_result(3)
+        print("result", future.result(timeout=5))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], env=python_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "result 3", out.stderr[-2000:]
