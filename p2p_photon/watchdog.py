@@ -256,7 +256,32 @@ def watch(
         names = ", ".join(f"{_name(p)}[{p.pid}]" for p in leftovers)
         logger.warning(f"parent {parent_pid} is gone; ending its leftover processes: {names}")
         reap(leftovers, grace)
+    removed = remove_shared_memory({parent_pid, *known, *(p.pid for p in leftovers)})
+    if removed:
+        logger.info(f"removed {removed} shared-memory segment(s) the tree of {parent_pid} left in {SHM_DIR}")
     return 0
+
+
+SHM_DIR = Path("/dev/shm")
+
+
+def remove_shared_memory(pids: set[int]) -> int:
+    """Remove the /dev/shm/torch_<pid>_* segments of these ended processes; return how many. hivemind sets
+    torch's `file_system` sharing strategy, whose segments outlive a process that dies without cleaning up
+    (soak: about 20 per peer; 98 000 files, 3.3 GB of RAM-backed /dev/shm, after a day of soaks). A pid
+    that is running again (recycled) is skipped (a zombie is not running); a mapping another process still holds stays valid."""
+    removed = 0
+    for pid in pids:
+        try:
+            if _is_alive(psutil.Process(pid)):
+                continue
+        except psutil.Error:
+            pass  # gone
+        for f in SHM_DIR.glob(f"torch_{pid}_*"):
+            with contextlib.suppress(OSError):
+                f.unlink()
+                removed += 1
+    return removed
 
 
 def _name(p: psutil.Process) -> str:

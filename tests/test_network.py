@@ -12,6 +12,7 @@ import stat
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -316,9 +317,13 @@ def test_sigkill_leaves_no_orphans_thanks_to_the_reaper(tmp_path):
         # the guarantee covers the processes in the reaper's snapshot: kill once they are all in it
         wait_until(lambda: {p.pid for p in workers} <= _followed(reaper_log), 30,
                    lambda: f"the reaper to follow {[p.pid for p in workers]}: {_followed(reaper_log)}")
+        tree = {info["pid"], *(p.pid for p in workers)}
+        segments = lambda: [f.name for pid in tree for f in Path("/dev/shm").glob(f"torch_{pid}_*")]  # noqa: E731
+        assert segments(), "the victim's hivemind made no shared-memory segments (file_system strategy)"
         proc.kill()  # SIGKILL; the victim stays a zombie until we wait() for it below
         assert wait_until(lambda: not alive(workers), 10), f"survivors: {alive(workers)}"
         assert wait_until(lambda: not is_alive(reapers[0]), 10), "the reaper did not exit"
+        assert segments() == [], "the reaper left the tree's /dev/shm segments behind"
     finally:
         proc.kill()
         proc.wait()
