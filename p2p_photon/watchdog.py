@@ -269,7 +269,8 @@ def remove_shared_memory(pids: set[int]) -> int:
     """Remove the /dev/shm/torch_<pid>_* segments of these ended processes; return how many. hivemind sets
     torch's `file_system` sharing strategy, whose segments outlive a process that dies without cleaning up
     (soak: about 20 per peer; 98 000 files, 3.3 GB of RAM-backed /dev/shm, after a day of soaks). A pid
-    that is running again (recycled) is skipped (a zombie is not running); a mapping another process still holds stays valid."""
+    that is running again (recycled) is skipped (a zombie is not running); a mapping another process still
+    holds stays valid."""
     removed = 0
     for pid in pids:
         try:

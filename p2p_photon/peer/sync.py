@@ -103,9 +103,9 @@ def wait_out_formed_round(tracker, r: int, stop: threading.Event, formed_after_s
                           waiting: Callable[[], None] = lambda: None) -> bool:
     """A peer that just took θ of round r (a joiner; a catch-up) while the swarm's groups of round r formed
     long ago (tracker.groups_formed) cannot take part in round r: its training would only make it late for
-    the round (a failed attempt: soak, 7 of a run's 15 failures were joiners' first rounds). It waits
-    instead, without training: True once the swarm applied round r (two peers publish a later θ,
-    tracker.theta_past: take it and train round r+1 with them); False when most peers no longer average r
+    the round (a failed attempt: soak, 8 of a run's 15 failures came before a joiner's first averaged
+    round). It waits instead, without training: True once the swarm applied round r (two peers publish a
+    later θ, tracker.theta_past: take it and train round r+1 with them); False when most peers no longer average r
     and no such θ is there (round r failed and they train it again; or a lone survivor of the group that
     applied it trains r+1: soak, five waiters sat 40 s until it gave up; we average r with the other
     waiters), after `timeout_s`, or when the groups did not form long ago (train round r as usual).

@@ -333,8 +333,9 @@ class RoundTracker:
             return None
         live = self.live_mates(records)
         later = [x.theta_round for x in live if x.theta_round > r]
-        if not later or (len(later) < len(live) and (stage > 1 or 2 * len(later) <= len(live)
-                                                     or not self.theta_past(r, records))):
+        everyone = bool(later) and len(later) == len(live)
+        most = stage == 1 and 2 * len(later) > len(live) and self.theta_past(r, records)
+        if not (everyone or most):
             return None
         return (f"the swarm averaged round {r} without us: {len(later)} of {len(live)} other live peers hold θ of "
                 f"round {min(later)} or later")
@@ -344,7 +345,8 @@ class RoundTracker:
         round r and have been averaging it for more than `after_s` (their `since`): its stage-1 groups
         formed, a peer arriving now can only be late for it."""
         live, now = self.settled_mates(records), get_dht_time()
-        busy = [x for x in live if x.round == r == x.theta_round and x.state == "averaging" and 0 < x.since < now - after_s]
+        busy = [x for x in live if x.round == r == x.theta_round and x.state == "averaging"
+                and 0 < x.since < now - after_s]
         return 2 * len(busy) > len(live)
 
     def settled_mates(self, records: list[ProgressRecord]) -> list[ProgressRecord]:
