@@ -181,6 +181,10 @@ class RoundsConfig:
     """Optionally end this peer's round after this many seconds of training (0 = no limit)."""
     num_rounds: int = 0
     """Stop after this many rounds (0 = run until interrupted)."""
+    start_peers: int = 1
+    """A fresh run's first round starts once this many of its peers (this one included) are on the DHT: a
+    cohort launched together trains round 0 together, not the first few to finish importing. A peer
+    joining a run already past round 0 never waits (1 = start at once)."""
     max_rounds_ahead: int = 2
     """Progress records claiming a round more than this far ahead of ours are ignored (a peer
     cannot drag the swarm forward); a majority of the peers must be ahead before we move on."""
@@ -201,6 +205,7 @@ class RoundsConfig:
         _check(self.max_local_steps >= 0, "rounds.max_local_steps", "must be >= 0 (0 = no limit)")
         _check(self.max_round_seconds >= 0, "rounds.max_round_seconds", "must be >= 0 (0 = no limit)")
         _check(self.num_rounds >= 0, "rounds.num_rounds", "must be >= 0 (0 = forever)")
+        _check(self.start_peers >= 1, "rounds.start_peers", "must be >= 1 (1 = start at once)")
         _check(self.max_rounds_ahead >= 1, "rounds.max_rounds_ahead", "must be >= 1")
         _check(self.sample_cap_vs_others >= 1, "rounds.sample_cap_vs_others", "must be >= 1")
         _check(self.linger_seconds >= 0, "rounds.linger_seconds", "must be >= 0 (0 = leave at once)")

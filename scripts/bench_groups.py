@@ -14,9 +14,16 @@ settings, from these measurements (see README).
     python scripts/bench_groups.py --peers 8 --groups 2 8 --rounds 6
     python scripts/bench_groups.py --repeats 3           # each G three times: the run-to-run spread
 
-Repeats: which peer takes how many local steps in a round depends on timing (2 cores, 8 processes), so
-two runs of the same G differ; with --repeats K the comparison is of the K-run means, and the one-group
-runs' own spread (max - min over mean) says how large a difference the measurement can resolve.
+Equal tokens: every peer trains exactly --local-steps steps per round (rounds.max_local_steps; default
+samples / (N x batch); the swarm's sample target is then out of reach, the step cap alone ends a
+round), and every peer waits for the whole swarm before round 0 (rounds.start_peers = N: else the peers
+that finish importing first average round 0 among themselves), so every run of every G trains on the
+same sequences in the same order from the same initial θ, and the final perplexities differ only by
+what the averaging did. With --local-steps 0 the swarm's progress ends each round instead: which peer
+takes how many steps then depends on timing (2 cores, 8 processes), and two runs of one G differ by
+several %.
+Repeats: with --repeats K the comparison is of the K-run means, and the one-group runs' own spread
+(max - min over mean) says how large a difference the measurement can resolve.
 """
 
 from __future__ import annotations
@@ -43,8 +50,10 @@ from p2p_photon.files import write_json_atomic  # noqa: E402
 from p2p_photon.launch import LocalSwarm  # noqa: E402
 
 TAG_VAR = "P2P_PHOTON_BENCH_TAG"
+BATCH = 8
+UNREACHABLE = 10**9  # rounds.target_samples_per_round when every peer trains a fixed number of steps
 SMALL = ["data.max_corpus_mb=1", "data.vocab_size=1024", "data.num_silos=4", "model.seq_len=64",
-         "inner.batch_size=8", "inner.warmup_steps=5", "inner.total_steps=400", "logging.progress_interval=0.5",
+         f"inner.batch_size={BATCH}", "inner.warmup_steps=5", "inner.total_steps=400", "logging.progress_interval=0.5",
          "logging.progress_bar=false", "logging.eval_batches=8", "checkpoint.every_rounds=0",
          "dht.startup_timeout=120", "averaging.matchmaking_time=2.0", "averaging.allreduce_timeout=30",
          "averaging.round_timeout=40"]
@@ -58,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=None, help="rounds per run (default 4; --quick 2)")
     p.add_argument("--samples", type=int, default=None,
                    help="rounds.target_samples_per_round (default 24 x N)")
+    p.add_argument("--local-steps", type=int, default=None,
+                   help="steps every peer trains per round (default samples / (N x batch); 0 = timing decides)")
     p.add_argument("--repeats", type=int, default=1, help="runs per G (default 1); figures compare the means")
     p.add_argument("--quick", action="store_true", help="smoke: 4 peers, G = 2 and 4, 2 rounds")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds one run may take (default 900)")
@@ -69,6 +80,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.groups = args.groups or ([2, args.peers] if args.quick else [2, 4, args.peers])
     args.rounds = args.rounds or (2 if args.quick else 4)
     args.samples = args.samples or 24 * args.peers
+    if args.local_steps is None:
+        args.local_steps = max(1, args.samples // (args.peers * BATCH))
+    if args.local_steps < 0:
+        p.error("--local-steps must be >= 0 (0 = the swarm's progress ends each round)")
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
     if args.peers < 2 or min(args.groups) < 2:
@@ -78,8 +93,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run_one(args, group: int, workdir: Path) -> dict:
     """One swarm of args.peers peers with target_group_size `group`; its per-round and final figures."""
+    # with equal steps, only the step cap ends a round: the swarm's progress estimate (which extrapolates
+    # the others' samples) would end a late starter's round a step or two early
+    target = UNREACHABLE if args.local_steps else args.samples
     overrides = [*SMALL, f"data.cache_dir={args.cache_dir}", f"rounds.num_rounds={args.rounds}",
-                 f"rounds.target_samples_per_round={args.samples}", f"averaging.target_group_size={group}",
+                 f"rounds.target_samples_per_round={target}", f"averaging.target_group_size={group}",
+                 f"rounds.max_local_steps={args.local_steps}", f"rounds.start_peers={args.peers}",
                  f"dht.run_id=groups-{uuid.uuid4().hex[:8]}"]
     tag = os.environ[TAG_VAR] = uuid.uuid4().hex  # inherited by every process of the run, p2pd included
     names = [f"peer{i}" for i in range(args.peers)]
@@ -186,6 +205,8 @@ def main(argv=None) -> int:
               + (f", {100 * v['vs_one_group']:+.1f} % vs one group" if v["vs_one_group"] is not None else ""))
     result = dict(command="python scripts/bench_groups.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
                   machine=machine_info(), peers=args.peers, rounds=args.rounds, samples_per_round=args.samples,
+                  local_steps_per_round=args.local_steps,
+                  equal_tokens=len({r["total_samples"] for r in runs}) == 1,
                   repeats=args.repeats, settings=SMALL, runs=runs, ppl_by_group=by_group,
                   projection_1000=projection(runs, args.peers),
                   targets=dict(one_theta_every_round=all(r["one_theta_every_round"] for r in runs),

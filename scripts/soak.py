@@ -3,12 +3,16 @@
 
     python scripts/soak.py                  # bootstrap + 6 peers, churn every 10 s for 150 s
     python scripts/soak.py --minutes 10     # a longer soak
+    python scripts/soak.py --keep 0         # any peer may be killed (default: the first 2 never are)
     python scripts/soak.py --quick          # the ~60 s smoke version (4 peers, 30 s of churn)
 
 Real processes on 127.0.0.1 (`LocalSwarm`), the nano model on a small stdlib corpus that the script
 prepares itself. Once every initial peer has averaged a round, every `--interval` s one random peer
 (among those that have joined the DHT) is SIGKILLed and one is started: alternately a new peer, or
 the one just killed with `--resume` from its checkpoint directory (peers checkpoint every round).
+The first `--keep` initial peers are never killed: they live through the whole run, and their memory
+over minutes of churn is what the RSS slope is measured on (a peer that lives 30 s shows its warm-up,
+not a leak).
 After the churn the survivors train until each has averaged a round without churn; when all of them
 hold the same θ and train the next round they get SIGTERM together (they finish the step,
 checkpoint, write their summary).
@@ -63,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--interval", type=float, default=10.0, help="seconds between kills (default 10)")
     p.add_argument("--seed", type=int, default=0, help="which peer is killed when (default 0)")
     p.add_argument("--quick", action="store_true", help="the smoke version: 4 peers, 30 s of churn")
+    p.add_argument("--keep", type=int, default=None,
+                   help="initial peers never killed, the RSS slope's long series (default 2; --quick 0)")
     p.add_argument("--rss-every", type=float, default=3.0, help="seconds between RSS samples (default 3)")
     p.add_argument("--settle", type=float, default=None,
                    help="most seconds after the churn for the survivors to agree (default 150; --quick 90)")
@@ -74,6 +80,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.peers = args.peers or (4 if args.quick else 6)
     args.minutes = args.minutes if args.minutes is not None else (0.5 if args.quick else 2.5)
+    args.keep = args.keep if args.keep is not None else (0 if args.quick else 2)
+    if not 0 <= args.keep <= args.peers:
+        p.error(f"--keep must be between 0 and --peers ({args.peers})")
     args.settle = args.settle if args.settle is not None else (90.0 if args.quick else 150.0)
     args.workdir = Path(args.workdir or ROOT / "runs" / "soak" / time.strftime("%Y%m%d-%H%M%S"))
     if args.workdir.exists() and any(args.workdir.iterdir()):  # another run's logs and checkpoints: a
@@ -191,6 +200,7 @@ class Soak:
         self.aligned_stop = False  # the survivors got SIGTERM while all held one θ (else after a timeout)
         self.joined_at_stop: set[str] = set()  # survivors in the swarm (DHT joined) when they got SIGTERM
         self.quorum = max(2, args.peers // 2)  # joined peers a kill must leave (min_group_size is 2)
+        self.kept = {f"peer{i}" for i in range(args.keep)}  # never killed: the RSS slope's long series
 
     def now(self) -> float:
         return time.time() - self.t0
@@ -243,7 +253,8 @@ class Soak:
         self.phases["stopped"] = self.now()
 
     def churn_loop(self, until: float) -> None:
-        """Every interval: kill one joined peer and start one (new and resumed alternately). A tick at which
+        """Every interval: kill one joined peer (never a kept one) and start one (new and resumed alternately).
+        A tick at which
         the kill would leave fewer than `quorum` joined peers is skipped: joiners are still starting (on
         a busy machine a peer takes minutes to import and start), and killing the last holders of θ
         would test nothing but that."""
@@ -251,19 +262,20 @@ class Soak:
         while tick <= until:
             self.idle_until(tick)
             tick += self.args.interval
-            candidates = self.joined()
-            if len(candidates) - 1 < self.quorum:
+            joined = self.joined()
+            victim = pick_victim(joined, self.kept, self.quorum, self.rng)
+            if victim is None:
                 self.churn.append(dict(t=round(self.now(), 1), killed=None, started=None, kind="skipped",
-                                       joined=len(candidates)))
-                print(f"[soak] t={self.now():6.1f}s skipped: only {len(candidates)} peers joined", flush=True)
+                                       joined=len(joined)))
+                print(f"[soak] t={self.now():6.1f}s skipped: {len(joined)} peers joined, "
+                      f"{len(self.kept)} of them never killed", flush=True)
                 continue
-            victim = self.rng.choice(candidates)
             self.kill(victim)
             joiner = self.start("new") if new_next else self.start("resume", victim.base)
             self.churn.append(dict(t=round(self.now(), 1), killed=victim.name, started=joiner.name, kind=joiner.kind,
-                                   joined=len(candidates)))
+                                   joined=len(joined)))
             print(f"[soak] t={self.now():6.1f}s killed {victim.name}, started {joiner.name} ({joiner.kind}); "
-                  f"{len(candidates) - 1} joined peers left", flush=True)
+                  f"{len(joined) - 1} joined peers left", flush=True)
             new_next = not new_next
 
     def settle(self) -> None:
@@ -338,6 +350,15 @@ class Soak:
         for p in self.peers:
             if p.killed is not None and p.family_gone_after_s is None and not _alive(p.family):
                 p.family_gone_after_s = round(self.now() - p.killed, 1)
+
+
+def pick_victim(joined: list, kept: set[str], quorum: int, rng: random.Random):
+    """The joined peer to SIGKILL at a tick: a random one not in `kept`; None when none may be killed or
+    the kill would leave fewer than `quorum` joined peers."""
+    candidates = [p for p in joined if p.name not in kept]
+    if not candidates or len(joined) - 1 < quorum:
+        return None
+    return rng.choice(candidates)
 
 
 def _alive(procs: list) -> list:
@@ -650,7 +671,7 @@ def build_result(soak: Soak, args, tag_left: list[dict], cpu0, load0) -> tuple[d
 
 def settings(args, soak: Soak) -> dict:
     return dict(peers=args.peers, interval_s=args.interval, churn_minutes=args.minutes, seed=args.seed,
-                quick=args.quick, rss_every_s=args.rss_every, settle_s=args.settle, workdir=str(args.workdir),
+                quick=args.quick, keep=sorted(soak.kept), rss_every_s=args.rss_every, settle_s=args.settle, workdir=str(args.workdir),
                 peer_overrides=soak.swarm.overrides,
                 note=("averaging timeouts set for a loaded 2-core machine: matchmaking_time 3 s, allreduce_timeout "
                       "40 s, round_timeout 90 s; checkpoint every round (for --resume); one torch thread per peer; "

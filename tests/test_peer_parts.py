@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from p2p_photon.averaging import RoundResult
-from p2p_photon.config import load_config
+from p2p_photon.config import ConfigError, load_config
 from p2p_photon.hashing import theta_hash
 from p2p_photon.peer.contribution import ContributionPolicy
 from p2p_photon.peer.global_state import GlobalState
@@ -806,3 +806,50 @@ def test_a_peer_arriving_after_its_rounds_groups_formed_waits_for_the_rounds_the
     tracker.view = Script(back, applied)  # not formed: no wait, one look
     assert not sync.wait_out_formed_round(tracker, 5, stop, 10, 5.0, waiting=lambda: waited.append(2))
     assert waited == [1] and tracker.view.fetches == 1
+
+
+def test_a_fresh_run_waits_for_its_cohort_before_round_0(monkeypatch):
+    """rounds.start_peers: a peer of a fresh run starts round 0 once that many peers of the run (itself
+    included) are live; peers of another run, and records older than ALIVE_S, do not count; a run already
+    past round 0, a resumed peer (round > 0) or a stop request end the wait at once."""
+    from hivemind.utils import get_dht_time
+
+    from p2p_photon.peer import sync
+
+    cfg = load_config(None, [f"model.seq_len={SEQ}", "rounds.start_peers=3"])
+    assert cfg.rounds.start_peers == 3
+    with pytest.raises(ConfigError, match="rounds.start_peers"):
+        load_config(None, ["rounds.start_peers=0"])
+    now = get_dht_time()
+    one = [rec("p1", round=0, theta_round=0, state="syncing", time=now)]
+    stale = [rec("old", round=0, theta_round=0, state="syncing", time=now - 120)]
+    foreign = [rec("f1", round=0, theta_round=0, state="syncing", time=now, fingerprint="other" * 4)]
+    two = one + [rec("p2", round=0, theta_round=0, state="training", time=now)]
+
+    class Script(_View):
+        def __init__(self, *steps):
+            self.steps, self.fetches = list(steps), 0
+            super().__init__(self.steps[0])
+
+        def refresh(self):
+            self.records_now = self.steps[min(self.fetches, len(self.steps) - 1)]
+            self.fetches += 1
+            return list(self.records_now)
+
+    monkeypatch.setattr(sync, "WAIT_POLL_S", 0.01)
+    stop, waited = threading.Event(), []
+    tracker = RoundTracker(cfg, FP, "me", Script(one + stale + foreign, one + stale + foreign, two), banned=dict)
+    assert sync.wait_for_cohort(tracker, 3, 0, stop, waiting=lambda: waited.append(1)) == 3
+    assert tracker.view.fetches == 3 and waited == [1]  # told the others once that it waits
+    # a run that started without us: join it at once, however few peers are left
+    started = one + [rec("p2", round=1, theta_round=1, state="training", time=now)]
+    tracker.view = Script(started)
+    assert sync.wait_for_cohort(tracker, 5, 0, stop, waiting=lambda: waited.append(2)) == 3 and waited == [1]
+    tracker.view = Script(one)
+    assert sync.wait_for_cohort(tracker, 5, 4, stop, waiting=lambda: waited.append(3)) == 1  # resumed at 4
+    assert sync.wait_for_cohort(tracker, 1, 0, stop, waiting=lambda: waited.append(4)) == 1  # the default
+    assert tracker.view.fetches == 0 and waited == [1]
+    stopper = threading.Timer(0.2, stop.set)
+    stopper.start()
+    assert sync.wait_for_cohort(tracker, 5, 0, stop, waiting=lambda: waited.append(5)) == 2  # stopped
+    assert waited == [1, 5] and stop.is_set()

@@ -62,3 +62,26 @@ def test_quick_soak_keeps_one_model_under_churn_and_leaves_nothing_running(tmp_p
     assert sw["joiners_never_contributed"] == [], context
     assert sw["survivors"] >= 2 and sw["theta_count_at_common_round"] == 1 and r["verdicts"]["one_theta_at_end"], context
     assert r["processes_left"] == [] and r["verdicts"]["nothing_left_running"], r["processes_left"]
+
+
+def test_the_soak_never_kills_a_kept_peer_nor_breaks_the_quorum():
+    """scripts/soak.py's choice of victim: never one of the `--keep` peers (they carry the RSS slope's long
+    series), none when every joined peer is kept or a kill would leave fewer than `quorum` joined."""
+    import random
+    import sys
+    from types import SimpleNamespace
+
+    sys.path.insert(0, f"{REPO_ROOT}/scripts")
+    import soak
+
+    peers = [SimpleNamespace(name=f"peer{i}") for i in range(6)]
+    rng = random.Random(0)
+    victims = {soak.pick_victim(peers, {"peer0", "peer1"}, 3, rng).name for _ in range(200)}
+    assert victims == {"peer2", "peer3", "peer4", "peer5"}
+    assert soak.pick_victim(peers[:3], {"peer0"}, 2, rng).name in {"peer1", "peer2"}
+    assert soak.pick_victim(peers[:3], {"peer0"}, 3, rng) is None  # 2 would be left, 3 wanted
+    assert soak.pick_victim(peers[:2], {"peer0", "peer1"}, 0, rng) is None  # every joined peer is kept
+    # --keep 0 draws as before: the same victims for the same seed as a plain choice among the joined
+    assert [soak.pick_victim(peers, set(), 3, random.Random(5)).name] == [random.Random(5).choice(peers).name]
+    args = soak.parse_args(["--keep", "2"])
+    assert args.keep == 2 and soak.parse_args(["--quick"]).keep == 0 and soak.parse_args([]).keep == 2

@@ -32,7 +32,7 @@ from .contribution import ContributionPolicy
 from .overlap import InFlight, carry_progress, launch, progress_since, swap_in_group_step
 from .parts import PeerParts
 from .reporting import RoundReport
-from .sync import wait_out_formed_round
+from .sync import wait_for_cohort, wait_out_formed_round
 from .training import RoundStats
 
 logger = logging.getLogger(__name__)
@@ -72,8 +72,7 @@ class Peer(PeerParts):
         return self.gs.counters.round + (1 if self.inflight is not None else 0)
 
     def _all_rounds_done(self) -> bool:
-        n = self.cfg.rounds.num_rounds
-        return bool(n and self.gs.counters.round >= n)
+        return bool(self.cfg.rounds.num_rounds and self.gs.counters.round >= self.cfg.rounds.num_rounds)
 
     def _overlapping(self) -> bool:
         n = self.cfg.rounds.num_rounds
@@ -189,6 +188,8 @@ class Peer(PeerParts):
 
     def join(self, starting: threading.Event | None = None) -> None:
         super().join(starting)
+        wait_for_cohort(self.tracker, self.cfg.rounds.start_peers, self.gs.counters.round, self.stop,
+                        waiting=lambda: self.publish(RoundStats(), "syncing"))
         if self.inflight is None:
             self._join_pipeline()
 
@@ -265,11 +266,10 @@ class Peer(PeerParts):
         """If a majority of the other peers finished our round without us, download the swarm's state
         instead of averaging a stale Δ (a lone peer far ahead is not enough)."""
         # θ rounds, not training rounds: overlapped peers train r+1 while they hold θ of round r
-        ahead = self.tracker.theta_round(self.tracker.records(fresh=True))
-        if ahead <= self.gs.counters.round:
+        ahead, ours = self.tracker.theta_round(self.tracker.records(fresh=True)), self.gs.counters.round
+        if ahead <= ours:
             return False
-        logger.info("the swarm holds θ of round %d, we of round %d: downloading its state", ahead,
-                    self.gs.counters.round)
+        logger.info("the swarm holds θ of round %d, we of round %d: downloading its state", ahead, ours)
         return self.sync_from_peers()
 
     # ------------------------------------------------------------------ after a round

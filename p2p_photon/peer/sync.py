@@ -125,3 +125,31 @@ def wait_out_formed_round(tracker, r: int, stop: threading.Event, formed_after_s
             logger.info("most peers no longer average round %d and no later θ is confirmed: training round %d", r, r)
             return False
     return False
+
+
+def wait_for_cohort(tracker, want: int, round_no: int, stop: threading.Event, waiting: Callable[[], None],
+                    log_every_s: float = 10.0) -> int:
+    """Before a fresh run's first round (we are at round 0): wait until `want` peers of the run, this one
+    included, are live on the DHT (rounds.start_peers), so that a cohort started together averages round 0
+    together; the peers that finish importing first would otherwise average it among themselves, and the
+    rest would start late and catch up. No wait once any peer of the run is past round 0 (a joiner of a
+    running swarm), nor after a stop request. `waiting()` is called once the wait begins (the peer publishes
+    `syncing`: its heartbeat keeps it counted). Returns the peers counted last."""
+    if want <= 1 or round_no > 0:
+        return 1
+    n, told = 1, None
+    while not stop.is_set():
+        records = tracker.records(fresh=True)
+        live = tracker.live_mates(records)
+        n = 1 + len(live)
+        if n >= want or any(x.round > 0 or x.theta_round > 0 for x in live):
+            if told is not None:
+                logger.info("%d peers of the run are on the DHT: starting round 0", n)
+            return n
+        if told is None:
+            waiting()
+        if told is None or time.monotonic() - told >= log_every_s:
+            logger.info("waiting for peers before round 0: %d of %d (rounds.start_peers) on the DHT", n, want)
+            told = time.monotonic()
+        stop.wait(WAIT_POLL_S)
+    return n
