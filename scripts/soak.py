@@ -3,7 +3,7 @@
 
     python scripts/soak.py                  # bootstrap + 6 peers, churn every 10 s for 150 s
     python scripts/soak.py --minutes 10     # a longer soak
-    python scripts/soak.py --keep 0         # any peer may be killed (default: the first 2 never are)
+    python scripts/soak.py --keep 0         # any peer may be killed (default: the first one never is)
     python scripts/soak.py --quick          # the ~60 s smoke version (4 peers, 30 s of churn)
 
 Real processes on 127.0.0.1 (`LocalSwarm`), the nano model on a small stdlib corpus that the script
@@ -68,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="which peer is killed when (default 0)")
     p.add_argument("--quick", action="store_true", help="the smoke version: 4 peers, 30 s of churn")
     p.add_argument("--keep", type=int, default=None,
-                   help="initial peers never killed, the RSS slope's long series (default 2; --quick 0)")
+                   help="initial peers never killed, the RSS slope's long series (default 1; --quick 0)")
     p.add_argument("--rss-every", type=float, default=3.0, help="seconds between RSS samples (default 3)")
     p.add_argument("--settle", type=float, default=None,
                    help="most seconds after the churn for the survivors to agree (default 150; --quick 90)")
@@ -80,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.peers = args.peers or (4 if args.quick else 6)
     args.minutes = args.minutes if args.minutes is not None else (0.5 if args.quick else 2.5)
-    args.keep = args.keep if args.keep is not None else (0 if args.quick else 2)
+    args.keep = args.keep if args.keep is not None else (0 if args.quick else 1)
     if not 0 <= args.keep <= args.peers:
         p.error(f"--keep must be between 0 and --peers ({args.peers})")
     args.settle = args.settle if args.settle is not None else (90.0 if args.quick else 150.0)
@@ -671,7 +671,8 @@ def build_result(soak: Soak, args, tag_left: list[dict], cpu0, load0) -> tuple[d
 
 def settings(args, soak: Soak) -> dict:
     return dict(peers=args.peers, interval_s=args.interval, churn_minutes=args.minutes, seed=args.seed,
-                quick=args.quick, keep=sorted(soak.kept), rss_every_s=args.rss_every, settle_s=args.settle, workdir=str(args.workdir),
+                quick=args.quick, keep=sorted(soak.kept), rss_every_s=args.rss_every, settle_s=args.settle,
+                workdir=str(args.workdir),
                 peer_overrides=soak.swarm.overrides,
                 note=("averaging timeouts set for a loaded 2-core machine: matchmaking_time 3 s, allreduce_timeout "
                       "40 s, round_timeout 90 s; checkpoint every round (for --resume); one torch thread per peer; "

@@ -82,3 +82,29 @@ def test_bench_groups_figures_by_hand():
     assert by["one_group_mean"] == 105.0
     assert by["groups"][8]["spread"] == pytest.approx(10 / 105) and by["groups"][8]["vs_one_group"] == 0.0
     assert by["groups"][2]["mean"] == 110.0 and by["groups"][2]["vs_one_group"] == pytest.approx(110 / 105 - 1)
+
+
+@pytest.mark.extended
+def test_a_cohort_waits_for_its_last_peer_and_averages_round_0_together(tmp_path, swarm_overrides):
+    """rounds.start_peers = 3: the first two peers are on the DHT and wait (without training) while the third
+    is not started yet; once it is, all three average round 0 in one group. (Without the setting the two
+    average round 0 as a pair and the third joins at a later round.)"""
+    import time
+
+    run = [*swarm_overrides, "rounds.num_rounds=2", "rounds.start_peers=3", "dht.startup_timeout=120"]
+    with LocalSwarm(tmp_path, overrides=run) as swarm:
+        swarm.start_bootstrap()
+        first = [swarm.start_peer(i, name=f"peer{i}") for i in range(2)]
+        deadline = time.monotonic() + 240
+        while not all("waiting for peers before round 0" in p.log.read_text() for p in first):
+            assert time.monotonic() < deadline and all(p.alive() for p in first), [swarm.tail(p) for p in first]
+            time.sleep(0.5)
+        time.sleep(5)  # they keep waiting: nothing trained, nothing averaged
+        assert not any("round 0 |" in p.log.read_text() for p in first), [swarm.tail(p) for p in first]
+        procs = [*first, swarm.start_peer(2, name="peer2")]
+        codes = swarm.wait(procs, timeout=400)
+        assert codes == [0] * 3, [swarm.tail(p) for p in procs if p.returncode]
+    summaries = {f"peer{i}": swarm.summary(f"peer{i}") for i in range(3)}
+    first_round = {n: next(h for h in s["history"] if h["ok"]) for n, s in summaries.items()}
+    assert {n: (h["round"], h["group"]) for n, h in first_round.items()} == {n: (0, 3) for n in summaries}
+    assert len({h["theta"] for h in first_round.values()}) == 1
