@@ -363,6 +363,19 @@ class _View:
     refresh = records
 
 
+class Script(_View):
+    """A swarm view whose each fetch moves on to the next list of records (the last one stays)."""
+
+    def __init__(self, *steps):
+        self.steps, self.fetches = list(steps), 0
+        super().__init__(self.steps[0])
+
+    def refresh(self):
+        self.records_now = self.steps[min(self.fetches, len(self.steps) - 1)]
+        self.fetches += 1
+        return list(self.records_now)
+
+
 def test_round_tracker_ends_rounds_and_ignores_banned_peers():
     cfg = load_config(None, ["rounds.target_samples_per_round=100", f"model.seq_len={SEQ}"])
     view = _View([rec("p1", samples=60), rec("liar", samples=60)])
@@ -767,18 +780,6 @@ def test_a_peer_arriving_after_its_rounds_groups_formed_waits_for_the_rounds_the
     view.records_now = formed + [rec("p3", round=5, theta_round=5, state="training", time=now)] + waiters
     assert tracker.groups_formed(5, tracker.records(), after_s=10)
 
-    class Script(_View):
-        """Each fetch moves on to the next list of records (the last one stays)."""
-
-        def __init__(self, *steps):
-            self.steps, self.fetches = list(steps), 0
-            super().__init__(self.steps[0])
-
-        def refresh(self):
-            self.records_now = self.steps[min(self.fetches, len(self.steps) - 1)]
-            self.fetches += 1
-            return list(self.records_now)
-
     stop, waited = threading.Event(), []
     monkeypatch.setattr(sync, "WAIT_POLL_S", 0.01)
     applied = [rec(p, round=6, theta_round=6, state="training", time=now, theta_hash="c3" * 32) for p in ("p1", "p2")]
@@ -825,16 +826,6 @@ def test_a_fresh_run_waits_for_its_cohort_before_round_0(monkeypatch):
     stale = [rec("old", round=0, theta_round=0, state="syncing", time=now - 120)]
     foreign = [rec("f1", round=0, theta_round=0, state="syncing", time=now, fingerprint="other" * 4)]
     two = one + [rec("p2", round=0, theta_round=0, state="training", time=now)]
-
-    class Script(_View):
-        def __init__(self, *steps):
-            self.steps, self.fetches = list(steps), 0
-            super().__init__(self.steps[0])
-
-        def refresh(self):
-            self.records_now = self.steps[min(self.fetches, len(self.steps) - 1)]
-            self.fetches += 1
-            return list(self.records_now)
 
     monkeypatch.setattr(sync, "WAIT_POLL_S", 0.01)
     stop, waited = threading.Event(), []
