@@ -253,11 +253,10 @@ class Soak:
         self.phases["stopped"] = self.now()
 
     def churn_loop(self, until: float) -> None:
-        """Every interval: kill one joined peer (never a kept one) and start one (new and resumed alternately).
-        A tick at which
-        the kill would leave fewer than `quorum` joined peers is skipped: joiners are still starting (on
-        a busy machine a peer takes minutes to import and start), and killing the last holders of θ
-        would test nothing but that."""
+        """Every interval: kill one joined peer (never a kept one) and start one (new and resumed
+        alternately). A tick at which the kill would leave fewer than `quorum` joined peers is skipped:
+        joiners are still starting (on a busy machine a peer takes minutes to import and start), and
+        killing the last holders of θ would test nothing but that."""
         tick, new_next = self.now() + self.args.interval, True
         while tick <= until:
             self.idle_until(tick)
