@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import faulthandler
 import logging
 import os
@@ -62,6 +63,7 @@ def start_orphan_reaper() -> int:
         return running.pid
     tag = owner_tag(me)
     os.environ[OWNER_ENV] = tag
+    die_with_parent_in_forks()
     cmd = [sys.executable, "-m", "p2p_photon.watchdog", "--parent", str(me), "--tag", tag]
     if os.environ.get(LOG_ENV):
         cmd += ["--log-file", os.environ[LOG_ENV]]
@@ -83,6 +85,35 @@ def start_orphan_reaper() -> int:
     _reapers[me] = proc
     logger.debug(f"orphan reaper started (pid {proc.pid}) for pid {me}")
     return proc.pid
+
+
+_PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
+_fork = {"parent": 0, "main": False}  # the forking process and whether its main thread forks (set before each fork)
+_pdeath_registered = False
+
+
+def die_with_parent_in_forks() -> None:
+    """Processes this one forks from its main thread from now on (hivemind's DHT and averager) get SIGTERM
+    from the kernel when it dies (prctl PR_SET_PDEATHSIG, Linux; a no-op elsewhere). The reaper's snapshot
+    misses a child forked less than a poll before a SIGKILL (soak: a peer killed 20 s into its start-up
+    left its DHT process running). Only main-thread forks: the signal follows the forking *thread*."""
+    global _pdeath_registered
+    if not _pdeath_registered and sys.platform.startswith("linux"):
+        os.register_at_fork(before=_note_fork, after_in_child=_die_with_parent)
+        _pdeath_registered = True
+
+
+def _note_fork() -> None:
+    _fork.update(parent=os.getpid(), main=threading.current_thread() is threading.main_thread())
+
+
+def _die_with_parent() -> None:
+    if not _fork["main"]:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != _fork["parent"]:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def notify_reaper() -> None:

@@ -350,6 +350,45 @@ def test_sigkill_without_reaper_leaves_orphans_control():
         kill_all(workers)
 
 
+FORKER = (
+    "import multiprocessing as mp, os, threading, time\n"
+    "from p2p_photon import watchdog\n"
+    "{call}"
+    "ctx = mp.get_context('fork')\n"
+    "main = ctx.Process(target=time.sleep, args=(600,)); main.start()\n"
+    "box = []\n"
+    "t = threading.Thread(target=lambda: box.append(ctx.Process(target=time.sleep, args=(600,))) or box[0].start())\n"
+    "t.start(); t.join()\n"
+    "print(main.pid, box[0].pid, flush=True)\n"
+    "time.sleep(600)\n"
+)
+
+
+@pytest.mark.timeout(60)
+def test_a_child_forked_from_the_main_thread_dies_with_its_sigkilled_parent():
+    """die_with_parent_in_forks (start_orphan_reaper calls it): a child forked from the main thread gets SIGTERM
+    from the kernel when the parent is SIGKILLed, with no reaper at all (the reaper's snapshot misses a child
+    forked just before the kill). A child forked from another thread is not tied to that thread's life (the
+    death signal follows the forking thread): it is the reaper's. Without the call both survive."""
+    children = []
+    try:
+        for call, main_dies in (("watchdog.die_with_parent_in_forks()\n", True), ("", False)):
+            proc = subprocess.Popen([PYTHON, "-c", FORKER.format(call=call)], stdout=subprocess.PIPE,
+                                    stderr=subprocess.DEVNULL, text=True, env=python_env())
+            main, other = (psutil.Process(int(x)) for x in proc.stdout.readline().split())
+            children += [main, other]
+            proc.kill()
+            proc.wait()
+            if main_dies:
+                assert wait_until(lambda m=main: not is_alive(m), 10), "the main-thread child outlived its parent"
+            else:
+                time.sleep(2)
+                assert is_alive(main), "without the call the child is an orphan (control)"
+            assert is_alive(other), "a child forked from another thread must not be tied to it"
+    finally:
+        kill_all(children)
+
+
 @pytest.mark.timeout(30)
 def test_reaper_is_started_once_per_process():
     """One reaper per process, following this process under its owner tag. (Its CPU use while it waits
