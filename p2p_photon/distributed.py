@@ -135,16 +135,9 @@ class RankGroup:
 def _die_with_launcher() -> None:
     """Linux: SIGTERM this rank when the launcher (torchrun's agent, our parent) dies, even by SIGKILL;
     rank 0 then leaves cleanly and tells the other ranks to stop."""
-    import ctypes
-    import signal
+    from .watchdog import end_with_parent
 
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() == 1:  # the launcher died before we asked
-        os.kill(os.getpid(), signal.SIGTERM)
+    end_with_parent()
 
 
 class _Guard:

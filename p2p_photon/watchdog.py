@@ -12,7 +12,8 @@ starts a tiny separate process, `python -m p2p_photon.watchdog --parent PID`, th
   SIGKILLs the survivors after a grace period, and exits.
 
 Descendants started less than one poll interval before the parent died can escape the
-tree snapshot. To catch the important ones, `start_orphan_reaper` puts an owner tag in
+tree snapshot. Children forked from the main thread also end by the kernel's parent-death signal
+(`die_with_parent_in_forks`, set up with the reaper). To catch the others, `start_orphan_reaper` puts an owner tag in
 `os.environ`; programs exec'd afterwards (p2pd among them) inherit it, and the reaper also
 ends those. Forked Python children do not show the tag in /proc, but they are direct
 children of the parent and are found by the snapshot. `notify_reaper()` asks the reaper to
@@ -92,11 +93,25 @@ _fork = {"parent": 0, "main": False}  # the forking process and whether its main
 _pdeath_registered = False
 
 
+def end_with_parent(parent: int | None = None) -> None:
+    """In a child (Linux; a no-op elsewhere): SIGTERM from the kernel when its parent dies, even by SIGKILL
+    (prctl PR_SET_PDEATHSIG; it follows the thread that forked us). If the parent died before we asked (our
+    parent is no longer `parent`, or, without one, we were re-parented to init), SIGTERM now."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent if parent else os.getppid() == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def die_with_parent_in_forks() -> None:
-    """Processes this one forks from its main thread from now on (hivemind's DHT and averager) get SIGTERM
-    from the kernel when it dies (prctl PR_SET_PDEATHSIG, Linux; a no-op elsewhere). The reaper's snapshot
-    misses a child forked less than a poll before a SIGKILL (soak: a peer killed 20 s into its start-up
-    left its DHT process running). Only main-thread forks: the signal follows the forking *thread*."""
+    """Processes this one forks from its main thread from now on (hivemind's DHT and averager) end with it
+    (end_with_parent). The reaper's snapshot misses a child forked less than a poll before a SIGKILL (soak:
+    a peer killed 20 s into its start-up left its DHT process running). Only main-thread forks: the death
+    signal follows the forking *thread*."""
     global _pdeath_registered
     if not _pdeath_registered and sys.platform.startswith("linux"):
         os.register_at_fork(before=_note_fork, after_in_child=_die_with_parent)
@@ -108,12 +123,8 @@ def _note_fork() -> None:
 
 
 def _die_with_parent() -> None:
-    if not _fork["main"]:
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != _fork["parent"]:  # the parent died before the request took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+    if _fork["main"]:
+        end_with_parent(_fork["parent"])
 
 
 def notify_reaper() -> None:

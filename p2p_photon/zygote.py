@@ -19,7 +19,6 @@ closed) once its children have exited; children die with the zygote (PDEATHSIG).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import io
 import json
 import os
@@ -31,6 +30,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from . import watchdog
 
 PRELOAD = ("torch", "hivemind", "transformers", "bitsandbytes", "transformers.models.llama.modeling_llama",
            "p2p_photon.cli", "p2p_photon.peer.loop", "p2p_photon.bootstrap", "p2p_photon.monitor")
@@ -44,9 +45,7 @@ def enabled() -> bool:
 def end_with_parent() -> None:
     """In a child (Linux): SIGTERM when its parent dies, even by SIGKILL, so that no peer of a killed demo
     or test keeps training on its own (each then stops as on any SIGTERM)."""
-    if sys.platform.startswith("linux"):
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    watchdog.end_with_parent()
 
 
 # ----------------------------------------------------------------------------- the zygote process
