@@ -246,6 +246,44 @@ def test_a_fork_inside_our_group_is_healed_at_once_by_the_one_that_loses_the_tie
     assert loser.fork(loser.records(), 6, b, my_total=100) is None
 
 
+def test_a_lone_survivor_ahead_of_a_swarm_that_trains_the_round_again_re_syncs_to_it():
+    """We alone hold θ m of round 6 (the rest of our round-5 group died); two live peers train round 5
+    again on θ a, and a joiner waits (syncing). They will never take a θ one peer holds: we re-sync to a at
+    once instead of failing round 6 for want of a group. Each precondition, removed, keeps our θ."""
+    from hivemind.utils import get_dht_time
+
+    cfg = load_config(None, [f"model.seq_len={SEQ}"])
+    m, a, now = "m" * 16, "a" * 16, get_dht_time()
+
+    def back(pid, **kw):
+        return rec(pid, time=now, state="training", round=5, theta_round=5, theta_hash=a, **kw)
+
+    view = _View([back("p1"), back("p2"), rec("j", time=now, state="syncing", round=5, theta_round=5, theta_hash=a),
+                  *(rec(f"dead{i}", time=now - 3600, round=5, theta_round=5, theta_hash=a) for i in (1, 2))]
+    )  # the records of two dead peers that were averaging round 5 do not count
+    tracker = RoundTracker(cfg, FP, "me", view, banned=dict)
+    assert tracker.fork(tracker.records(), 6, m, my_total=100) == a
+    live = view.records_now[:3]
+    cases = {
+        "a live peer publishes our θ": [back("p1"), rec("p2", time=now, round=6, theta_round=6, theta_hash=m)],
+        "a live peer holds another θ of round 6": [back("p1"), back("p2"), rec("p3", time=now, round=6,
+                                                                                theta_round=6, theta_hash="e" * 16)],
+        "one of two still averages round 5": [back("p1"), rec("p2", time=now, round=5, theta_round=5, theta_hash=a)],
+        "only one other peer trains or averages": [back("p1"), live[2]],
+        "the two train round 5 on two θ": [back("p1"), rec("p2", time=now, state="training", round=5,
+                                                            theta_round=5, theta_hash="b" * 16)],
+        "overlapped peers train round 6 with round 5 in flight": [
+            rec("p1", time=now, state="training", round=6, theta_round=5, theta_hash=a),
+            rec("p2", time=now, state="training", round=6, theta_round=5, theta_hash=a)],
+    }
+    for why, records in cases.items():
+        view.records_now = records
+        assert tracker.fork(tracker.records(), 6, m, my_total=100) is None, why
+    # a majority of three suffices; the third may average
+    view.records_now = [back("p1"), back("p2"), rec("p3", time=now, round=5, theta_round=5, theta_hash=a)]
+    assert tracker.fork(tracker.records(), 6, m, my_total=100) == a
+
+
 def test_fresh_peers_do_not_outvote_the_peers_that_trained():
     """Three joiners starting together next to two peers at θ round 5: by plain majority the swarm's θ
     round is 0 (a joiner would start a second model); counting only peers with an averaged θ it is 5."""

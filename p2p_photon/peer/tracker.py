@@ -228,7 +228,7 @@ class RoundTracker:
         best, held = swarm_theta(records, me=self.peer_id, fingerprint=self.fp, theta_round=theta_round,
                                  my_hash=my_hash, my_total=my_total)
         if best == my_hash:
-            return None
+            return self.stranded(records, theta_round, my_hash) if held[my_hash] == 1 else None
         tied = held[best] == held[my_hash] and any(m.theta_round < theta_round for m in self.mates(records))
         if tied and not self._forked_in_group(records, theta_round, best):
             if self._tie is None or self._tie[0] < theta_round - 1:
@@ -239,6 +239,30 @@ class RoundTracker:
                        "re-synchronizing with the swarm's", theta_round, held[best], best[:8], held[my_hash],
                        my_hash[:8])
         self._tie = None
+        return best
+
+    def stranded(self, records: list[ProgressRecord], theta_round: int, my_hash: str) -> str | None:
+        """The θ of round R = `theta_round` that we alone hold (the rest of the group that applied round R-1
+        with us died) can never become the swarm's: no other live peer publishes it or any θ of round R or
+        later, and most of the other live peers that train or average went back to training round R-1 on
+        one θ of round R-1 that two or more of them hold. Two live peers besides us never download a θ one
+        peer publishes (theta_past, StateSync.unconfirmed); they average R-1 without us and win the fork.
+        Returns that θ (heal_fork re-synchronizes to it at once), else None. (20-minute soak: such a lone
+        survivor failed round R three times with "could not find a group", 40 s, before STUCK_AFTER
+        re-synchronized it.) Peers still averaging R-1 (state `averaging`: they may yet apply our θ) keep
+        us waiting, and so do overlapped peers training R on θ of R-1 (their R-1 is in flight)."""
+        settled = self.settled_mates(records)
+        if len(settled) < 2 or any(x.theta_hash == my_hash or x.theta_round >= theta_round
+                                   for x in self.live_mates(records)):
+            return None
+        back = [x for x in settled if x.state == "training" and x.round == x.theta_round == theta_round - 1]
+        votes = tally(back)
+        if 2 * len(back) <= len(settled) or max(v[0] for v in votes.values()) < 2:
+            return None
+        best = elect(votes)
+        logger.warning("no other peer holds our θ %s of round %d and %d of the %d other live peers train round %d "
+                       "again on θ %s: our round %d will never be the swarm's; re-synchronizing with it",
+                       my_hash[:8], theta_round, len(back), len(settled), theta_round - 1, best[:8], theta_round - 1)
         return best
 
     def note_group(self, gathered: Mapping[str, Mapping], my_hash: str, theta_round: int) -> None:
