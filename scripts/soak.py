@@ -612,10 +612,14 @@ def plot(soak: Soak, evs: dict[str, LogEvents], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
+    fig, (a, k, b) = plt.subplots(3, 1, figsize=(10, 9), sharex=True, gridspec_kw=dict(height_ratios=[3, 2, 2]))
+    named = len(soak.peers) <= 12  # a long run starts a hundred peers: a legend of them hides the plot
     for p in soak.peers:
         if p.rss:
-            a.plot([t for t, _ in p.rss], [m for _, m in p.rss], lw=1, label=p.name)
+            kept = p.name in soak.kept
+            a.plot([t for t, _ in p.rss], [m for _, m in p.rss], lw=1.6 if kept else 0.8, color="k" if kept else None,
+                   label=p.name if named or kept else None, zorder=3 if kept else 2)
+    _plot_kept(k, soak, evs)
     oks = sorted((t, r) for ev in evs.values() for t, r, _ in ev.ok)
     b.step([t for t, _ in oks], range(1, len(oks) + 1), where="post", label="peer-rounds averaged")
     b.step([t for t, _ in oks], _running_max([r + 1 for _, r in oks]), where="post", label="swarm rounds done")
@@ -626,7 +630,8 @@ def plot(soak: Soak, evs: dict[str, LogEvents], out: Path) -> None:
             if c["killed"] is not None:
                 ax.axvline(c["t"], color="grey", lw=0.5, ls=":")
     a.set_ylabel("RSS of peer process tree (MB)")
-    a.legend(fontsize=7, ncol=4)
+    a.legend(fontsize=7, ncol=4 if named else 1, title=None if named else "black: kept peers; the others unnamed",
+             title_fontsize=7)
     b.set_ylabel("rounds")
     b.set_xlabel("seconds since start (dotted: kill + start)")
     b.legend(fontsize=8)
@@ -634,6 +639,21 @@ def plot(soak: Soak, evs: dict[str, LogEvents], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+def _plot_kept(ax, soak: Soak, evs: dict[str, LogEvents]) -> None:
+    """The never-killed peers' RSS after their first averaged round, on their own scale, with the slope."""
+    for p in soak.peers:
+        if p.name not in soak.kept or not p.rss:
+            continue
+        warm = _first_ok_time(evs[p.name])
+        pts = [(t, m) for t, m in p.rss if t >= warm]
+        slope = rss_slope({p.name: pts}, {p.name: warm})[0] if len(pts) >= 3 else None
+        ax.plot([t for t, _ in pts], [m for _, m in pts], lw=1,
+                label=f"{p.name}: {slope:.2f} MB/min" if slope is not None else p.name)
+    ax.set_ylabel("kept peers' RSS\nafter warm-up (MB)")
+    if ax.lines:
+        ax.legend(fontsize=8)
 
 
 def _running_max(xs: list[int]) -> list[int]:

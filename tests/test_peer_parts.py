@@ -284,6 +284,41 @@ def test_a_lone_survivor_ahead_of_a_swarm_that_trains_the_round_again_re_syncs_t
     assert tracker.fork(tracker.records(), 6, m, my_total=100) == a
 
 
+def test_a_survivor_of_a_group_whose_other_members_died_re_syncs_while_the_others_average_apart():
+    """Our group of two (us, q) averaged round 5 alone (no other group's stages) and q died before it
+    published θ 6: nobody else can ever hold our θ m, even while p1 and p2 still average round 5 (a later
+    wave without us). We re-sync to their θ a. Not while q's record is fresh (it will publish m), nor when the
+    average spanned other groups, nor for a group of one, nor for another round's group."""
+    from hivemind.utils import get_dht_time
+
+    from p2p_photon.peer.tracker import MATES_DEAD_S
+
+    cfg = load_config(None, [f"model.seq_len={SEQ}"])
+    m, a, now = "m" * 16, "a" * 16, get_dht_time()
+    busy = [rec(p, time=now, round=5, theta_round=5, theta_hash=a) for p in ("p1", "p2")]  # state: averaging
+
+    def q(age):
+        return rec("q", time=now - age, round=5, theta_round=5, theta_hash="0" * 16)
+
+    view = _View(busy + [q(MATES_DEAD_S + 5)])
+    tracker = RoundTracker(cfg, FP, "me", view, banned=dict)
+    group = {"me": dict(theta="0" * 16), "q": dict(theta="0" * 16)}
+    assert tracker.fork(tracker.records(), 6, m, my_total=100) is None  # no group noted yet
+    tracker.note_group(group, "0" * 16, 6, spanned=2)
+    assert tracker.fork(tracker.records(), 6, m, my_total=100) == a
+    view.records_now = busy  # q's record gone altogether
+    assert tracker.fork(tracker.records(), 6, m, my_total=100) == a
+    view.records_now = busy + [q(1.0)]
+    assert tracker.fork(tracker.records(), 6, m, my_total=100) is None, "q is alive: it will publish our θ"
+    view.records_now = busy + [q(MATES_DEAD_S + 5)]
+    for gathered, spanned, r in ((group, 5, 6), ({"me": {}}, 1, 6), (group, 2, 5)):
+        tracker.note_group(gathered, "0" * 16, r, spanned=spanned)
+        assert tracker.fork(tracker.records(), 6, m, my_total=100) is None, (gathered, spanned, r)
+    tracker.note_group(group, "0" * 16, 6, spanned=2)
+    view.records_now = busy[:1] + [q(MATES_DEAD_S + 5)]  # one other peer: it may take our θ (theta_past)
+    assert tracker.fork(tracker.records(), 6, m, my_total=100) is None
+
+
 def test_fresh_peers_do_not_outvote_the_peers_that_trained():
     """Three joiners starting together next to two peers at θ round 5: by plain majority the swarm's θ
     round is 0 (a joiner would start a second model); counting only peers with an averaged θ it is 5."""

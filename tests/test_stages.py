@@ -392,6 +392,32 @@ def test_a_member_takes_the_place_of_a_representative_that_died_waiting_for_its_
         member(dht, runs, "d", g2).follow([torch.ones(2)], {}, {}, 5)
     assert runs == []
 
+    # the rep died waiting, and its successor d is dead too (it never marks): e takes c's place in turn,
+    # as c's replacement (the board holds c's post), and broadcasts to itself alone
+    monkeypatch.setattr(stages, "STAGE1_SLACK_S", 0.3)
+    groups = {"000000a1": ("a", "x"), "000000b2": ("c", "d", "e")}
+    dht, runs = setup("posted", groups)
+
+    def run_stage_e(run):
+        runs.append(("e", run.stage, run.policy["leader"], run.policy["target_group_size"], run.weight))
+        if run.stage == 2:
+            return [x.clone()], {"a": {"group_totals": {"steps": 3, "samples": 30}},
+                                 "e": {"group_totals": {"steps": 9, "samples": 90}}}
+        return [x.clone()], {"e": {"source": True, "spanned": 5, "swarm_totals": {"steps": 12, "samples": 120}}}
+
+    sp = stages.Spanner(dht, "run", "e", run_stage_e, codec="none", board_wait=0.2, gather_s=0.1, stage_timeout=0.5)
+    got_e = stages.Member(sp, g2, 4).follow([torch.zeros(2)], {"steps": 9, "samples": 90}, {}, 5)
+    assert runs == [("e", 2, "a", 2, 3.0), ("e", 3, "e", 1, 1.0)], runs
+    post = dht.get(stages.board_key("run", 4)).value["000000b2"].value
+    assert post["rep"] == "e" and post["t"] == t_post and post["members"] == ["c", "d", "e"]
+    assert torch.equal(got_e[0][0], x) and got_e[1] == 5
+    assert stages.read_decision(dht, stages.decision_key("run", 4, "000000b2"), "e") == "broadcast"
+    # ... but not when the rep that never marked is the first one (it may not have posted the group at all)
+    dht, runs = setup("never", groups)  # "never" is no phase: c is never seen alive after stage 1
+    with pytest.raises(AveragingFailed, match="went silent.*never after stage 1"):
+        stages.Member(sp, g2, 4).follow([torch.zeros(2)], {}, {}, 5)
+    assert runs == []
+
 
 def test_every_member_of_a_group_expects_the_same_swarm_from_the_groups_metadata():
     """Suite finding (overlapped 3-peer swarm): one member counted 2 peers at round 0 and applied its group's

@@ -478,7 +478,11 @@ class Member:
     place, led by the same leader and capped like it; the others follow the new rep. Not when the dead rep
     was stage 2's leader (the others redo stage 2 without its group: without_dead_leader) or died in
     stage 2 (its stage failed or went on without it). (Soak: every killed rep failed its whole group's
-    round; one group waited 75 s on a second representative that failed too.)"""
+    round; one group waited 75 s on a second representative that failed too.) A successor that never marks
+    its phase within its bound was dead too (it marks at once when it takes over, and it noticed the death
+    when we did): the next member takes the place, as the first rep's replacement (the board still holds
+    that rep's post). (20-minute soak: a group of four lost its rep and then its successor, killed 10 s
+    apart; the two left failed the round, which no other group averaged.)"""
 
     def __init__(self, spanner: Spanner, group: Group, round_no: int):
         self.spanner, self.group, self.round_no = spanner, group, round_no
@@ -487,12 +491,16 @@ class Member:
     def follow(self, averaged, totals: dict[str, int], member_caps, expected: int) -> tuple[list, int, dict[str, int]]:
         sp, group = self.spanner, self.group
         decision, why, gone_in = self.decision_of(group.rep)
-        while decision is None and gone_in == "posted" and len(group.successors()) > 1:
+        on_board = None  # the dead rep whose post the board holds (a successor that never marked did not post)
+        while decision is None and (gone_in == "posted" or (on_board and gone_in is None)) \
+                and len(group.successors()) > 1:
             dead, group = group.rep, group.without(group.rep)
-            logger.warning("round %d: our group's representative %s died before stage 2; %s its place", self.round_no,
-                           dead[-8:], "we take" if group.rep == sp.peer_id else f"{group.rep[-8:]} takes")
+            on_board = dead if gone_in == "posted" else on_board
+            logger.warning("round %d: our group's representative %s %s; %s its place", self.round_no, dead[-8:],
+                           "died before stage 2" if gone_in else "never took the place of the dead one (dead too)",
+                           "we take" if group.rep == sp.peer_id else f"{group.rep[-8:]} takes")
             if group.rep == sp.peer_id:
-                return sp.as_rep(averaged, group, totals, self.round_no, member_caps, expected, replacing=dead)
+                return sp.as_rep(averaged, group, totals, self.round_no, member_caps, expected, replacing=on_board)
             decision, why, gone_in = self.decision_of(group.rep)
         if decision == "single":
             return averaged, len(group.members), totals

@@ -204,7 +204,7 @@ class PeerParts:
 
     def _apply(self, res, reset_local: bool) -> None:
         """θ ← OuterOpt(θ, Δ̄) for a group's result (the local model reset to it if `reset_local`)."""
-        self.tracker.note_group(res.gathered, self.gs.hash, self.gs.counters.round + 1)
+        self.tracker.note_group(res.gathered, self.gs.hash, self.gs.counters.round + 1, res.group_size)
         self.gs.apply(res, self.model if reset_local else None)
         self.averager.set_priority(self.policy.sharing_priority(self.gs.counters.round))
 

@@ -20,7 +20,7 @@ from hivemind.utils import get_dht_time
 
 from ..config import Config
 from ..progress import ProgressRecord
-from .swarm_view import SwarmView
+from .swarm_view import HEARTBEAT_S, SwarmView
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +156,9 @@ def elect(votes: Mapping[str, list[int]]) -> str:
     return min(votes, key=lambda h: (-votes[h][0], -votes[h][1], h))
 
 
+MATES_DEAD_S = 3 * HEARTBEAT_S  # a record not refreshed this long: its peer died (see _mates_gone)
+
+
 class RoundTracker:
     """This peer's reading of the swarm: the background view's records, less those of banned peers."""
 
@@ -170,6 +173,9 @@ class RoundTracker:
         # the θ round our last average produced, and the members of that group that averaged on another θ
         # than ours: peer id -> the θ hash their metadata gave (note_group)
         self._group: tuple[int, dict[str, str]] = (-1, {})
+        # the θ round our last average produced, the other members of our stage-1 group, and whether the
+        # average covered that group alone (no other group's stages): then only they can ever hold our θ
+        self._mates: tuple[int, frozenset[str], bool] = (-1, frozenset(), False)
         # a lagging peer publishes its θ of a round within about one round's averaging; past that, a tie
         # is broken anyway (under churn some peer always lags, and a 2+2 split must not last for ever)
         self.tie_grace_s = cfg.averaging.attempt_s
@@ -242,32 +248,56 @@ class RoundTracker:
         return best
 
     def stranded(self, records: list[ProgressRecord], theta_round: int, my_hash: str) -> str | None:
-        """The θ of round R = `theta_round` that we alone hold (the rest of the group that applied round R-1
-        with us died) can never become the swarm's: no other live peer publishes it or any θ of round R or
-        later, and most of the other live peers that train or average went back to training round R-1 on
-        one θ of round R-1 that two or more of them hold. Two live peers besides us never download a θ one
-        peer publishes (theta_past, StateSync.unconfirmed); they average R-1 without us and win the fork.
-        Returns that θ (heal_fork re-synchronizes to it at once), else None. (20-minute soak: such a lone
-        survivor failed round R three times with "could not find a group", 40 s, before STUCK_AFTER
-        re-synchronized it.) Peers still averaging R-1 (state `averaging`: they may yet apply our θ) keep
-        us waiting, and so do overlapped peers training R on θ of R-1 (their R-1 is in flight)."""
+        """The θ of round R = `theta_round` that we alone hold can never become the swarm's: no other live
+        peer publishes it or any θ of round R or later, two or more other live peers train or average, and
+        either (a) most of those went back to training round R-1 on θ of R-1, or (b) the others of the group
+        that averaged R-1 with us are dead (_mates_gone). Two live peers besides us never download a θ one
+        peer publishes (theta_past, StateSync.unconfirmed): they average R-1 without us and win the fork.
+        Returns the θ of round R-1 that most of them hold, two at least (heal_fork re-synchronizes to it at
+        once), else None. (20-minute soak: such a lone survivor failed round R three times with "could not
+        find a group", 40 s, before STUCK_AFTER re-synchronized it.) Otherwise, peers still averaging R-1
+        (they may yet apply our θ) keep us waiting, and so do overlapped peers training R on θ of R-1 (their
+        R-1 is in flight)."""
         settled = self.settled_mates(records)
         if len(settled) < 2 or any(x.theta_hash == my_hash or x.theta_round >= theta_round
                                    for x in self.live_mates(records)):
             return None
         back = [x for x in settled if x.state == "training" and x.round == x.theta_round == theta_round - 1]
+        if 2 * len(back) > len(settled):
+            why = f"the others train round {theta_round - 1} again"
+        elif self._mates_gone(records, theta_round):
+            why, back = "the others of our group are gone", [x for x in settled if x.theta_round == theta_round - 1]
+        else:
+            return None
         votes = tally(back)
-        if 2 * len(back) <= len(settled) or max(v[0] for v in votes.values()) < 2:
+        if not votes or max(v[0] for v in votes.values()) < 2:
             return None
         best = elect(votes)
-        logger.warning("no other peer holds our θ %s of round %d and %d of the %d other live peers train round %d "
-                       "again on θ %s: our round %d will never be the swarm's; re-synchronizing with it",
-                       my_hash[:8], theta_round, len(back), len(settled), theta_round - 1, best[:8], theta_round - 1)
+        logger.warning("no other peer holds our θ %s of round %d, nor ever will (%s); %d of the %d other live "
+                       "peers hold θ %s of round %d: re-synchronizing with it", my_hash[:8], theta_round, why,
+                       votes[best][0], len(settled), best[:8], theta_round - 1)
         return best
 
-    def note_group(self, gathered: Mapping[str, Mapping], my_hash: str, theta_round: int) -> None:
+    def _mates_gone(self, records: list[ProgressRecord], theta_round: int) -> bool:
+        """Our θ of `theta_round` came from an average of our stage-1 group alone, which had other members,
+        and each of them is dead: no record, or none refreshed for MATES_DEAD_S (a live peer's record is
+        refreshed every progress interval while it trains and every HEARTBEAT_S otherwise), or it publishes
+        another θ. Nobody else took part in that average, so nobody else can ever hold our θ, whatever the
+        other peers are doing. (10-minute soak: a peer whose partner of a group of two was killed right
+        after their round failed the next round three times while the others averaged the round again.)"""
+        r, mates, only_group = self._mates
+        if r != theta_round or not only_group or not mates:
+            return False
+        now = get_dht_time()
+        return not any(x.peer_id in mates and now - x.time < MATES_DEAD_S and x.theta_round < theta_round
+                       for x in self.mates(records))
+
+    def note_group(self, gathered: Mapping[str, Mapping], my_hash: str, theta_round: int,
+                   spanned: int | None = None) -> None:
         """Remember the group we just averaged with on θ `my_hash`, which gives θ round `theta_round`:
-        each member's θ hash as its metadata (`theta`) says."""
+        each member's θ hash as its metadata (`theta`) says; and whether the average covered that group
+        alone (`spanned`, the peers it covers, equals the group's size)."""
+        self._mates = (theta_round, frozenset(p for p in gathered if p != self.peer_id), spanned == len(gathered))
         self._group = (theta_round, {p: str(m.get("theta")) for p, m in gathered.items()
                                      if p != self.peer_id and isinstance(m, Mapping) and m.get("theta") != my_hash})
 
