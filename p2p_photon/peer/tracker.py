@@ -156,7 +156,51 @@ def elect(votes: Mapping[str, list[int]]) -> str:
     return min(votes, key=lambda h: (-votes[h][0], -votes[h][1], h))
 
 
-MATES_DEAD_S = 3 * HEARTBEAT_S  # a record not refreshed this long: its peer died (see _mates_gone)
+def stranded_theta(settled: list[ProgressRecord], live: list[ProgressRecord], theta_round: int, my_hash: str,
+                   group_is_gone: bool) -> tuple[str, str, int, int] | None:
+    """The θ of round R = `theta_round` that we alone hold can never become the swarm's when no other live
+    peer (`live`) publishes it or any θ of round R or later, two or more other live peers train or average
+    (`settled`), and either (a) most of those went back to training round R-1 on θ of R-1, or (b) the others
+    of the group that averaged R-1 with us are dead (`group_is_gone`: group_gone). Two live peers besides us
+    never download a θ one peer publishes (theta_past, StateSync.unconfirmed): they average R-1 without us
+    and win the fork. Returns (the θ of round R-1 most of them hold, two at least: heal_fork re-syncs to it
+    at once; why; its holders; len(settled)), else None. (20-minute soak: such a lone survivor failed round R
+    three times with "could not find a group", 40 s, before STUCK_AFTER re-synchronized it.) Otherwise,
+    peers still averaging R-1 (they may yet apply our θ) keep us waiting, and so do overlapped peers
+    training R on θ of R-1 (their R-1 is in flight)."""
+    if len(settled) < 2 or any(x.theta_hash == my_hash or x.theta_round >= theta_round for x in live):
+        return None
+    back = [x for x in settled if x.state == "training" and x.round == x.theta_round == theta_round - 1]
+    if 2 * len(back) > len(settled):
+        why = f"the others train round {theta_round - 1} again"
+    elif group_is_gone:
+        why, back = "the others of our group are gone", [x for x in settled if x.theta_round == theta_round - 1]
+    else:
+        return None
+    votes = tally(back)
+    if not votes or max(v[0] for v in votes.values()) < 2:
+        return None
+    best = elect(votes)
+    return best, why, votes[best][0], len(settled)
+
+
+def group_gone(note: tuple[int, frozenset[str], bool], mates: list[ProgressRecord], theta_round: int,
+               now: float) -> bool:
+    """`note` (RoundTracker.note_group): our θ of `theta_round` came from an average of our stage-1 group
+    alone, which had other members, and each of them is dead: no record among `mates`, or none refreshed for
+    MATES_DEAD_S (a live peer's record is refreshed every progress interval while it trains and every
+    HEARTBEAT_S otherwise), or it publishes another θ. Nobody else took part in that average, so nobody else
+    can ever hold our θ, whatever the other peers are doing. (10-minute soak: a peer whose partner of a
+    group of two was killed right after their round failed the next round three times while the others
+    averaged the round again.)"""
+    r, members, only_group = note
+    if r != theta_round or not only_group or not members:
+        return False
+    return not any(x.peer_id in members and now - x.time < MATES_DEAD_S and x.theta_round < theta_round
+                   for x in mates)
+
+
+MATES_DEAD_S = 3 * HEARTBEAT_S  # a record not refreshed this long: its peer died (see group_gone)
 
 
 class RoundTracker:
@@ -248,49 +292,18 @@ class RoundTracker:
         return best
 
     def stranded(self, records: list[ProgressRecord], theta_round: int, my_hash: str) -> str | None:
-        """The θ of round R = `theta_round` that we alone hold can never become the swarm's: no other live
-        peer publishes it or any θ of round R or later, two or more other live peers train or average, and
-        either (a) most of those went back to training round R-1 on θ of R-1, or (b) the others of the group
-        that averaged R-1 with us are dead (_mates_gone). Two live peers besides us never download a θ one
-        peer publishes (theta_past, StateSync.unconfirmed): they average R-1 without us and win the fork.
-        Returns the θ of round R-1 that most of them hold, two at least (heal_fork re-synchronizes to it at
-        once), else None. (20-minute soak: such a lone survivor failed round R three times with "could not
-        find a group", 40 s, before STUCK_AFTER re-synchronized it.) Otherwise, peers still averaging R-1
-        (they may yet apply our θ) keep us waiting, and so do overlapped peers training R on θ of R-1 (their
-        R-1 is in flight)."""
-        settled = self.settled_mates(records)
-        if len(settled) < 2 or any(x.theta_hash == my_hash or x.theta_round >= theta_round
-                                   for x in self.live_mates(records)):
+        """The θ of round R-1 to re-sync to when the θ of round R = `theta_round` we alone hold can never
+        become the swarm's (stranded_theta), else None."""
+        now = get_dht_time()
+        gone = group_gone(self._mates, self.mates(records), theta_round, now)
+        got = stranded_theta(self.settled_mates(records), self.live_mates(records), theta_round, my_hash, gone)
+        if got is None:
             return None
-        back = [x for x in settled if x.state == "training" and x.round == x.theta_round == theta_round - 1]
-        if 2 * len(back) > len(settled):
-            why = f"the others train round {theta_round - 1} again"
-        elif self._mates_gone(records, theta_round):
-            why, back = "the others of our group are gone", [x for x in settled if x.theta_round == theta_round - 1]
-        else:
-            return None
-        votes = tally(back)
-        if not votes or max(v[0] for v in votes.values()) < 2:
-            return None
-        best = elect(votes)
+        best, why, holders, of = got
         logger.warning("no other peer holds our θ %s of round %d, nor ever will (%s); %d of the %d other live "
                        "peers hold θ %s of round %d: re-synchronizing with it", my_hash[:8], theta_round, why,
-                       votes[best][0], len(settled), best[:8], theta_round - 1)
+                       holders, of, best[:8], theta_round - 1)
         return best
-
-    def _mates_gone(self, records: list[ProgressRecord], theta_round: int) -> bool:
-        """Our θ of `theta_round` came from an average of our stage-1 group alone, which had other members,
-        and each of them is dead: no record, or none refreshed for MATES_DEAD_S (a live peer's record is
-        refreshed every progress interval while it trains and every HEARTBEAT_S otherwise), or it publishes
-        another θ. Nobody else took part in that average, so nobody else can ever hold our θ, whatever the
-        other peers are doing. (10-minute soak: a peer whose partner of a group of two was killed right
-        after their round failed the next round three times while the others averaged the round again.)"""
-        r, mates, only_group = self._mates
-        if r != theta_round or not only_group or not mates:
-            return False
-        now = get_dht_time()
-        return not any(x.peer_id in mates and now - x.time < MATES_DEAD_S and x.theta_round < theta_round
-                       for x in self.mates(records))
 
     def note_group(self, gathered: Mapping[str, Mapping], my_hash: str, theta_round: int,
                    spanned: int | None = None) -> None:
