@@ -412,6 +412,13 @@ def test_a_member_takes_the_place_of_a_representative_that_died_waiting_for_its_
     assert post["rep"] == "e" and post["t"] == t_post and post["members"] == ["c", "d", "e"]
     assert torch.equal(got_e[0][0], x) and got_e[1] == 5
     assert stages.read_decision(dht, stages.decision_key("run", 4, "000000b2"), "e") == "broadcast"
+    # d, alive after all but too slow to mark, finds e's post when it takes the place in turn: it steps back
+    dht, runs = setup("posted", groups)
+    board = dht.data[stages.board_key("run", 4)]
+    board["000000b2"].value = dict(board["000000b2"].value, rep="e")
+    with pytest.raises(AveragingFailed, match="e already took our group's place"):
+        member(dht, runs, "d", g2).follow([torch.ones(2)], {}, {}, 5)
+    assert runs == []
     # ... but not when the rep that never marked is the first one (it may not have posted the group at all)
     dht, runs = setup("never", groups)  # "never" is no phase: c is never seen alive after stage 1
     with pytest.raises(AveragingFailed, match="went silent.*never after stage 1"):

@@ -398,6 +398,8 @@ class Spanner:
         key = board_key(self.prefix, round_no)
         mine = group.post()
         if replacing is not None and (old := read_board(self.dht, self.prefix, round_no).get(group.group_id)):
+            if rep_of(old) not in (replacing, group.rep):  # we were too slow: the member after us took it
+                raise AveragingFailed(f"across groups: {rep_of(old)[-8:]} already took our group's place")
             mine = dict(old, rep=group.rep)
         dht_call(self.dht, "store", key, subkey=group.group_id, value=mine,
                  expiration_time=get_dht_time() + BOARD_TTL, slow=AveragingFailed)
@@ -482,7 +484,9 @@ class Member:
     its phase within its bound was dead too (it marks at once when it takes over, and it noticed the death
     when we did): the next member takes the place, as the first rep's replacement (the board still holds
     that rep's post). (20-minute soak: a group of four lost its rep and then its successor, killed 10 s
-    apart; the two left failed the round, which no other group averaged.)"""
+    apart; the two left failed the round, which no other group averaged.) A successor that was only slow
+    finds the later member's post on the board when it posts, and steps back (post_and_wait): one
+    representative per group."""
 
     def __init__(self, spanner: Spanner, group: Group, round_no: int):
         self.spanner, self.group, self.round_no = spanner, group, round_no
