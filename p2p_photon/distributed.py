@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import UserError
+from .watchdog import end_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,8 @@ class RankGroup:
 
     def __init__(self, device: torch.device):
         self.rank, self.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        _die_with_launcher()
+        end_with_parent()  # SIGTERM when torchrun's agent (our parent) dies, even by SIGKILL: rank 0 then
+        # leaves cleanly and tells the other ranks to stop
         if self.rank == 0:
             # torchrun ends a rank with killpg(SIGTERM): the DHT, averager and p2pd that rank 0 forks get
             # their own process group, so that they stay up while rank 0 leaves cleanly (checkpoint, 'done'
@@ -130,14 +132,6 @@ class RankGroup:
                 dist.destroy_process_group()
             except Exception as e:  # a dead rank can make the teardown fail too; we are leaving anyway
                 logger.debug("destroy_process_group: %r", e)
-
-
-def _die_with_launcher() -> None:
-    """Linux: SIGTERM this rank when the launcher (torchrun's agent, our parent) dies, even by SIGKILL;
-    rank 0 then leaves cleanly and tells the other ranks to stop."""
-    from .watchdog import end_with_parent
-
-    end_with_parent()
 
 
 class _Guard:

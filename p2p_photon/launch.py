@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import zygote
+from . import watchdog, zygote
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the directory holding this p2p_photon package
 logger = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class LocalSwarm:
             out = open(log, "w") if log else None
             popen = subprocess.Popen(cmd, stdout=out or None, stderr=subprocess.STDOUT if out else None,
                                      env=self._env(name, extra_env), cwd=self.workdir, stdin=subprocess.DEVNULL,
-                                     preexec_fn=zygote.end_with_parent)
+                                     preexec_fn=watchdog.end_with_parent)
             if out:
                 out.close()
         proc = Proc(name, popen, log)

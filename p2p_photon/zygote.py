@@ -42,18 +42,12 @@ def enabled() -> bool:
     return os.environ.get(ENV, "") not in ("", "0")
 
 
-def end_with_parent() -> None:
-    """In a child (Linux): SIGTERM when its parent dies, even by SIGKILL, so that no peer of a killed demo
-    or test keeps training on its own (each then stops as on any SIGTERM)."""
-    watchdog.end_with_parent()
-
-
 # ----------------------------------------------------------------------------- the zygote process
 
 
 def _run_child(req: dict) -> int:
     """In the forked child: become the requested process, run it, return its exit code."""
-    end_with_parent()  # the zygote changes no signal disposition: the child starts with a fresh interpreter's
+    watchdog.end_with_parent()  # the zygote changes no signal disposition: the child starts with a fresh interpreter's
     from p2p_photon.averaging.hivemind_backend import own_interprocess_locks
 
     own_interprocess_locks()
@@ -194,7 +188,7 @@ class Zygote:
         self.status_dir = Path(tempfile.mkdtemp(prefix="p2p-photon-zygote-"))
         self.proc = subprocess.Popen([sys.executable, "-m", "p2p_photon.zygote", str(self.status_dir)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
-                                     preexec_fn=end_with_parent)
+                                     preexec_fn=watchdog.end_with_parent)
         first = self.proc.stdout.readline()
         if not first or not json.loads(first).get("ready"):
             raise RuntimeError("the zygote did not start (run `python -m p2p_photon.zygote DIR` to see why)")

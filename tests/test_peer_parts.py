@@ -315,7 +315,7 @@ def test_a_survivor_of_a_group_whose_other_members_died_re_syncs_while_the_other
         tracker.note_group(gathered, "0" * 16, r, spanned=spanned)
         assert tracker.fork(tracker.records(), 6, m, my_total=100) is None, (gathered, spanned, r)
     tracker.note_group(group, "0" * 16, 6, spanned=2)
-    view.records_now = busy[:1] + [q(MATES_DEAD_S + 5)]  # one other peer: it may take our θ (theta_past)
+    view.records_now = busy[:1] + [q(MATES_DEAD_S + 5)]  # one other θ holder is not two: it may take ours
     assert tracker.fork(tracker.records(), 6, m, my_total=100) is None
 
 

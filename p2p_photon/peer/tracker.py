@@ -156,6 +156,9 @@ def elect(votes: Mapping[str, list[int]]) -> str:
     return min(votes, key=lambda h: (-votes[h][0], -votes[h][1], h))
 
 
+MATES_DEAD_S = 3 * HEARTBEAT_S  # a record not refreshed this long: its peer died (see group_gone)
+
+
 def stranded_theta(settled: list[ProgressRecord], live: list[ProgressRecord], theta_round: int, my_hash: str,
                    group_is_gone: bool) -> tuple[str, str, int, int] | None:
     """The θ of round R = `theta_round` that we alone hold can never become the swarm's when no other live
@@ -168,7 +171,7 @@ def stranded_theta(settled: list[ProgressRecord], live: list[ProgressRecord], th
     three times with "could not find a group", 40 s, before STUCK_AFTER re-synchronized it.) Otherwise,
     peers still averaging R-1 (they may yet apply our θ) keep us waiting, and so do overlapped peers
     training R on θ of R-1 (their R-1 is in flight)."""
-    if len(settled) < 2 or any(x.theta_hash == my_hash or x.theta_round >= theta_round for x in live):
+    if any(x.theta_hash == my_hash or x.theta_round >= theta_round for x in live):
         return None
     back = [x for x in settled if x.state == "training" and x.round == x.theta_round == theta_round - 1]
     if 2 * len(back) > len(settled):
@@ -184,23 +187,19 @@ def stranded_theta(settled: list[ProgressRecord], live: list[ProgressRecord], th
     return best, why, votes[best][0], len(settled)
 
 
-def group_gone(note: tuple[int, frozenset[str], bool], mates: list[ProgressRecord], theta_round: int,
+def group_gone(only_group: bool, members: set[str], mates: list[ProgressRecord], theta_round: int,
                now: float) -> bool:
-    """`note` (RoundTracker.note_group): our θ of `theta_round` came from an average of our stage-1 group
-    alone, which had other members, and each of them is dead: no record among `mates`, or none refreshed for
-    MATES_DEAD_S (a live peer's record is refreshed every progress interval while it trains and every
-    HEARTBEAT_S otherwise), or it publishes another θ. Nobody else took part in that average, so nobody else
+    """Our θ of `theta_round` came from an average of our stage-1 group alone (`only_group`, from
+    RoundTracker.note_group), which had other `members`, and each of them is dead: no record among `mates`,
+    or none refreshed for MATES_DEAD_S (a live peer's record is refreshed every progress interval while it
+    trains and every HEARTBEAT_S otherwise), or it publishes another θ. Nobody else took part in that average, so nobody else
     can ever hold our θ, whatever the other peers are doing. (10-minute soak: a peer whose partner of a
     group of two was killed right after their round failed the next round three times while the others
     averaged the round again.)"""
-    r, members, only_group = note
-    if r != theta_round or not only_group or not members:
+    if not only_group or not members:
         return False
     return not any(x.peer_id in members and now - x.time < MATES_DEAD_S and x.theta_round < theta_round
                    for x in mates)
-
-
-MATES_DEAD_S = 3 * HEARTBEAT_S  # a record not refreshed this long: its peer died (see group_gone)
 
 
 class RoundTracker:
@@ -214,12 +213,9 @@ class RoundTracker:
         # again in the next θ round (two peers that keep averaging together hold a new pair of hashes
         # every round; a clock per round never ran out while a third peer lagged)
         self._tie: tuple[int, float] | None = None
-        # the θ round our last average produced, and the members of that group that averaged on another θ
-        # than ours: peer id -> the θ hash their metadata gave (note_group)
-        self._group: tuple[int, dict[str, str]] = (-1, {})
-        # the θ round our last average produced, the other members of our stage-1 group, and whether the
-        # average covered that group alone (no other group's stages): then only they can ever hold our θ
-        self._mates: tuple[int, frozenset[str], bool] = (-1, frozenset(), False)
+        # our last average (note_group): the θ round it produced, the other members of our stage-1 group with
+        # the θ hash their metadata gave (None: malformed) and ours, and whether it covered that group alone
+        self._group: tuple[int, dict[str, str | None], str, bool] = (-1, {}, "", False)
         # a lagging peer publishes its θ of a round within about one round's averaging; past that, a tie
         # is broken anyway (under churn some peer always lags, and a 2+2 split must not last for ever)
         self.tie_grace_s = cfg.averaging.attempt_s
@@ -294,9 +290,11 @@ class RoundTracker:
     def stranded(self, records: list[ProgressRecord], theta_round: int, my_hash: str) -> str | None:
         """The θ of round R-1 to re-sync to when the θ of round R = `theta_round` we alone hold can never
         become the swarm's (stranded_theta), else None."""
-        now = get_dht_time()
-        gone = group_gone(self._mates, self.mates(records), theta_round, now)
-        got = stranded_theta(self.settled_mates(records), self.live_mates(records), theta_round, my_hash, gone)
+        r, thetas, _, only_group = self._group
+        gone = group_gone(r == theta_round and only_group, set(thetas), self.mates(records), theta_round,
+                          get_dht_time())
+        live = self.live_mates(records)
+        got = stranded_theta([x for x in live if x.state != "syncing"], live, theta_round, my_hash, gone)
         if got is None:
             return None
         best, why, holders, of = got
@@ -310,13 +308,13 @@ class RoundTracker:
         """Remember the group we just averaged with on θ `my_hash`, which gives θ round `theta_round`:
         each member's θ hash as its metadata (`theta`) says; and whether the average covered that group
         alone (`spanned`, the peers it covers, equals the group's size)."""
-        self._mates = (theta_round, frozenset(p for p in gathered if p != self.peer_id), spanned == len(gathered))
-        self._group = (theta_round, {p: str(m.get("theta")) for p, m in gathered.items()
-                                     if p != self.peer_id and isinstance(m, Mapping) and m.get("theta") != my_hash})
+        self._group = (theta_round, {p: str(m.get("theta")) if isinstance(m, Mapping) else None
+                                     for p, m in gathered.items() if p != self.peer_id}, my_hash, spanned == len(gathered))
 
     def _forked_in_group(self, records: list[ProgressRecord], theta_round: int, best: str) -> bool:
         """A peer that publishes `best` at `theta_round` averaged that round with us on another θ than ours."""
-        r, differed = self._group
+        r, thetas, mine, _ = self._group
+        differed = {p for p, h in thetas.items() if h is not None and h != mine}
         return r == theta_round and any(x.peer_id in differed and x.theta_round == theta_round
                                         and x.theta_hash == best for x in self.mates(records))
 
